@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set-up shared by the README's two commands: create .venv if missing and install livr into it
+# (CPU torch pin from constraints.txt). Re-runs only when setup.py or constraints.txt change.
+# GPU users: create .venv, install your CUDA torch into it first, then set LIVR_TORCH_PREINSTALLED=1.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LIVR_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[livr] creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.livr-installed"
+WANT="$(cat "$ROOT/setup.py" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "[livr] installing livr and its stack into $VENV (first time: a few minutes)"
+  start=$SECONDS
+  CONS="$ROOT/constraints.txt"
+  if [ "${LIVR_TORCH_PREINSTALLED:-0}" = "1" ]; then
+    CONS="$VENV/.constraints-no-torch.txt"; grep -v '^torch==' "$ROOT/constraints.txt" > "$CONS"
+  else
+    "$VENV/bin/pip" install -q "$(grep '^torch==' "$ROOT/constraints.txt")" 2>&1 \
+      | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  fi
+  # (grep drops pip's noise about this machine's local find-links folders)
+  DS_BUILD_OPS=0 PIP_CONSTRAINT="$CONS" "$VENV/bin/pip" install -q -c "$CONS" -e "$ROOT[dev]" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  [ "${PIPESTATUS[0]}" = "0" ] || { echo "[livr] install failed" >&2; exit 1; }
+  echo "$WANT" > "$STAMP"
+  echo "[livr] installed in $((SECONDS - start)) s"
+fi
+export PATH="$VENV/bin:$PATH"
+command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's second command: set up (.venv, CPU stack) and run the test suite.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LIVR_QUIET=1
+cd "$ROOT"
+exec python -m pytest -q tests "$@"

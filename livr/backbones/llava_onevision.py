@@ -1,0 +1,60 @@
+"""LLaVA-OneVision in transformers format (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf): facts + the tiny preset.
+
+Image tokens (anyres): one image alone in its example gets the base view ((image_size/patch)^2 tokens) + the
+unpadded high-res grid picked from image_grid_pinpoints (downsampled when larger than `anyres_max_N` base views)
++ one newline token per grid row. With several images in one example every image gets only the base view + 1
+newline token. The processor and the model compute the same count when built from the same config.
+"""
+import torch
+from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor,
+                          Qwen2Config, SiglipVisionConfig)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+from .base import Family
+from .qwen2_5_vl import TINY_TEXT, set_generation_ids
+from .tokenizer import IM_END, IM_START, LLAVA_TEMPLATE, PAD, build_tokenizer
+
+FAMILY = Family(
+    name="llava_onevision",
+    model_types=("llava_onevision",),
+    model_class=LlavaOnevisionForConditionalGeneration,
+    image_token="<image>",
+    assistant_header="<|im_start|>assistant\n",
+    end_of_turn="<|im_end|>",
+    # the SigLIP tower has self_attn.q_proj/... too: anchor on language_model
+    lora_target_regex=r"(.*\.)?language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    # vision tower, projector and the learned image_newline vector (a bare parameter of the projector path)
+    frozen_module_regex=r"(.*\.)?(vision_tower|multi_modal_projector|image_newline)(\..*)?",
+    forward_keys=("pixel_values", "image_sizes", "batch_num_images"),
+    processor_class=LlavaOnevisionProcessor,
+    image_processor_class=LlavaOnevisionImageProcessorPil,
+    mrope=False,
+)
+
+TINY_IMAGE_SIZE = 56  # SigLIP input; patch 14 -> 4x4 = 16 base tokens
+TINY_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+TINY_ASPECT = "anyres_max_1"  # high-res grid downsampled to ~1 base view: 112x112 -> 16 + 4*4 + 4 = 36 tokens
+
+
+def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
+    """(model, tokenizer, image_processor). 112x112 alone -> 36 image tokens, 56x56 -> 16 + 16 + 4 = 36 too
+    (grid 1x1 upsampled view), two images per example -> 17 each."""
+    tok = build_tokenizer([PAD, IM_START, IM_END, "<image>", "<video>"], LLAVA_TEMPLATE)
+    text = Qwen2Config(**TINY_TEXT, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                       tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=TINY_IMAGE_SIZE, patch_size=14, vision_use_head=False,
+                                initializer_range=0.1)
+    cfg = LlavaOnevisionConfig(text_config=text, vision_config=vision,
+                               image_token_index=tok.convert_tokens_to_ids("<image>"),
+                               video_token_index=tok.convert_tokens_to_ids("<video>"),
+                               vision_feature_select_strategy="full", vision_feature_layer=-1,
+                               image_grid_pinpoints=TINY_PINPOINTS, vision_aspect_ratio=TINY_ASPECT,
+                               tie_word_embeddings=False, initializer_range=0.1)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    set_generation_ids(model, tok)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+                                         image_grid_pinpoints=TINY_PINPOINTS)
+    return model, tok, ip

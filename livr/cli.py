@@ -1,0 +1,152 @@
+"""`livr` command line: train, eval, report, demo, config show, backbone make-tiny, data make-synthetic."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _config(args):
+    from livr.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _config(args)
+    if cfg.distributed.num_workers > 0:
+        try:
+            from livr.distributed import run_distributed
+        except ImportError:
+            print("livr: distributed.num_workers > 0 needs livr.distributed (not built yet)", file=sys.stderr)
+            return 2
+        result = run_distributed(cfg)
+    else:
+        from livr.train import train_worker
+
+        result = train_worker(cfg)
+    print(json.dumps(result, indent=1))
+    print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from livr.runs import evaluate_run
+
+    results = evaluate_run(args.run, split=args.split, bottleneck=args.bottleneck, overrides=args.overrides)
+    from livr.evaluate import table1
+
+    print(table1([(os.path.basename(os.path.normpath(args.run)), results["accuracy"])]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from livr.evaluate import run_rows, table1
+
+    text = table1(run_rows(args.runs, args.split))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from livr.config import dump_config
+
+    print(dump_config(_config(args)), end="")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from livr.backbones import make_tiny
+
+    print(make_tiny(args.name, args.dir, seed=args.seed, progress=True))
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from livr.data.synthetic import make_synthetic
+
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    paths = make_synthetic(args.out, args.tasks, sizes, seed=args.seed, image_size=args.image_size,
+                           parquet=args.parquet, progress=True)
+    for task, path in paths.items():
+        print(f"{task}: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from livr.demo import run_demo
+
+    return run_demo(args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livr", description="Latent Implicit Visual Reasoning: training, evaluation, tooling.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp, required=True):
+        sp.add_argument("--config", required=required, help="YAML config (see configs/)")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. latents.num_latents=8")
+
+    sp = sub.add_parser("train", help="train one run (one process, or Ray Train when distributed.num_workers > 0)")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_train)
+    sp = sub.add_parser("eval", help="evaluate a saved run directory")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--split", default="test", choices=["train", "val", "test"])
+    sp.add_argument("--bottleneck", action="store_true", help="evaluate under the Stage-1 mask")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.source=DIR)")
+    sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("report", help="print the paper's Table-1 layout from run directories")
+    sp.add_argument("runs", nargs="+")
+    sp.add_argument("--split", default="test")
+    sp.add_argument("--out", help="also write the markdown table here")
+    sp.set_defaults(fn=cmd_report)
+    sp = sub.add_parser("demo", help="the CPU demo: tiny backbone, synthetic tasks, SFT vs LIVR, table")
+    with_config(sp, required=False)
+    sp.set_defaults(fn=cmd_demo, config="configs/demo.yaml")
+
+    cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="sub", required=True)
+    sp = cfg.add_parser("show", help="print the resolved config")
+    with_config(sp, required=False)
+    sp.set_defaults(fn=cmd_config_show)
+
+    bb = sub.add_parser("backbone", help="backbone tools").add_subparsers(dest="sub", required=True)
+    sp = bb.add_parser("make-tiny", help="materialise a tiny offline preset into DIR")
+    sp.add_argument("name", help="tiny-qwen2.5-vl | tiny-qwen3-vl | tiny-llava-onevision")
+    sp.add_argument("dir")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_make_tiny)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="sub", required=True)
+    sp = data.add_parser("make-synthetic", help="generate BLINK-schema synthetic tasks (datasets save_to_disk)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--tasks", nargs="+", default=["Counting"])
+    sp.add_argument("--train", type=int, default=200)
+    sp.add_argument("--val", type=int, default=50)
+    sp.add_argument("--test", type=int, default=50)
+    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--image-size", type=int, default=112)
+    sp.add_argument("--parquet", action="store_true", help="also export <task>/<split>.parquet")
+    sp.set_defaults(fn=cmd_make_synthetic)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from livr.checkpoint import CheckpointError
+    from livr.config import ConfigError
+    from livr.data.tasks import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"livr: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

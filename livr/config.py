@@ -1,0 +1,353 @@
+"""One typed config tree for a livr run: dataclasses, loaded from YAML, overridden by `key=value`.
+
+    cfg = load_config("configs/demo.yaml", ["latents.num_latents=8", "optim.lr=3e-4"])
+
+Every error is one line naming the offending key and value (`ConfigError`). A run saves its resolved
+config (`save_config`) and that file alone reproduces the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny-qwen2.5-vl"  # tiny preset name, hub id or local directory
+    cache_dir: str = "~/.cache/livr/backbones"  # where tiny presets are materialised
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # Stage 1 (4-D mask): sdpa or eager
+    attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LatentConfig:
+    num_latents: int = 16  # K; 0 = no latent tokens (the SFT baseline)
+    init: str = "random"  # random (normal, std of the existing rows) | mean (mean of existing rows)
+    init_seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | hub | a local directory in BLINK's schema
+    tasks: list[str] = field(default_factory=lambda: ["Counting"])
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    train_size: int = 1000  # synthetic: examples generated; hub/local: limit (0 = all)
+    val_size: int = 250
+    test_size: int = 250
+    image_size: int = 112  # synthetic images
+    cache_dir: str = "~/.cache/livr/data"  # where synthetic data is materialised
+    answer_format: str = "letter"  # letter ("B") | paren ("(B)")
+    seed: int = 42
+    options: dict = field(default_factory=dict)  # per-generator options, e.g. {max_count: 4}
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "livr"  # livr (Stage 1 bottleneck, then Stage 2) | sft (plain causal, K = 0)
+    stage1_epochs: float = 4
+    stage2_epochs: float = 6
+    sft_epochs: float = 10
+    stage1_steps: int = 0  # > 0 overrides the epochs of that stage (optimizer steps)
+    stage2_steps: int = 0
+    sft_steps: int = 0
+    micro_batch_size: int = 1
+    grad_accum: int = 8
+    max_grad_norm: float = 1.0
+    select: str = "best"  # best (validation accuracy) | last
+    eval_every_epoch: bool = True
+    log_every: int = 10
+    seed: int = 42
+    resume: bool = True  # continue from <run_dir>/checkpoints/last if present
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # never on the latent embedding rows
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_ratio: float = 0.05  # linear warm-up then cosine, restarted for each stage
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 8
+    bottleneck: bool = False  # evaluate under the Stage-1 mask (the paper's analysis)
+    splits: list[str] = field(default_factory=lambda: ["test"])  # of train | val | test (the data.*_split names)
+    zero_shot: bool = False  # also evaluate the untrained backbone
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 0  # 0 = this process (single-GPU mode); N = N Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0
+    deepspeed: str = ""  # path to a ZeRO JSON (deepspeed_configs/zero2.json); "" = plain torch
+    address: str = ""  # Ray cluster address; "" = RAY_ADDRESS or a local cluster
+    storage_path: str = ""  # shared storage for checkpoints (NFS path or s3://, gs://)
+    placement_strategy: str = "PACK"
+    max_failures: int = 0
+    num_to_keep: int = 2
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = every epoch
+
+
+@dataclass
+class TuneConfig:
+    search_space: dict = field(
+        default_factory=lambda: {
+            "latents.num_latents": {"grid": [4, 8, 16, 32]},
+            "optim.lr": {"loguniform": [1e-5, 5e-4]},
+        }
+    )
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    scheduler: str = "asha"  # asha | fifo
+    searcher: str = "random"  # random | optuna
+    workers_per_trial: int = 0  # 0 = in-process trial; N = a TorchTrainer with N workers
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" = sqlite:///<cwd>/mlflow.db ; any MLflow tracking URI (http://127.0.0.1:5000)
+    artifact_location: str = ""  # "" = <cwd>/mlartifacts (used when the experiment is created)
+    experiment: str = "livr"
+    run_name: str = ""  # "" = the run's name
+
+
+@dataclass
+class Config:
+    name: str = "livr-run"
+    output_dir: str = "runs"  # the run directory is <output_dir>/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    latents: LatentConfig = field(default_factory=LatentConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(os.path.expanduser(self.output_dir), self.name)
+
+
+# ----------------------------------------------------------------------------- building from dicts
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # a single value given for a list
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"config: {key} must be {name}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(
+                f"config: unknown key '{prefix}{key}' (valid under {prefix.rstrip('.') or 'the root'}: {', '.join(names)})"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config: '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["a.b=1", "c=[x, y]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config: override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, _merge(to_dict(Config()), data))
+    return validate(cfg)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config: file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    return from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def save_config(cfg: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": v}; used for MLflow params and search-space keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and not (prefix + k).endswith(("options", "search_space")):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"config: {key}={value!r}: {why}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        _fail(key, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: Config) -> Config:
+    from livr.data.tasks import BLINK_TASKS, SYNTHETIC_TASKS
+
+    if not cfg.name or "/" in cfg.name:
+        _fail("name", cfg.name, "must be a non-empty name without '/'")
+    _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager"))
+    _one_of("train.mode", cfg.train.mode, ("livr", "sft"))
+    _one_of("train.select", cfg.train.select, ("best", "last"))
+    _one_of("latents.init", cfg.latents.init, ("random", "mean"))
+    _one_of("data.answer_format", cfg.data.answer_format, ("letter", "paren"))
+    if cfg.latents.num_latents < 0:
+        _fail("latents.num_latents", cfg.latents.num_latents, "the number of latent tokens K must be >= 0")
+    for key in ("stage1_epochs", "stage2_epochs", "sft_epochs", "stage1_steps", "stage2_steps", "sft_steps"):
+        if getattr(cfg.train, key) < 0:
+            _fail(f"train.{key}", getattr(cfg.train, key), "must be >= 0")
+    for key in ("micro_batch_size", "grad_accum", "log_every"):
+        if getattr(cfg.train, key) < 1:
+            _fail(f"train.{key}", getattr(cfg.train, key), "must be >= 1")
+    if cfg.optim.lr <= 0:
+        _fail("optim.lr", cfg.optim.lr, "must be > 0")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        _fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "must be in [0, 1)")
+    if cfg.lora.r < 1:
+        _fail("lora.r", cfg.lora.r, "must be >= 1")
+    if not 0 <= cfg.lora.dropout < 1:
+        _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+    if not cfg.data.tasks:
+        _fail("data.tasks", cfg.data.tasks, "needs at least one task")
+    valid = SYNTHETIC_TASKS if cfg.data.source == "synthetic" else BLINK_TASKS
+    for t in cfg.data.tasks:
+        if t not in valid:
+            _fail("data.tasks", t, f"unknown task for source '{cfg.data.source}' (valid: {', '.join(valid)})")
+    for key in ("train_size", "val_size", "test_size"):
+        if getattr(cfg.data, key) < 0:
+            _fail(f"data.{key}", getattr(cfg.data, key), "must be >= 0")
+    if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1:
+        _fail("eval.batch_size", cfg.eval.batch_size, "batch_size and max_new_tokens must be >= 1")
+    for split in cfg.eval.splits:
+        _one_of("eval.splits", split, ("train", "val", "test"))
+    if cfg.distributed.num_workers < 0:
+        _fail("distributed.num_workers", cfg.distributed.num_workers, "must be >= 0")
+    _one_of("tune.mode", cfg.tune.mode, ("max", "min"))
+    _one_of("tune.scheduler", cfg.tune.scheduler, ("asha", "fifo"))
+    _one_of("tune.searcher", cfg.tune.searcher, ("random", "optuna"))
+    if cfg.train.mode == "sft":
+        cfg.latents.num_latents = 0  # the SFT baseline: the same pipeline, no latents, plain mask
+    return cfg

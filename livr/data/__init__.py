@@ -1,0 +1,36 @@
+"""Data for livr: BLINK task names, the BLINK loader, synthetic tasks, prompts and answer parsing."""
+
+from livr.data.blink import load_blink, validate_dataset, validate_row
+from livr.data.prompts import (
+    answer_letter,
+    blink_prompt,
+    choice_letters,
+    format_prompt,
+    is_correct,
+    parse_answer,
+    target_text,
+)
+from livr.data.synthetic import features, generate_task, make_synthetic, task_options
+from livr.data.tasks import BLINK_TASKS, IMAGE_COLUMNS, PAPER_TASKS, SYNTHETIC_TASKS, DataError
+
+__all__ = [
+    "BLINK_TASKS",
+    "IMAGE_COLUMNS",
+    "PAPER_TASKS",
+    "SYNTHETIC_TASKS",
+    "DataError",
+    "answer_letter",
+    "blink_prompt",
+    "choice_letters",
+    "features",
+    "format_prompt",
+    "generate_task",
+    "is_correct",
+    "load_blink",
+    "make_synthetic",
+    "parse_answer",
+    "target_text",
+    "task_options",
+    "validate_dataset",
+    "validate_row",
+]

@@ -1,0 +1,52 @@
+"""Task names (BLINK's config names) and the data-layer error type."""
+
+from __future__ import annotations
+
+# The paper's nine tasks, in Table-1 column order.
+PAPER_TASKS: tuple[str, ...] = (
+    "Counting",
+    "Jigsaw",
+    "Object_Localization",
+    "Visual_Correspondence",
+    "Art_Style",
+    "Semantic_Correspondence",
+    "Functional_Correspondence",
+    "Relative_Reflectance",
+    "Visual_Similarity",
+)
+
+# Every BLINK config: the paper's nine, then BLINK's five others.
+BLINK_TASKS: tuple[str, ...] = PAPER_TASKS + (
+    "IQ_Test",
+    "Multi-view_Reasoning",
+    "Forensic_Detection",
+    "Relative_Depth",
+    "Spatial_Relation",
+)
+
+# Tasks with a procedural generator (livr.data.synthetic), in Table-1 order.
+SYNTHETIC_TASKS: tuple[str, ...] = (
+    "Counting",
+    "Jigsaw",
+    "Object_Localization",
+    "Relative_Reflectance",
+    "Visual_Similarity",
+)
+
+# BLINK's columns, in order.
+COLUMNS: tuple[str, ...] = (
+    "idx", "question", "sub_task", "image_1", "image_2", "image_3", "image_4",
+    "choices", "answer", "prompt", "explanation",
+)
+IMAGE_COLUMNS: tuple[str, ...] = ("image_1", "image_2", "image_3", "image_4")
+
+
+class DataError(ValueError):
+    """A data problem: unknown task, missing split, malformed or undecodable row."""
+
+
+def check_task(task: str, valid: tuple[str, ...] = BLINK_TASKS, what: str = "task") -> str:
+    """Return `task` if it is in `valid`, else raise a DataError listing the valid names."""
+    if task not in valid:
+        raise DataError(f"unknown {what} {task!r} (valid: {', '.join(valid)})")
+    return task

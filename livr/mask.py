@@ -1,0 +1,34 @@
+"""The visual-bottleneck mask (Stage 1) built from token groups, on the model's device, vectorised.
+
+Stage 1 = causal AND (PROMPT/ANSWER rows cannot see IMAGE columns) AND (no PAD columns). LATENT rows
+see everything causally before them. The result is an *additive* float mask `[B, 1, L, L]`: 0 where
+allowed, `finfo(dtype).min` where blocked (a boolean 4-D mask is silently wrong under `eager`).
+Stage 2, SFT and plain inference use the 2-D padding mask, so fused attention kernels stay usable.
+"""
+from __future__ import annotations
+
+import torch
+
+from livr.sequence import ANSWER, IMAGE, PAD, PROMPT
+
+
+def bottleneck_allowed(groups: torch.Tensor, block_prompt: bool = True) -> torch.Tensor:
+    """Boolean `[B, L, L]`: may row i attend to column j under the Stage-1 bottleneck."""
+    n = groups.shape[1]
+    pos = torch.arange(n, device=groups.device)
+    causal = pos[None, :] <= pos[:, None]
+    valid = groups != PAD
+    image_col = (groups == IMAGE)[:, None, :]
+    blind_row = groups == ANSWER
+    if block_prompt:
+        blind_row = blind_row | (groups == PROMPT)
+    allowed = causal[None] & valid[:, None, :] & ~(blind_row[:, :, None] & image_col)
+    # a pad row keeps its own diagonal, so no row is ever fully masked (no NaN under any kernel)
+    return allowed | (torch.eye(n, dtype=torch.bool, device=groups.device)[None] & ~valid[:, :, None])
+
+
+def bottleneck_mask(groups: torch.Tensor, dtype: torch.dtype, block_prompt: bool = True) -> torch.Tensor:
+    """Additive float mask `[B, 1, L, L]` for the Stage-1 visual bottleneck."""
+    allowed = bottleneck_allowed(groups, block_prompt)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=groups.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

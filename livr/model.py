@@ -1,0 +1,135 @@
+"""build_model(cfg): backbone + K latent tokens + PEFT LoRA, vision encoder and projector frozen.
+
+Trainable: LoRA on the language model's projections (the family's regex) and the K+1 latent rows of the
+embedding table (PEFT `trainable_token_indices`); nothing else. `LivrModel.forward` runs one batch under
+the Stage-1 bottleneck mask (4-D, explicit positions) or the plain 2-D causal path.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from livr.backbones import Backbone, load_backbone
+from livr.config import Config
+from livr.latents import add_latent_tokens
+from livr.mask import bottleneck_mask
+from livr.sequence import IGNORE, SequenceBuilder
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class LivrModel:
+    model: torch.nn.Module  # a PeftModel
+    backbone: Backbone
+    latent_ids: list[int]
+    builder: SequenceBuilder
+    base_vocab: int  # rows of the embedding table before the latents were added
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def family(self):
+        return self.backbone.family
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    def model_inputs(self, batch: dict, bottleneck: bool) -> dict:
+        """Forward kwargs for a collated batch: the 4-D bottleneck mask + explicit positions, or 2-D."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        mm = {k: batch[k] for k in self.family.forward_keys if k in batch}
+        if "pixel_values" in mm:
+            mm["pixel_values"] = mm["pixel_values"].to(self.dtype)
+        inputs = {"input_ids": ids, **mm}
+        if bottleneck:
+            inputs["attention_mask"] = bottleneck_mask(batch["groups"], self.dtype)
+            inputs["position_ids"] = self.family.position_ids(self.model, ids, attn, mm)
+        else:
+            inputs["attention_mask"] = attn
+        return inputs
+
+    def forward(self, batch: dict, bottleneck: bool) -> torch.Tensor:
+        return self.model(**self.model_inputs(batch, bottleneck), use_cache=False).logits
+
+    def set_attn_implementation(self, name: str) -> None:
+        base = self.model.get_base_model()
+        if name and getattr(base.config, "_attn_implementation", name) != name:
+            base.set_attn_implementation(name)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+    """Next-token NLL on labelled (answer) tokens; mean over tokens, or one mean per example."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    mask = labels != IGNORE
+    if per_example:
+        return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+def lora_regex(family_regex: str, targets: list[str]) -> str:
+    """The family's language-model regex with the configured projection names."""
+    return re.sub(r"\([^()]*\)\$$", "(" + "|".join(map(re.escape, targets)) + ")$", family_regex)
+
+
+def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = True) -> LivrModel:
+    """Backbone + latents + LoRA on `cfg.model.device`; `adapter_dir` reloads a saved run's adapter."""
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    bb = load_backbone(
+        cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
+        attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
+    )
+    base_vocab = bb.model.get_input_embeddings().weight.shape[0]
+    ids = add_latent_tokens(bb.model, bb.tokenizer, cfg.latents.num_latents, init=cfg.latents.init, seed=cfg.latents.init_seed)
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    if adapter_dir:
+        model = PeftModel.from_pretrained(bb.model, adapter_dir, is_trainable=trainable)
+    else:
+        lcfg = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=lora_regex(bb.family.lora_target_regex, cfg.lora.targets),
+            trainable_token_indices={"embed_tokens": ids} if ids else None,
+        )
+        model = get_peft_model(bb.model, lcfg)
+    model.to(device)
+    if cfg.model.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    frozen = re.compile(bb.family.frozen_module_regex)
+    leaks = [n for n, p in model.named_parameters() if p.requires_grad and frozen.search(n)]
+    if leaks:
+        raise RuntimeError(f"vision/projector parameters would train: {leaks[:3]}")
+    builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, ids, cfg.data.answer_format)
+    return LivrModel(model, bb, ids, builder, base_vocab, device, dtype)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: LoRA with weight decay; the latent embedding rows without (LIVR_SPEC §3)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if "trainable_tokens" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,33 @@
+"""A saved run directory: reload it (config + base + latents + adapter) and evaluate it."""
+from __future__ import annotations
+
+import os
+
+from livr.checkpoint import CheckpointError
+from livr.config import load_config
+
+RUN_FILES = ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+
+
+def load_run(run_dir: str, overrides: list[str] | None = None, trainable: bool = False):
+    """(cfg, LivrModel) of a finished run; a clear error if the directory is incomplete."""
+    missing = [f for f in RUN_FILES if not os.path.isfile(os.path.join(run_dir, f))]
+    if missing:
+        raise CheckpointError(f"run directory {run_dir} is incomplete (missing {', '.join(missing)})")
+    from livr.model import build_model
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), overrides)
+    return cfg, build_model(cfg, adapter_dir=os.path.join(run_dir, "adapter"), trainable=trainable)
+
+
+def evaluate_run(run_dir: str, split: str = "test", bottleneck: bool = False, overrides: list[str] | None = None) -> dict:
+    from livr.data.splits import load_splits
+    from livr.evaluate import evaluate_rows, write_eval
+
+    cfg, lm = load_run(run_dir, overrides)
+    rows = load_splits(cfg, only=[split])[split]
+    res = evaluate_rows(lm, rows, bottleneck=bottleneck, batch_size=cfg.eval.batch_size,
+                        max_new_tokens=cfg.eval.max_new_tokens, quiet=False)
+    name = f"eval_{split}{'_bottleneck' if bottleneck else ''}.json"
+    write_eval(os.path.join(run_dir, name), {split: res}, meta={"mode": cfg.train.mode, "num_latents": cfg.latents.num_latents})
+    return res

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="livr",
+    version="0.1.0",
+    description="Latent Implicit Visual Reasoning (arXiv 2512.21218): two-stage latent-token training "
+    "with Ray Train, DeepSpeed ZeRO, Ray Tune and MLflow",
+    packages=find_packages(include=["livr", "livr.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "deepspeed>=0.17",
+        "ray[default,train,tune]>=2.50",
+        "mlflow>=3.0",
+        "datasets>=4.0",
+        "accelerate>=1.0",
+        "safetensors",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff"]},
+    entry_points={"console_scripts": ["livr=livr.cli:main"]},
+)

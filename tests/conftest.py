@@ -1,0 +1,34 @@
+"""Shared test set-up: offline, quiet, everything written under pytest's tmp dirs."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("LIVR_QUIET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def backbone_cache(tmp_path_factory):
+    """One directory where each tiny preset is materialised once per test session."""
+    return str(tmp_path_factory.mktemp("backbones"))
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def tiny_overrides(backbone_cache: str, data_cache: str, tmp_path, **extra) -> list[str]:
+    """key=value overrides for a fast tiny run writing only under tmp dirs."""
+    base = {
+        "model.cache_dir": backbone_cache, "data.cache_dir": data_cache, "output_dir": str(tmp_path / "runs"),
+        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "tracking.artifact_location": str(tmp_path / "artifacts"),
+        "data.train_size": 16, "data.val_size": 8, "data.test_size": 8, "train.micro_batch_size": 4,
+        "train.grad_accum": 1, "latents.num_latents": 4, "lora.r": 4, "train.log_every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,252 @@
+"""livr.backbones: tiny presets round-trip, processor/model agreement, 4-D masks + explicit positions, KV-cache
+decoding with next_position_ids, LoRA/frozen regexes, family lookup and preset caching. CPU, offline, fast."""
+import os
+
+for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_k, "1")
+
+import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from livr.backbones import (FAMILIES, TINY_PRESETS, Backbone, family_for, load_backbone, make_tiny,  # noqa: E402
+                            resolve_backbone_path)
+from livr.backbones.registry import build_tiny  # noqa: E402
+
+FAMILY_OF = dict(zip(TINY_PRESETS, ("qwen2_5_vl", "qwen3_vl", "llava_onevision")))
+
+
+@pytest.fixture(scope="session")
+def preset_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backbones")
+    return {name: make_tiny(name, str(root / name)) for name in TINY_PRESETS}
+
+
+_LOADED = {}
+
+
+@pytest.fixture
+def bb(request, preset_dirs) -> Backbone:
+    key = (request.param, "sdpa")
+    if key not in _LOADED:
+        _LOADED[key] = load_backbone(preset_dirs[request.param])
+    return _LOADED[key]
+
+
+presets = pytest.mark.parametrize("bb", TINY_PRESETS, indirect=True)
+
+
+def _img(size, seed):
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _prompt(bb, n_images, text):
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return bb.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                            tokenize=False)
+
+
+def _batch(bb, texts, images, padding_side="right"):
+    return bb.processor(text=texts, images=images, padding_side=padding_side, return_tensors="pt")
+
+
+def _fwd_kwargs(bb, b):
+    return {k: b[k] for k in bb.family.forward_keys if k in b}
+
+
+def _mask4d(mask2d, dtype, n_query=None):
+    """Additive [B,1,Q,K] causal mask from a 2-D padding mask: pad columns blocked, pad rows fully blocked.
+    With n_query < K the queries are the last n_query positions (a decode step)."""
+    B, K = mask2d.shape
+    Q = K if n_query is None else n_query
+    q_pos = torch.arange(K - Q, K)[:, None]
+    allowed = (torch.arange(K)[None, :] <= q_pos)[None] & mask2d.bool()[:, None, :]
+    allowed = allowed & mask2d.bool()[:, K - Q:, None]
+    out = torch.zeros(B, 1, Q, K, dtype=dtype)
+    return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _lm_loss(bb, b, **extra):
+    labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    return bb.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels,
+                    **_fwd_kwargs(bb, b), **extra).loss
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_roundtrip_identical_logits(name, preset_dirs):
+    mem, tok, _ = build_tiny(name, seed=0)
+    loaded = load_backbone(preset_dirs[name])
+    assert loaded.family is FAMILIES[FAMILY_OF[name]] and loaded.path == preset_dirs[name]
+    assert loaded.tokenizer.get_vocab() == tok.get_vocab() and loaded.tokenizer.chat_template == tok.chat_template
+    b = _batch(loaded, [_prompt(loaded, 1, "Which half is brighter?")], [[_img((112, 112), 0)]])
+    with torch.no_grad():
+        assert torch.equal(mem.eval()(**b).logits, loaded.model(**b).logits)
+
+
+@presets
+def test_forward_backward_one_image(bb):
+    b = _batch(bb, [_prompt(bb, 1, "Which half is brighter? (A) left (B) right")], [[_img((112, 112), 1)]])
+    bb.model.train()
+    times = []
+    for _ in range(4):
+        bb.model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        loss = _lm_loss(bb, b)
+        loss.backward()
+        times.append(time.perf_counter() - t)
+    bb.model.eval()
+    assert torch.isfinite(loss)
+    lm = [p for n, p in bb.model.named_parameters() if re.fullmatch(bb.family.lora_target_regex, n[:-len(".weight")])]
+    assert lm and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm)
+    n_params = sum(p.numel() for p in bb.model.parameters())
+    print(f"\n{bb.family.name}: {n_params:,} params, seq {b['input_ids'].shape[1]}, "
+          f"fwd+bwd {1e3 * sorted(times)[len(times) // 2]:.1f} ms")
+
+
+def _image_feature_lengths(bb, b):
+    inner = bb.model.model
+    with torch.no_grad():
+        if bb.family.name == "llava_onevision":
+            out = inner.get_image_features(b["pixel_values"], b["image_sizes"], batch_num_images=b["batch_num_images"])
+        else:
+            out = inner.get_image_features(b["pixel_values"], b["image_grid_thw"])
+    return [f.shape[0] for f in out.pooler_output]
+
+
+@presets
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_image_tokens_match_model_features(bb, n_images):
+    sizes = [(112, 112), (96, 64), (56, 56), (200, 150)]
+    texts = [_prompt(bb, n_images, "Same?"), _prompt(bb, n_images, "Are these two the same picture or not?")]
+    images = [[_img(sizes[(2 * i + j) % 4], 10 * i + j) for j in range(n_images)] for i in range(2)]
+    b = _batch(bb, texts, images)
+    feats = _image_feature_lengths(bb, b)
+    n_tok = (b["input_ids"] == bb.tokenizer.convert_tokens_to_ids(bb.family.image_token)).sum(1).tolist()
+    assert n_tok == [sum(feats[i * n_images:(i + 1) * n_images]) for i in range(2)]
+    print(f"\n{bb.family.name}: {n_images} image(s)/example, image sizes {[im.size for ex in images for im in ex]}"
+          f" -> image tokens {feats}")
+    bb.model.zero_grad(set_to_none=True)
+    loss = _lm_loss(bb, b)  # the model consumes exactly these tokens (it raises on a mismatch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    bb.model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_4d_mask_and_position_ids_match_2d(name, attn, preset_dirs):
+    bb = _LOADED.get((name, attn)) or _LOADED.setdefault((name, attn),
+                                                          load_backbone(preset_dirs[name], attn_implementation=attn))
+    texts = [_prompt(bb, 1, "Which half of the image is brighter, left or right? Answer (A) or (B)."),
+             _prompt(bb, 1, "Count.")]
+    b = _batch(bb, texts, [[_img((112, 112), 3)], [_img((56, 56), 4)]], padding_side="right")
+    ids, mask = b["input_ids"], b["attention_mask"]
+    assert mask[1].sum() < mask[0].sum() and mask[1, -1] == 0  # right-padded, different lengths
+    pos = bb.family.position_ids(bb.model, ids, mask, dict(b))
+    expect = (3, 2, ids.shape[1]) if bb.family.mrope else (2, ids.shape[1])
+    assert tuple(pos.shape) == expect and pos.dtype == torch.long
+    with torch.no_grad():
+        ref = bb.model(**b).logits
+        out = bb.model(input_ids=ids, attention_mask=_mask4d(mask, torch.float32), position_ids=pos,
+                       **_fwd_kwargs(bb, b)).logits
+    assert torch.isfinite(out).all()
+    keep = mask.bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+@presets
+@pytest.mark.parametrize("mask_kind", ["2d", "4d"])
+def test_kv_cache_decode_with_next_position_ids(bb, mask_kind):
+    fam, model = bb.family, bb.model
+    texts = [_prompt(bb, 1, "Which half of the image is brighter, left or right?"), _prompt(bb, 1, "Count.")]
+    b = _batch(bb, texts, [[_img((112, 112), 5)], [_img((56, 56), 6)]], padding_side="left")
+    ids, mask = b["input_ids"], b["attention_mask"]
+    assert mask[1, 0] == 0  # left-padded
+    new = torch.tensor([[bb.tokenizer.convert_tokens_to_ids("A")]] * 2)
+    full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+    mm = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask")}
+    mm_full = dict(mm, mm_token_type_ids=torch.cat([b["mm_token_type_ids"], torch.zeros_like(new)], 1)) \
+        if "mm_token_type_ids" in b else mm
+    pos_prefix = fam.position_ids(model, ids, mask, mm)
+    pos_full = fam.position_ids(model, full_ids, full_mask, mm_full)
+    nxt = fam.next_position_ids(pos_prefix, 1)
+    assert torch.equal(nxt, pos_full[..., -1:])
+    assert torch.equal(fam.next_position_ids(pos_prefix, 3)[..., 1:2], nxt + 1)
+    fwd = {k: v for k, v in _fwd_kwargs(bb, b).items() if k != "mm_token_type_ids"}
+    with torch.no_grad():
+        full = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos_full, **fwd).logits[:, -1]
+        if fam.mrope:  # the model's own 2-D path (mRoPE from get_rope_index) gives the same logits
+            own = model(input_ids=full_ids, attention_mask=full_mask, **dict(fwd, **{
+                "mm_token_type_ids": mm_full["mm_token_type_ids"]})).logits[:, -1]
+            torch.testing.assert_close(own, full, atol=1e-5, rtol=0)
+        pre_mask = mask if mask_kind == "2d" else _mask4d(mask, torch.float32)
+        pre = model(input_ids=ids, attention_mask=pre_mask, position_ids=pos_prefix, use_cache=True, **fwd)
+        step_mask = full_mask if mask_kind == "2d" else _mask4d(full_mask, torch.float32, n_query=1)
+        step = model(input_ids=new, attention_mask=step_mask, position_ids=nxt, cache=pre.cache, use_cache=True)
+    torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_lora_and_frozen_regexes(name):
+    from peft import LoraConfig, get_peft_model
+
+    fam = FAMILIES[FAMILY_OF[name]]
+    model, tok, _ = build_tiny(name)
+    vision_prefixes = ("model.visual", "model.vision_tower", "model.multi_modal_projector", "model.image_newline")
+    lora = [n for n, _ in model.named_modules() if re.fullmatch(fam.lora_target_regex, n)]
+    n_layers = model.config.get_text_config().num_hidden_layers
+    assert len(lora) == 7 * n_layers
+    assert all(n.startswith("model.language_model.layers.") for n in lora)
+    assert not any(re.fullmatch(fam.frozen_module_regex, n) for n in lora)
+    for n, _ in model.named_parameters():
+        assert bool(re.fullmatch(fam.frozen_module_regex, n)) == n.startswith(vision_prefixes), n
+    assert any(re.fullmatch(fam.frozen_module_regex, n) for n, _ in model.named_modules() if "merger" in n
+               or "projector" in n)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=fam.lora_target_regex))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * n_layers and all(".language_model.layers." in n for n in trainable)
+    # position_ids sees through the PeftModel wrapper
+    content = [{"type": "image"}, {"type": "text", "text": "hi"}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    ids = tok([text], return_tensors="pt")["input_ids"]
+    image_id = tok.convert_tokens_to_ids(fam.image_token)
+    if fam.mrope:  # expand the single placeholder to a 2x2 merged grid (4 tokens) by hand
+        k = ids[0].tolist().index(image_id)
+        ids = torch.cat([ids[:, :k], torch.full((1, 4), image_id), ids[:, k + 1:]], 1)
+    mm = {"image_grid_thw": torch.tensor([[1, 4, 4]])}
+    mask = torch.ones_like(ids)
+    assert torch.equal(fam.position_ids(peft_model, ids, mask, mm), fam.position_ids(model, ids, mask, mm))
+
+
+def test_family_for(preset_dirs, tmp_path):
+    for name, d in preset_dirs.items():
+        assert family_for(d).name == FAMILY_OF[name]
+    assert family_for("qwen2_5_vl").model_class.__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert family_for("qwen3_vl").name == "qwen3_vl" and family_for("llava_onevision").image_token == "<image>"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="bert"):
+        family_for(str(tmp_path))
+    with pytest.raises(ValueError, match="gpt2"):
+        family_for("gpt2")
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_resolve_backbone_path_caches(name, tmp_path):
+    path = resolve_backbone_path(name, str(tmp_path))
+    assert path == str(tmp_path / name) and family_for(path).name == FAMILY_OF[name]
+    cfg = os.path.join(path, "config.json")
+    mtime = os.stat(cfg).st_mtime_ns
+    time.sleep(0.01)
+    assert resolve_backbone_path(name, str(tmp_path)) == path
+    assert os.stat(cfg).st_mtime_ns == mtime
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no leftover temp dirs
+    assert resolve_backbone_path(path, "/nonexistent") == path  # an existing local dir is itself
+    assert resolve_backbone_path("Qwen/Qwen2.5-VL-3B-Instruct", str(tmp_path)) == "Qwen/Qwen2.5-VL-3B-Instruct"
+    if name == TINY_PRESETS[0]:  # load by preset name through the cache
+        assert load_backbone(name, cache_dir=str(tmp_path)).path == path
