@@ -51,8 +51,8 @@ def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens:
         pos = fam.next_position_ids(pos)
         step_mask = bottleneck_mask(groups, lm.dtype)[:, :, -1:] if bottleneck else attn
         step = {k: torch.zeros_like(v[:, :1]) for k, v in mm.items() if k in ("mm_token_type_ids", "token_type_ids")}
-        out = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos[..., -1:],
-                    past_key_values=out.past_key_values, use_cache=True, **step)
+        out = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos,
+                    cache=out.cache, use_cache=True, **step)
     tokens = torch.stack(new_tokens, 1).tolist()
     return [lm.tokenizer.decode([t for t in row if t != eos], skip_special_tokens=True) for row in tokens]
 

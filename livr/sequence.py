@@ -12,9 +12,13 @@ follows the assistant header (a PROMPT position), which is image-blind in Stage 
 """
 from __future__ import annotations
 
+import io
+
 import torch
+from PIL import Image
 
 from livr.data.prompts import format_prompt, target_text
+from livr.data.tasks import DataError
 
 TEXT, IMAGE, PROMPT, LATENT, ANSWER, PAD = range(6)
 GROUP_NAMES = ("text_before_image", "image", "prompt", "latent", "answer", "pad")
@@ -63,16 +67,24 @@ class SequenceBuilder:
         return text + self.latent_text
 
     def answer_ids(self, row: dict) -> list[int]:
-        text = target_text(row, self.answer_format) + self.family.end_of_turn
+        try:
+            text = target_text(row, self.answer_format) + self.family.end_of_turn
+        except DataError as e:
+            raise DataError(f"{row.get('sub_task', '?')} {e}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, row: dict, with_answer: bool = True) -> dict:
         """One example: 1-D `input_ids`, `labels`, `groups` (+ the family's image tensors)."""
+        where = f"{row.get('sub_task', '?')} idx={row.get('idx')}"
         images = images_of(row)
-        enc = self.processor(text=[self.prompt_text(row)], images=[images] if images else None, return_tensors="pt")
+        answer = self.answer_ids(row) if with_answer else []  # raises DataError for a bad answer letter
+        try:
+            images = [im if isinstance(im, Image.Image) else Image.open(io.BytesIO(im)).convert("RGB") for im in images]
+            enc = self.processor(text=[self.prompt_text(row)], images=[images] if images else None, return_tensors="pt")
+        except Exception as e:  # noqa: BLE001 - any processor failure is a data problem of this row
+            raise DataError(f"{where}: the image processor cannot read this row's image(s): {type(e).__name__}: {e}") from None
         ids = enc["input_ids"][0]
         prompt_len = ids.shape[0]
-        answer = self.answer_ids(row) if with_answer else []
         ids = torch.cat([ids, torch.tensor(answer, dtype=ids.dtype)])
         labels = torch.full_like(ids, IGNORE)
         labels[prompt_len:] = ids[prompt_len:]

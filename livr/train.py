@@ -150,6 +150,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                 state["step"] += 1
                 state["global_step"] += 1
                 bar.update(1)
+                _injected_failure(state["global_step"], ctx.rank)
                 if state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps:
                     now = time.perf_counter()
                     metrics = {f"{stage.name}/loss": _mean_across(loss, ctx.world),
@@ -180,6 +181,8 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
             _save(lm, opt, cfg, state, ctx, last, report, metrics)
             if done:
                 break
+        if stage.steps == 0:
+            state["stage"], state["step"] = si + 1, 0
         bar.close()
 
     # ---------------------------------------------------------------- save + evaluate
@@ -207,6 +210,22 @@ def train_step(lm, opt, cfg, stage: Stage, state: dict, items, order, k: int, pa
     opt.step()
     opt.zero_grad(set_to_none=True)
     return total
+
+
+def _injected_failure(global_step: int, rank: int) -> None:
+    """Test hook: LIVR_FAIL_AT_STEP=N [LIVR_FAIL_RANK=r] [LIVR_FAIL_MODE=raise|exit] [LIVR_FAIL_MARKER=file]
+    makes rank r fail once after optimizer step N (the marker file records that it already failed)."""
+    at = os.environ.get("LIVR_FAIL_AT_STEP")
+    if not at or int(at) != global_step or int(os.environ.get("LIVR_FAIL_RANK", "0")) != rank:
+        return
+    marker = os.environ.get("LIVR_FAIL_MARKER")
+    if marker:
+        if os.path.exists(marker):
+            return
+        open(marker, "w").close()
+    if os.environ.get("LIVR_FAIL_MODE") == "exit":
+        os._exit(17)
+    raise RuntimeError(f"injected failure at step {global_step} (LIVR_FAIL_AT_STEP)")
 
 
 def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet) -> dict:

@@ -5,17 +5,16 @@ import os
 for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_k, "1")
 
-import json  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
+import json
+import re
+import time
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+import torch
+from PIL import Image
 
-from livr.backbones import (FAMILIES, TINY_PRESETS, Backbone, family_for, load_backbone, make_tiny,  # noqa: E402
-                            resolve_backbone_path)
-from livr.backbones.registry import build_tiny  # noqa: E402
+from livr.backbones import FAMILIES, TINY_PRESETS, Backbone, family_for, load_backbone, make_tiny, resolve_backbone_path
+from livr.backbones.registry import build_tiny
 
 FAMILY_OF = dict(zip(TINY_PRESETS, ("qwen2_5_vl", "qwen3_vl", "llava_onevision")))
 
@@ -79,14 +78,23 @@ def _lm_loss(bb, b, **extra):
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)
-def test_roundtrip_identical_logits(name, preset_dirs):
+def test_roundtrip_identical_logits(name, preset_dirs, tmp_path):
     mem, tok, _ = build_tiny(name, seed=0)
     loaded = load_backbone(preset_dirs[name])
     assert loaded.family is FAMILIES[FAMILY_OF[name]] and loaded.path == preset_dirs[name]
     assert loaded.tokenizer.get_vocab() == tok.get_vocab() and loaded.tokenizer.chat_template == tok.chat_template
     b = _batch(loaded, [_prompt(loaded, 1, "Which half is brighter?")], [[_img((112, 112), 0)]])
     with torch.no_grad():
-        assert torch.equal(mem.eval()(**b).logits, loaded.model(**b).logits)
+        ref = mem.eval()(**b).logits
+        assert torch.equal(ref, loaded.model(**b).logits)
+    # the processor wrapper saves (tokenizer + image processor); model + processor reload identically
+    loaded.model.save_pretrained(tmp_path)
+    loaded.processor.save_pretrained(tmp_path)
+    again = load_backbone(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(ref, again.model(**again.processor(text=[_prompt(again, 1, "Which half is brighter?")],
+                                                             images=[[_img((112, 112), 0)]],
+                                                             return_tensors="pt")).logits)
 
 
 @presets
@@ -102,7 +110,8 @@ def test_forward_backward_one_image(bb):
         times.append(time.perf_counter() - t)
     bb.model.eval()
     assert torch.isfinite(loss)
-    lm = [p for n, p in bb.model.named_parameters() if re.fullmatch(bb.family.lora_target_regex, n[:-len(".weight")])]
+    lm = [p for n, p in bb.model.named_parameters()
+          if n.endswith(".weight") and re.fullmatch(bb.family.lora_target_regex, n.rsplit(".", 1)[0])]
     assert lm and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm)
     n_params = sum(p.numel() for p in bb.model.parameters())
     print(f"\n{bb.family.name}: {n_params:,} params, seq {b['input_ids'].shape[1]}, "
@@ -182,8 +191,7 @@ def test_kv_cache_decode_with_next_position_ids(bb, mask_kind):
     with torch.no_grad():
         full = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos_full, **fwd).logits[:, -1]
         if fam.mrope:  # the model's own 2-D path (mRoPE from get_rope_index) gives the same logits
-            own = model(input_ids=full_ids, attention_mask=full_mask, **dict(fwd, **{
-                "mm_token_type_ids": mm_full["mm_token_type_ids"]})).logits[:, -1]
+            own = model(input_ids=full_ids, attention_mask=full_mask, **dict(fwd, mm_token_type_ids=mm_full["mm_token_type_ids"])).logits[:, -1]
             torch.testing.assert_close(own, full, atol=1e-5, rtol=0)
         pre_mask = mask if mask_kind == "2d" else _mask4d(mask, torch.float32)
         pre = model(input_ids=ids, attention_mask=pre_mask, position_ids=pos_prefix, use_cache=True, **fwd)
@@ -248,5 +256,7 @@ def test_resolve_backbone_path_caches(name, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no leftover temp dirs
     assert resolve_backbone_path(path, "/nonexistent") == path  # an existing local dir is itself
     assert resolve_backbone_path("Qwen/Qwen2.5-VL-3B-Instruct", str(tmp_path)) == "Qwen/Qwen2.5-VL-3B-Instruct"
+    (tmp_path / "empty").mkdir()  # make_tiny replaces an existing dir that is not this preset
+    assert family_for(make_tiny(name, str(tmp_path / "empty"), seed=1)).name == FAMILY_OF[name]
     if name == TINY_PRESETS[0]:  # load by preset name through the cache
         assert load_backbone(name, cache_dir=str(tmp_path)).path == path

@@ -33,6 +33,10 @@ def _inner_with(model, attr):
 
 @dataclass(frozen=True)
 class Family:
+    """Facts about one VLM family. Regexes are for re.fullmatch on module / parameter names (peft uses fullmatch
+    for a string target_modules): lora_target_regex hits only the LM's q/k/v/o/gate/up/down projections;
+    frozen_module_regex hits the vision tower and projector modules and all their parameters."""
+
     name: str
     model_types: tuple[str, ...]
     model_class: type
@@ -112,8 +116,8 @@ def make_processor(family: Family, image_processor, tokenizer, config, chat_temp
     kw = {}
     if family.name == "llava_onevision":
         v = config.vision_config
-        kw = dict(num_image_tokens=(v.image_size // v.patch_size) ** 2,
-                  vision_feature_select_strategy=config.vision_feature_select_strategy,
-                  vision_aspect_ratio=config.vision_aspect_ratio, image_token=family.image_token)
+        kw = {"num_image_tokens": (v.image_size // v.patch_size) ** 2, "image_token": family.image_token,
+              "vision_feature_select_strategy": config.vision_feature_select_strategy,
+              "vision_aspect_ratio": config.vision_aspect_ratio}
     return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                chat_template=chat_template or tokenizer.chat_template, **kw)

@@ -6,8 +6,13 @@ unpadded high-res grid picked from image_grid_pinpoints (downsampled when larger
 newline token. The processor and the model compute the same count when built from the same config.
 """
 import torch
-from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor,
-                          Qwen2Config, SiglipVisionConfig)
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from .base import Family
@@ -41,7 +46,7 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
     (grid 1x1 upsampled view), two images per example -> 17 each."""
     tok = build_tokenizer([PAD, IM_START, IM_END, "<image>", "<video>"], LLAVA_TEMPLATE)
     text = Qwen2Config(**TINY_TEXT, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                       pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                        tie_word_embeddings=False)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=TINY_IMAGE_SIZE, patch_size=14, vision_use_head=False,

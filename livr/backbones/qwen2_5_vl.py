@@ -28,14 +28,14 @@ FAMILY = Family(
     mrope=True,
 )
 
-TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1)
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 4096, "initializer_range": 0.1}
 
 
 def qwen_token_ids(tok) -> dict:
     ids = tok.convert_tokens_to_ids
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
 
 def set_generation_ids(model, tok):
@@ -49,12 +49,12 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
     """(model, tokenizer, image_processor). patch 14, merge 2 -> a 56x56 image is 4 tokens, 112x112 is 16;
     min_pixels 56*56 and max_pixels 224*224 keep 112x112 unresized and cap larger images near 224x224 (64 tokens)."""
     tok = build_tokenizer(QWEN_SPECIALS, qwen_template(default_system=True))
-    text = dict(TINY_TEXT, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                                                    mrope_section=[2, 3, 3]))
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=112, out_hidden_size=64, fullatt_block_indexes=[1],
-                  initializer_range=0.1)
+    text = {**TINY_TEXT, "vocab_size": len(tok), "bos_token_id": None, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 64,
+              "fullatt_block_indexes": [1], "initializer_range": 0.1}
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                            initializer_range=0.1, **qwen_token_ids(tok))
     torch.manual_seed(seed)

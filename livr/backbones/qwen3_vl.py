@@ -29,13 +29,13 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
     max_pixels 256*256 caps large images at 64 tokens."""
     tok = build_tokenizer(QWEN_SPECIALS, qwen_template(default_system=False))
     # interleaved mRoPE over head_dim/2 = 8 frequencies: H takes 1,4; W takes 2,5; T the rest (section [4,2,2])
-    text = dict(TINY_TEXT, head_dim=16, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-                rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[4, 2, 2],
-                                     mrope_interleaved=True))
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
-                  deepstack_visual_indexes=[0], initializer_range=0.1)
+    text = {**TINY_TEXT, "head_dim": 16, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id, "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                "mrope_interleaved": True}}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+              "num_position_embeddings": 64, "deepstack_visual_indexes": [0], "initializer_range": 0.1}
     cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                         initializer_range=0.1, **qwen_token_ids(tok))
     torch.manual_seed(seed)

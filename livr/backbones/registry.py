@@ -4,10 +4,13 @@ A tiny preset is materialised once (random init, `save_pretrained`) and then loa
 `from_pretrained` path as a real checkpoint. Real ids work by config alone (family from config.model_type):
 Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-4B-Instruct, llava-hf/llava-onevision-qwen2-*-ov-hf.
 
-Tiny presets (measured on 2 CPU cores, torch 2.13, fp32 sdpa; fwd+bwd of one example with one 112x112 image):
-  tiny-qwen2.5-vl       289,888 params   112px -> 16 image tokens, ~42 tokens/example   fwd+bwd ~20 ms
-  tiny-qwen3-vl         258,272 params   112px -> 16 image tokens (resized to 128px)    fwd+bwd ~20 ms
-  tiny-llava-onevision  248,864 params   112px -> 36 image tokens (17 each with 2/ex.)  fwd+bwd ~20 ms
+Tiny presets (random init, initializer_range 0.1; LM hidden 64, 2 layers, 4 heads, 2 KV heads, head_dim 16,
+intermediate 128; vision depth 2, hidden 32; BPE vocab 1024 + specials). Measured on 2 CPU cores, torch 2.13,
+fp32 sdpa, fwd+bwd of one example (chat template + one 112x112 image):
+  tiny-qwen2.5-vl       289,888 params  untied  112px -> 16 tokens, 56px -> 4, capped at 224x224 (64)  ~10 ms
+  tiny-qwen3-vl         258,272 params  tied    112px -> 16 (resized to 128), 56px -> 4, cap 256x256    ~10 ms
+  tiny-llava-onevision  248,864 params  untied  alone in its example: 112px or 56px -> 36 tokens;
+                                                two images per example: 17 tokens each                   ~10 ms
 """
 from __future__ import annotations
 
@@ -61,9 +64,23 @@ def build_tiny(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     return _MODULES[_TINY_FAMILY[name]].build_tiny(seed=seed, attn_implementation=attn_implementation)
 
 
+def _preset_stamp(name, seed):
+    return {"preset": name, "seed": seed, "format": 1}
+
+
+def _is_preset(d, name, seed) -> bool:
+    try:
+        with open(os.path.join(d, "livr_preset.json")) as f:
+            return json.load(f) == _preset_stamp(name, seed)
+    except (OSError, ValueError):
+        return False
+
+
 def make_tiny(name: str, out_dir: str, *, seed: int = 0, progress: bool = False) -> str:
     """Materialise tiny preset `name` into out_dir (model, generation config, tokenizer + chat template, image
-    processor), atomically: built in a temp dir next to out_dir, then renamed. Returns out_dir."""
+    processor, livr_preset.json), atomically: built in a temp dir next to out_dir, then renamed into place.
+    An existing out_dir is replaced, unless it already holds this preset and seed (e.g. a concurrent builder
+    finished first). Returns out_dir."""
     if name not in _TINY_FAMILY:
         raise ValueError(f"unknown tiny preset {name!r}; choose from {TINY_PRESETS}")
     from tqdm.auto import tqdm
@@ -71,27 +88,32 @@ def make_tiny(name: str, out_dir: str, *, seed: int = 0, progress: bool = False)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    bar = tqdm(total=4, desc=f"materialise {name}", disable=not progress)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    steps = ["build model + tokenizer", "save model", "save tokenizer", "save image processor", "install"]
+    bar = tqdm(total=len(steps), desc=f"materialise {name}", disable=not progress)
     try:
-        bar.set_postfix_str("tokenizer + model")
+        bar.set_postfix_str(steps[0])
         model, tok, ip = build_tiny(name, seed=seed)
-        bar.update()
-        model.save_pretrained(tmp)
-        bar.update()
-        tok.save_pretrained(tmp)
-        bar.update()
-        ip.save_pretrained(tmp)
+        for step, save in zip(steps[1:4], (model, tok, ip)):
+            bar.update()
+            bar.set_postfix_str(step)
+            save.save_pretrained(tmp)
         with open(os.path.join(tmp, "livr_preset.json"), "w") as f:
-            json.dump({"preset": name, "seed": seed}, f)
+            json.dump(_preset_stamp(name, seed), f)
         bar.update()
-        if os.path.isdir(out_dir):  # a concurrent builder won; keep theirs
+        bar.set_postfix_str(steps[4])
+        if _is_preset(out_dir, name, seed):
             shutil.rmtree(tmp)
         else:
+            old = tmp + ".old"
+            if os.path.lexists(out_dir):
+                os.rename(out_dir, old)
             try:
                 os.rename(tmp, out_dir)
-            except OSError:  # lost a race between the check and the rename
+            except OSError:  # a concurrent builder renamed first: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -105,7 +127,7 @@ def resolve_backbone_path(name_or_path: str, cache_dir: str) -> str:
     anything else (a hub id) is returned unchanged for from_pretrained to resolve."""
     if name_or_path in _TINY_FAMILY:
         out = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), name_or_path)
-        if not os.path.isfile(os.path.join(out, "config.json")):
+        if not _is_preset(out, name_or_path, 0):
             make_tiny(name_or_path, out)
         return out
     local = os.path.expanduser(name_or_path)

@@ -8,14 +8,14 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
-_WORDS = """the a an of to in on at by for with from and or not is are was be this that these those which what
+_WORDS_TEXT = """the a an of to in on at by for with from and or not is are was be this that these those which what
 where how many much more less most least same different left right top bottom upper lower middle center image
 images picture pictures photo first second third fourth point points object objects box boxes square squares circle
 red green blue yellow black white gray dark bright brighter darker color colour shape count number answer question
 choice choices option options select correct best describe closer farther similar similarity style art painting
 reflectance surface jigsaw piece missing fits localization correspondence semantic functional visual reference
 patch region marked shown near far above below between inside outside there here one two three four five six seven
-eight nine ten zero yes no true false user assistant system you are helpful please think step look carefully""".split()
+eight nine ten zero yes no true false user assistant system you are helpful please think step look carefully"""
 
 _SENTENCES = [
     "You are a helpful assistant.",
@@ -33,9 +33,10 @@ _SENTENCES = [
 
 
 def _corpus():
+    words = _WORDS_TEXT.split()
     out = list(_SENTENCES)
-    out += [" ".join(_WORDS[i:i + 12]) for i in range(0, len(_WORDS), 12)]
-    out += [w.capitalize() + " " + w.upper() for w in _WORDS]
+    out += [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+    out += [w.capitalize() + " " + w.upper() for w in words]
     out += [" ".join(str(n) for n in range(i, i + 25)) for i in range(0, 1000, 25)]
     out += [f"({c}) {c}. {c}) {c}:" for c in "ABCDEFGHIJ"]
     out += ["0.5 1.25 3.14 -7 +8 10% 1/2 2x3 (1, 2) [3, 4] {5: 6} <7> a_b c-d e.f g,h"]

@@ -59,6 +59,13 @@ class _Row:
 
 
 @lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) pixel coordinates in [0, 1]."""
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    return y, x
+
+
+@lru_cache(maxsize=8)
 def _font(size: int):
     return ImageFont.load_default(size=max(8, size))
 
@@ -76,7 +83,7 @@ def _gradient(rng, size: int, c0, c1=None) -> np.ndarray:
     """A linear gradient c0 -> c1 (default: c0 +- 30 per channel) at a random angle, float HxWx3."""
     if c1 is None:
         c1 = np.clip(np.asarray(c0) + rng.integers(-30, 31, 3), 0, 255)
-    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    y, x = _grid(size)
     a = rng.uniform(0, 2 * np.pi)
     t = (np.cos(a) * (x - 0.5) + np.sin(a) * (y - 0.5)) / 1.42 + 0.5
     return np.asarray(c0, float) * (1 - t[..., None]) + np.asarray(c1, float) * t[..., None]
@@ -111,7 +118,7 @@ def _picture_params(rng, palette=None) -> dict:
 def _render_picture(p: dict, size: int) -> np.ndarray:
     pal = p["palette"]
     img = _gradient(np.random.default_rng(p["grad_seed"]), size, pal[0], pal[1])
-    y, x = np.mgrid[0:size, 0:size] / size
+    y, x = _grid(size)
     w = np.sin(2 * np.pi * p["stripe_freq"] * (np.cos(p["stripe_angle"]) * x + np.sin(p["stripe_angle"]) * y)
                + p["stripe_phase"])
     alpha = (p["stripe_amp"] * (w > 0))[..., None]

@@ -1,0 +1,149 @@
+"""train_worker end to end on a tiny backbone: artifacts, reload, stock PEFT, MLflow, resume, bad input."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from livr.checkpoint import CheckpointError
+from livr.config import load_config
+from livr.data.synthetic import generate_task
+from livr.runs import load_run
+from livr.sequence import collate
+from livr.train import train_worker
+
+
+def _cfg(backbone_cache, data_cache, tmp_path, **extra):
+    extra = {"train.stage1_steps": 3, "train.stage2_steps": 3, "train.sft_steps": 4, "optim.lr": 1e-2, **extra}
+    return load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, **extra))
+
+
+@pytest.fixture(scope="module")
+def livr_run(tmp_path_factory, backbone_cache, data_cache):
+    tmp = tmp_path_factory.mktemp("livr_run")
+    cfg = _cfg(backbone_cache, data_cache, tmp, name="livr", **{"model.backbone": "tiny-qwen3-vl"})
+    return cfg, train_worker(cfg), tmp
+
+
+def test_run_directory_and_reload_reproduce_logits(livr_run):
+    cfg, result, _ = livr_run
+    run = cfg.run_dir
+    for f in ("config.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "latents.safetensors",
+              "tokenizer/tokenizer.json", "eval.json", "checkpoints/last/state.json"):
+        assert os.path.exists(os.path.join(run, f)), f
+    assert result["global_step"] == 6
+    ev = json.load(open(os.path.join(run, "eval.json")))
+    assert ev["mode"] == "livr" and set(ev["results"]["test"]["accuracy"]) == {"Counting"}
+    assert len(ev["history"]) == 2  # one validation per stage (steps < one epoch)
+
+    # the saved config alone reproduces the run's model: reload and compare logits exactly
+    from livr.model import build_model
+    from livr.checkpoint import load_trainable_state
+
+    trained = build_model(cfg)
+    best = os.path.join(run, "checkpoints", "best.safetensors")
+    load_trainable_state(trained.model, load_file(best), best)
+    cfg2, reloaded = load_run(run)
+    assert cfg2 == cfg
+    rows = generate_task("Counting", 2, seed=9)
+    batch = collate([reloaded.builder.encode(r) for r in rows], reloaded.tokenizer.pad_token_id)
+    trained.model.eval()
+    with torch.no_grad():
+        a = trained.forward(batch, bottleneck=False)
+        b = reloaded.forward(batch, bottleneck=False)
+    assert torch.equal(a, b)
+    lat = load_file(os.path.join(run, "latents.safetensors"))
+    assert torch.equal(lat["latent_ids"], torch.tensor(reloaded.latent_ids))
+    emb = reloaded.model.get_input_embeddings()
+    assert torch.equal(emb(lat["latent_ids"]), lat["rows"])
+
+    # stock PEFT: base resized to the run's vocabulary, then PeftModel.from_pretrained
+    from peft import PeftModel
+
+    from livr.backbones import load_backbone
+    from livr.latents import add_latent_tokens
+
+    bb = load_backbone(cfg.model.backbone, cache_dir=cfg.model.cache_dir)
+    vocab = json.load(open(os.path.join(run, "vocab.json")))
+    bb.model.resize_token_embeddings(vocab["vocab"])
+    stock = PeftModel.from_pretrained(bb.model, os.path.join(run, "adapter")).eval()
+    mm = {k: batch[k] for k in reloaded.family.forward_keys if k in batch}
+    with torch.no_grad():
+        c = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **mm).logits
+    base = vocab["base_vocab"]
+    assert torch.equal(c[..., :base], b[..., :base])  # columns of latent tokens depend on the head's init only
+    del add_latent_tokens
+
+
+def test_mlflow_records_params_metrics_artifacts(livr_run, backbone_cache, data_cache):
+    cfg, _, tmp = livr_run
+    sft = _cfg(backbone_cache, data_cache, tmp, name="sft", **{"model.backbone": "tiny-qwen3-vl", "train.mode": "sft",
+                                                               "eval.zero_shot": True})
+    train_worker(sft)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"livr", "sft"}
+    for name, mode in (("livr", "livr"), ("sft", "sft")):
+        r = runs[name]
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mode"] == mode and r.data.tags["backbone"] == "tiny-qwen3-vl"
+        assert r.data.params["train.mode"] == mode and r.data.params["optim.lr"] == "0.01"
+        assert "test_accuracy" in r.data.metrics and "val_accuracy" in r.data.metrics
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"adapter", "config.yaml", "eval.json"} <= arts
+        adapter = {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in adapter
+    assert runs["sft"].data.params["latents.num_latents"] == "0"
+    stage_metrics = {m.key for m in client.get_metric_history(runs["livr"].info.run_id, "stage1/loss")}
+    assert stage_metrics and client.get_metric_history(runs["livr"].info.run_id, "stage2/loss")
+    assert len(client.get_metric_history(runs["sft"].info.run_id, "sft/loss")) == 4
+    assert os.path.exists(os.path.join(sft.run_dir, "eval_zero_shot.json"))
+
+
+def test_resume_continues_and_incomplete_checkpoint_is_an_error(backbone_cache, data_cache, tmp_path, monkeypatch):
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name="resume", **{"train.stage1_steps": 2, "train.stage2_steps": 3,
+                                                                        "tracking.enabled": False})
+    monkeypatch.setenv("LIVR_FAIL_AT_STEP", "4")
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        train_worker(cfg)
+    last = os.path.join(cfg.run_dir, "checkpoints", "last")
+    state = json.load(open(os.path.join(last, "state.json")))
+    assert state["global_step"] == 2 and state["stage"] == 1 and state["step"] == 0  # Stage 1 done, saved
+    monkeypatch.delenv("LIVR_FAIL_AT_STEP")
+    # the same command continues from the checkpoint (global step 2, Stage 2), not from zero
+    assert train_worker(cfg)["global_step"] == 5
+    state = json.load(open(os.path.join(last, "state.json")))
+    assert [h["stage"] for h in state["history"]] == ["stage1", "stage2"]
+    # an incomplete checkpoint is a clear error, and nothing already written is removed
+    os.remove(os.path.join(last, "optimizer.safetensors"))
+    kept = sorted(os.listdir(cfg.run_dir))
+    with pytest.raises(CheckpointError, match="incomplete.*optimizer.safetensors"):
+        train_worker(cfg)
+    assert sorted(os.listdir(cfg.run_dir)) == kept
+    assert os.path.exists(os.path.join(last, "trainable.safetensors"))
+
+
+def test_incomplete_run_directory_is_an_error(tmp_path):
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    with pytest.raises(CheckpointError, match="incomplete.*adapter"):
+        load_run(str(tmp_path))
+
+
+def test_unreadable_image_names_the_row(livr_run, backbone_cache, data_cache, tmp_path):
+    from livr.data.tasks import DataError
+    from livr.model import build_model
+
+    cfg, _, _ = livr_run
+    lm = build_model(cfg)
+    row = dict(generate_task("Counting", 1, seed=0)[0], idx="Counting_bad_7")
+    row["image_1"] = b"not an image"
+    with pytest.raises(DataError, match="Counting_bad_7"):
+        lm.builder.encode(row)
+    row = dict(generate_task("Counting", 1, seed=0)[0], idx="Counting_bad_8", answer="(F)")
+    with pytest.raises(DataError, match="Counting_bad_8"):
+        lm.builder.encode(row)
