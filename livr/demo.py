@@ -16,18 +16,16 @@ from livr.tracking import tracking_uri
 from livr.train import train_worker
 from livr.warmup import warm_up
 
-# the demo's warm-up: a small "pretraining" on other synthetic tasks than the ones it fine-tunes on
-WARMUP_TASKS = ["Relative_Reflectance", "Object_Localization", "Visual_Similarity", "Jigsaw"]
 
-
-def run_demo(config_path: str, overrides: list[str] | None = None, warmup_steps: int = 400) -> int:
+def run_demo(config_path: str, overrides: list[str] | None = None, warmup_steps: int = 300) -> int:
     t0 = time.time()
     cfg = load_config(config_path, overrides)
-    preset = cfg.model.backbone
-    print(f"[demo] 1/4 tiny backbone '{preset}' and its warm-up ({warmup_steps} steps, tasks {', '.join(WARMUP_TASKS)})")
+    preset, d = cfg.model.backbone, cfg.data
+    print(f"[demo] 1/4 tiny backbone '{preset}', warmed up by a full fine-tune of {warmup_steps} steps on its own "
+          f"'warmup' split of {', '.join(d.tasks)} (the stand-in for a pretrained VLM)")
     src = resolve_backbone_path(preset, os.path.expanduser(cfg.model.cache_dir))
-    warmed = os.path.join(os.path.expanduser(cfg.model.cache_dir), f"{preset}-warm{warmup_steps}")
-    warm_up(src, warmed, tasks=[t for t in WARMUP_TASKS if t not in cfg.data.tasks], steps=warmup_steps)
+    warmed = os.path.join(os.path.expanduser(cfg.model.cache_dir), f"{preset}-demo-warm")
+    warm_up(src, warmed, tasks=d.tasks, steps=warmup_steps, image_size=d.image_size, options=d.options)
     cfg.model.backbone = warmed
     runs = []
     for mode in ("sft", "livr"):

@@ -25,10 +25,10 @@ STAMP = "livr_warmup.json"
 
 
 def warm_up(src: str, out_dir: str, *, tasks: list[str], steps: int = 300, batch_size: int = 16, lr: float = 1e-3,
-            seed: int = 0, image_size: int = 112, progress: bool = True) -> str:
+            seed: int = 0, image_size: int = 112, options: dict | None = None, progress: bool = True) -> str:
     """Full fine-tune of `src` on `tasks` for `steps` steps; writes a loadable checkpoint to `out_dir`."""
     request = {"src": os.path.abspath(src), "tasks": list(tasks), "steps": steps, "batch_size": batch_size, "lr": lr,
-               "seed": seed, "image_size": image_size}
+               "seed": seed, "image_size": image_size, "options": options or {}}
     stamp = os.path.join(out_dir, STAMP)
     if os.path.exists(stamp) and json.load(open(stamp)) == request:
         return out_dir
@@ -36,7 +36,8 @@ def warm_up(src: str, out_dir: str, *, tasks: list[str], steps: int = 300, batch
     bb = load_backbone(src)
     builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, [], "letter")
     per_task = max(1, steps * batch_size // len(tasks))
-    rows = [r for t in tasks for r in generate_task(t, per_task, seed=seed + 1, split="warmup", image_size=image_size)]
+    rows = [r for t in tasks for r in generate_task(t, per_task, seed=seed + 1, split="warmup", image_size=image_size,
+                                                    **(options or {}))]
     items = [builder.encode(r) for r in tqdm(rows, desc="warm-up data", disable=not progress, leave=False)]
     model = bb.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -134,8 +134,10 @@ def _render_picture(p: dict, size: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- tasks
 def _counting(r: _Row, size: int, *, min_count: int = 1, max_count: int = 4, mode: str = "mc",
-              num_choices: int = 4) -> dict:
+              num_choices: int = 4, shape_size: float = 0.0) -> dict:
     """k squares/circles; the total shape area is drawn independently of k (brightness gives no count).
+    shape_size > 0 (a fraction of the side) gives every shape that size instead: the easy variant, where
+    the covered area grows with k (what a tiny demo model can learn in a few hundred steps).
     mc: the choices are a window of `num_choices` consecutive counts placed at a random start, the true
     count at a balanced offset inside it and at a balanced letter, so the choices reveal nothing."""
     if mode not in ("mc", "open"):
@@ -161,6 +163,8 @@ def _counting(r: _Row, size: int, *, min_count: int = 1, max_count: int = 4, mod
     area = rng.uniform(0.05, 0.18) * size * size  # total shape area, independent of k
     for attempt in range(50):
         sides = np.sqrt(area * 0.8**attempt * rng.dirichlet(np.full(max(k, 1), 2.0)))
+        if shape_size > 0:
+            sides = np.full(max(k, 1), shape_size * size * 0.97**attempt)
         boxes = []
         for side in np.clip(sides, max(5, size * 0.06), size * 0.45).astype(int)[:k]:
             for x0, y0 in rng.integers(1, size - side - 1, size=(200, 2)).tolist():
