@@ -33,7 +33,7 @@ def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens:
     mm = {k: batch[k] for k in fam.forward_keys if k in batch}
     if "pixel_values" in mm:
         mm["pixel_values"] = mm["pixel_values"].to(lm.dtype)
-    pos = fam.position_ids(model, ids, attn, mm)
+    pos = batch["position_ids"] if "position_ids" in batch else fam.position_ids(model, ids, attn, mm)
     mask = bottleneck_mask(groups, lm.dtype) if bottleneck else attn
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **mm)
     eos = lm.tokenizer.convert_tokens_to_ids(fam.end_of_turn)

@@ -60,11 +60,14 @@ class LivrModel:
         if "pixel_values" in mm:
             mm["pixel_values"] = mm["pixel_values"].to(self.dtype)
         inputs = {"input_ids": ids, **mm}
+        pos = batch.get("position_ids")
         if bottleneck:
             inputs["attention_mask"] = bottleneck_mask(batch["groups"], self.dtype)
-            inputs["position_ids"] = self.family.position_ids(self.model, ids, attn, mm)
+            inputs["position_ids"] = pos if pos is not None else self.family.position_ids(self.model, ids, attn, mm)
         else:
             inputs["attention_mask"] = attn
+            if pos is not None:
+                inputs["position_ids"] = pos
         return inputs
 
     def forward(self, batch: dict, bottleneck: bool) -> torch.Tensor:
@@ -120,6 +123,7 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     if leaks:
         raise RuntimeError(f"vision/projector parameters would train: {leaks[:3]}")
     builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, ids, cfg.data.answer_format)
+    builder.position_fn = lambda x, mm: bb.family.position_ids(model, x, torch.ones_like(x), mm)
     return LivrModel(model, bb, ids, builder, base_vocab, device, dtype)
 
 

@@ -58,6 +58,7 @@ class SequenceBuilder:
         self.latent_text = "".join(tokenizer.convert_ids_to_tokens(self.latent_ids))
         self.image_id = tokenizer.convert_tokens_to_ids(family.image_token)
         self.answer_format = answer_format
+        self.position_fn = None  # set by build_model: (ids [1,L], mm) -> positions, precomputed once per example
 
     def prompt_text(self, row: dict) -> str:
         content = [{"type": "image"} for _ in images_of(row)]
@@ -96,6 +97,9 @@ class SequenceBuilder:
             if key in SEQ_KEYS:  # extend with text (0) for the answer tokens
                 value = torch.cat([value[0], value.new_zeros(len(answer))])
             out[key] = value
+        if self.position_fn is not None:  # right/left padding never moves a real token's position
+            mm = {k: (v[None] if k in SEQ_KEYS else v) for k, v in out.items() if k in self.family.forward_keys}
+            out["position_ids"] = self.position_fn(ids[None], mm).select(-2, 0)
         return out
 
 
@@ -106,7 +110,9 @@ def collate(items: list[dict], pad_id: int, padding_side: str = "right") -> dict
     batch: dict = {}
     for key in items[0]:
         values = [it[key] for it in items]
-        if key in fill or key in SEQ_KEYS:
+        if key == "position_ids":  # [L] or [3, L] (mRoPE) per example -> [B, L] or [3, B, L]
+            batch[key] = torch.stack([_pad_last(v, longest, padding_side) for v in values], dim=-2)
+        elif key in fill or key in SEQ_KEYS:
             value = fill.get(key, 0)
             padded = []
             for v in values:
@@ -117,6 +123,11 @@ def collate(items: list[dict], pad_id: int, padding_side: str = "right") -> dict
             batch[key] = _cat_padded(values)
     batch["attention_mask"] = (batch["groups"] != PAD).long()
     return batch
+
+
+def _pad_last(v: torch.Tensor, n: int, side: str) -> torch.Tensor:
+    pad = (0, n - v.shape[-1]) if side == "right" else (n - v.shape[-1], 0)
+    return torch.nn.functional.pad(v, pad)
 
 
 def _cat_padded(values: list[torch.Tensor]) -> torch.Tensor:
