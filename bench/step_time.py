@@ -11,13 +11,13 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from livr.config import load_config  # noqa: E402
-from livr.data.synthetic import generate_task  # noqa: E402
-from livr.mask import bottleneck_mask  # noqa: E402
-from livr.model import answer_loss, build_model, param_groups  # noqa: E402
-from livr.sequence import collate  # noqa: E402
+from livr.config import load_config
+from livr.data.synthetic import generate_task
+from livr.mask import bottleneck_mask
+from livr.model import answer_loss, build_model, param_groups
+from livr.sequence import collate
 
 
 def main():

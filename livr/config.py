@@ -192,9 +192,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             value = [value]
         if isinstance(value, (list, tuple)):
             return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    elif tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
+    elif tp is dict and isinstance(value, dict):
+        return dict(value)
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"config: {key} must be {name}, got {value!r}")
 

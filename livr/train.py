@@ -12,8 +12,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from livr.checkpoint import (
-    check_complete, load_checkpoint, load_trainable_state, save_checkpoint, save_run_artifacts, trainable_state,
+    check_complete,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    save_run_artifacts,
+    trainable_state,
 )
 from livr.config import Config, from_dict, save_config
 from livr.data.splits import load_splits
@@ -62,7 +67,7 @@ def setup_distributed(cfg: Config) -> Context:
 def plan_stages(cfg: Config, steps_per_epoch: int) -> list[Stage]:
     t, attn2 = cfg.train, cfg.model.attn_implementation_stage2 or cfg.model.attn_implementation
     def steps(epochs: float, explicit: int) -> int:
-        return explicit if explicit > 0 else int(round(epochs * steps_per_epoch))
+        return explicit if explicit > 0 else round(epochs * steps_per_epoch)
     if t.mode == "sft":
         return [Stage("sft", False, steps(t.sft_epochs, t.sft_steps), attn2)]
     return [
@@ -74,7 +79,7 @@ def plan_stages(cfg: Config, steps_per_epoch: int) -> list[Stage]:
 def lr_at(step: int, total: int, cfg: Config) -> float:
     """5% linear warm-up then cosine decay, restarted for each stage."""
     o = cfg.optim
-    warm = max(1, int(math.ceil(o.warmup_ratio * total))) if o.warmup_ratio > 0 else 0
+    warm = max(1, math.ceil(o.warmup_ratio * total)) if o.warmup_ratio > 0 else 0
     if step < warm:
         return o.lr * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
@@ -276,4 +281,4 @@ def finish(lm, cfg, splits, state, ctx, tracker, quiet) -> dict:
     return final
 
 
-__all__ = ["train_worker", "train_step", "plan_stages", "lr_at", "check_complete"]
+__all__ = ["check_complete", "lr_at", "plan_stages", "train_step", "train_worker"]

@@ -30,8 +30,10 @@ def warm_up(src: str, out_dir: str, *, tasks: list[str], steps: int = 300, batch
     request = {"src": os.path.abspath(src), "tasks": list(tasks), "steps": steps, "batch_size": batch_size, "lr": lr,
                "seed": seed, "image_size": image_size, "options": options or {}}
     stamp = os.path.join(out_dir, STAMP)
-    if os.path.exists(stamp) and json.load(open(stamp)) == request:
-        return out_dir
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == request:
+                return out_dir
     torch.manual_seed(seed)
     bb = load_backbone(src)
     builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, [], "letter")

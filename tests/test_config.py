@@ -56,7 +56,7 @@ def test_shipped_configs_validate():
 
 
 def _livr(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "livr.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "livr.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300, check=False)
 
 
 def test_cli_config_show_and_errors():

@@ -15,6 +15,11 @@ from livr.sequence import collate
 from livr.train import train_worker
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _cfg(backbone_cache, data_cache, tmp_path, **extra):
     extra = {"train.stage1_steps": 3, "train.stage2_steps": 3, "train.sft_steps": 4, "optim.lr": 1e-2, **extra}
     return load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, **extra))
@@ -34,13 +39,13 @@ def test_run_directory_and_reload_reproduce_logits(livr_run):
               "tokenizer/tokenizer.json", "eval.json", "checkpoints/last/state.json"):
         assert os.path.exists(os.path.join(run, f)), f
     assert result["global_step"] == 6
-    ev = json.load(open(os.path.join(run, "eval.json")))
+    ev = _json(os.path.join(run, "eval.json"))
     assert ev["mode"] == "livr" and set(ev["results"]["test"]["accuracy"]) == {"Counting"}
     assert len(ev["history"]) == 2  # one validation per stage (steps < one epoch)
 
     # the saved config alone reproduces the run's model: reload and compare logits exactly
-    from livr.model import build_model
     from livr.checkpoint import load_trainable_state
+    from livr.model import build_model
 
     trained = build_model(cfg)
     best = os.path.join(run, "checkpoints", "best.safetensors")
@@ -66,7 +71,7 @@ def test_run_directory_and_reload_reproduce_logits(livr_run):
     from livr.latents import add_latent_tokens
 
     bb = load_backbone(cfg.model.backbone, cache_dir=cfg.model.cache_dir)
-    vocab = json.load(open(os.path.join(run, "vocab.json")))
+    vocab = _json(os.path.join(run, "vocab.json"))
     bb.model.resize_token_embeddings(vocab["vocab"])
     stock = PeftModel.from_pretrained(bb.model, os.path.join(run, "adapter")).eval()
     mm = {k: batch[k] for k in reloaded.family.forward_keys if k in batch}
@@ -112,12 +117,12 @@ def test_resume_continues_and_incomplete_checkpoint_is_an_error(backbone_cache, 
     with pytest.raises(RuntimeError, match="injected failure at step 4"):
         train_worker(cfg)
     last = os.path.join(cfg.run_dir, "checkpoints", "last")
-    state = json.load(open(os.path.join(last, "state.json")))
+    state = _json(os.path.join(last, "state.json"))
     assert state["global_step"] == 2 and state["stage"] == 1 and state["step"] == 0  # Stage 1 done, saved
     monkeypatch.delenv("LIVR_FAIL_AT_STEP")
     # the same command continues from the checkpoint (global step 2, Stage 2), not from zero
     assert train_worker(cfg)["global_step"] == 5
-    state = json.load(open(os.path.join(last, "state.json")))
+    state = _json(os.path.join(last, "state.json"))
     assert [h["stage"] for h in state["history"]] == ["stage1", "stage2"]
     # an incomplete checkpoint is a clear error, and nothing already written is removed
     os.remove(os.path.join(last, "optimizer.safetensors"))
