@@ -152,3 +152,18 @@ def test_unreadable_image_names_the_row(livr_run, backbone_cache, data_cache, tm
     row = dict(generate_task("Counting", 1, seed=0)[0], idx="Counting_bad_8", answer="(F)")
     with pytest.raises(DataError, match="Counting_bad_8"):
         lm.builder.encode(row)
+
+
+def test_cli_eval_and_report(livr_run, capsys):
+    from livr.cli import main
+
+    cfg, _, _ = livr_run
+    assert main(["eval", "--run", cfg.run_dir, "--bottleneck"]) == 0
+    out = _json(os.path.join(cfg.run_dir, "eval_test_bottleneck.json"))
+    assert out["results"]["test"]["n"] == {"Counting": 8}
+    assert len(out["results"]["test"]["predictions"]) == 8
+    capsys.readouterr()
+    assert main(["report", cfg.run_dir]) == 0
+    table = capsys.readouterr().out
+    acc = _json(os.path.join(cfg.run_dir, "eval.json"))["results"]["test"]["accuracy"]["Counting"]
+    assert "| method | Count | mean |" in table and f"| LIVR (K=4) | {100 * acc:.2f} |" in table
