@@ -119,7 +119,7 @@ def save_run_artifacts(lm, run_dir: str) -> None:
         os.replace(tmp, os.path.join(run_dir, "latents.safetensors"))
     with atomic_dir(os.path.join(run_dir, "tokenizer")) as tmp:
         lm.tokenizer.save_pretrained(tmp)
-    vocab = {"base_vocab": lm.base_vocab, "vocab": emb.weight.shape[0] if hasattr(emb, "weight") else None,
-             "latent_ids": lm.latent_ids}
+    text_cfg = lm.model.get_base_model().config.get_text_config()
+    vocab = {"base_vocab": lm.base_vocab, "vocab": text_cfg.vocab_size, "latent_ids": lm.latent_ids}
     with open(os.path.join(run_dir, "vocab.json"), "w") as f:
         json.dump(vocab, f)

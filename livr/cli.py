@@ -1,4 +1,4 @@
-"""`livr` command line: train, eval, report, demo, config show, backbone make-tiny, data make-synthetic."""
+"""`livr` command line: train, eval, report, demo, plan, config show, backbone make-tiny, data make-synthetic."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,14 @@ def cmd_demo(args) -> int:
     return run_demo(args.config, args.overrides)
 
 
+def cmd_plan(args) -> int:
+    from livr.plan import format_plan, plan
+
+    result = plan(_config(args), seq_len=args.seq_len)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livr", description="Latent Implicit Visual Reasoning: training, evaluation, tooling.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="the CPU demo: tiny backbone, synthetic tasks, SFT vs LIVR, table")
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_demo, config="configs/demo.yaml")
+    sp = sub.add_parser("plan", help="per-GPU memory estimate of a run (from the backbone's config, no weights)")
+    with_config(sp, required=False)
+    sp.add_argument("--seq-len", type=int, default=1024, help="tokens per example: text + image tokens + latents")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sp.set_defaults(fn=cmd_plan)
 
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="sub", required=True)
     sp = cfg.add_parser("show", help="print the resolved config")

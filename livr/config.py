@@ -52,6 +52,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | hub | a local directory in BLINK's schema
+    test_source: str = ""  # where the test split loads from: "" = data.source; e.g. hub (test_split val = BLINK val)
     tasks: list[str] = field(default_factory=lambda: ["Counting"])
     train_split: str = "train"
     val_split: str = "val"
@@ -336,10 +337,12 @@ def validate(cfg: Config) -> Config:
         _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
     if not cfg.data.tasks:
         _fail("data.tasks", cfg.data.tasks, "needs at least one task")
-    valid = SYNTHETIC_TASKS if cfg.data.source == "synthetic" else BLINK_TASKS
+    synthetic = "synthetic" in (cfg.data.source, cfg.data.test_source)
+    valid = SYNTHETIC_TASKS if synthetic else BLINK_TASKS
     for t in cfg.data.tasks:
         if t not in valid:
-            _fail("data.tasks", t, f"unknown task for source '{cfg.data.source}' (valid: {', '.join(valid)})")
+            _fail("data.tasks", t, f"unknown task for source '{'synthetic' if synthetic else cfg.data.source}' "
+                  f"(valid: {', '.join(valid)})")
     for key in ("train_size", "val_size", "test_size"):
         if getattr(cfg.data, key) < 0:
             _fail(f"data.{key}", getattr(cfg.data, key), "must be >= 0")

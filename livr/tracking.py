@@ -28,7 +28,8 @@ def experiment_id(client, cfg: Config) -> str:
 class Tracker:
     """Thin MLflow wrapper; a no-op on ranks other than 0 or when tracking is disabled."""
 
-    def __init__(self, cfg: Config, rank: int, run_dir: str, parent_run_id: str | None = None):
+    def __init__(self, cfg: Config, rank: int, run_dir: str, parent_run_id: str | None = None,
+                 run_id: str | None = None):
         self.active = rank == 0 and cfg.tracking.enabled
         self.run_id = None
         if not self.active:
@@ -37,9 +38,11 @@ class Tracker:
 
         self.client = MlflowClient(tracking_uri(cfg))
         id_file = os.path.join(run_dir, "mlflow_run_id")
-        if os.path.exists(id_file):  # a restart or resume continues the same MLflow run
+        if run_id is None and os.path.exists(id_file):
             with open(id_file) as f:
-                self.run_id = f.read().strip()
+                run_id = f.read().strip()
+        if run_id:  # a restart or resume continues the same MLflow run (id from the checkpoint or run dir)
+            self.run_id = run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return
         tags = {"backbone": cfg.model.backbone, "mode": cfg.train.mode, "tasks": ",".join(cfg.data.tasks),

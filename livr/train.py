@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,16 +21,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from livr.checkpoint import (
-    check_complete,
-    load_checkpoint,
-    load_trainable_state,
-    save_checkpoint,
-    save_run_artifacts,
-    trainable_state,
-)
+from livr.checkpoint import check_complete, load_trainable_state, save_run_artifacts, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.splits import load_splits
+from livr.engine import gathered, make_engine
 from livr.evaluate import evaluate_rows, write_eval
 from livr.model import LivrModel, answer_loss, build_model, param_groups
 from livr.sequence import collate
@@ -86,13 +81,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
 def _mean_across(value: float, world: int) -> float:
     if world == 1:
         return value
@@ -105,8 +93,13 @@ def encode_rows(lm: LivrModel, rows: list[dict], desc: str, quiet: bool) -> list
     return [lm.builder.encode(r) for r in tqdm(rows, desc=desc, disable=quiet, leave=False)]
 
 
-def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] | None = None) -> dict:
-    """Run one training (both stages, or SFT) and return the final metrics (rank 0's view)."""
+def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] | None = None,
+                 resume_from: str | None = None) -> dict:
+    """Run one training (both stages, or SFT) and return the final metrics (rank 0's view).
+
+    `report(metrics, checkpoint_dir)` is called after every saved checkpoint (Ray Train reports it);
+    `resume_from` is a checkpoint directory to continue from (Ray's latest), else `<run>/checkpoints/last`.
+    """
     # ---------------------------------------------------------------- setup
     cfg = cfg if isinstance(cfg, Config) else from_dict(cfg)
     ctx = setup_distributed(cfg)
@@ -118,18 +111,23 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     lm = build_model(cfg)
     splits = load_splits(cfg, progress=not quiet)
     train_items = encode_rows(lm, splits["train"], "encode train", quiet)
-    tracker = Tracker(cfg, ctx.rank, run_dir)
     opt = torch.optim.AdamW(param_groups(lm.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
-    steps_per_epoch = max(1, len(train_items) // (mb * accum * ctx.world))
+    engine = make_engine(lm, opt, cfg, ctx.rank, ctx.world)
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world
+    steps_per_epoch = max(1, len(train_items) // global_batch)
     stages = plan_stages(cfg, steps_per_epoch)
     state = {"stage": 0, "step": 0, "global_step": 0, "best": -1.0, "best_at": None, "history": []}
     last = os.path.join(ckpt_dir, "last")
-    if cfg.train.resume and os.path.exists(last):
-        state = load_checkpoint(last, lm.model, opt)
-        if not quiet:
-            print(f"[livr] resumed from {last}: stage {state['stage']} step {state['step']} (global {state['global_step']})")
+    source = resume_from or (last if cfg.train.resume and os.path.exists(last) else None)
+    if source:
+        state = engine.load(source)
+        state.setdefault("resumed_from", []).append(state["global_step"])
+        if ctx.rank == 0:
+            print(f"[livr] resumed from {source}: stage {state['stage'] + 1} step {state['step']} "
+                  f"(global step {state['global_step']})", flush=True)
+    tracker = Tracker(cfg, ctx.rank, run_dir, run_id=state.get("mlflow_run_id"))
+    state["mlflow_run_id"] = tracker.run_id
     pad_id = lm.tokenizer.pad_token_id
     if cfg.eval.zero_shot and state["global_step"] == 0 and cfg.latents.num_latents == 0:
         zs = _evaluate(lm, cfg, splits, cfg.eval.splits, False, ctx, quiet)
@@ -147,43 +145,43 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         while state["step"] < stage.steps:
             epoch, start = divmod(state["step"], steps_per_epoch)
             gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + si * 100 + epoch)
-            order = torch.randperm(len(train_items), generator=gen).tolist()[ctx.rank :: ctx.world]
+            order = torch.randperm(len(train_items), generator=gen).tolist()  # the same on every rank
             for k in range(start, steps_per_epoch):
                 if state["step"] >= stage.steps:
                     break
-                loss = train_step(lm, opt, cfg, stage, state, train_items, order, k, pad_id, ctx)
+                chunk = order[k * global_batch : (k + 1) * global_batch]
+                loss = train_step(lm, engine, cfg, stage, state, [train_items[i] for i in chunk], pad_id, ctx)
                 state["step"] += 1
                 state["global_step"] += 1
                 bar.update(1)
                 _injected_failure(state["global_step"], ctx.rank)
                 if state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps:
                     now = time.perf_counter()
-                    metrics = {f"{stage.name}/loss": _mean_across(loss, ctx.world),
-                               f"{stage.name}/lr": opt.param_groups[0]["lr"],
+                    metrics = {f"{stage.name}/loss": _mean_across(loss, ctx.world), f"{stage.name}/lr": engine.lr,
                                f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
                     t_last = now
                     tracker.log_metrics(metrics, state["global_step"])
                     bar.set_postfix(loss=f"{metrics[f'{stage.name}/loss']:.3f}")
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
-                    _save(lm, opt, cfg, state, ctx, last, report, {})
+                    _save(engine, state, ctx, last, report, {})
             # end of an epoch (or of the stage)
             metrics = {"epoch": epoch + 1, "stage": si + 1}
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
                 val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet)
                 acc = val["val"]["mean"]
                 metrics.update({"val_accuracy": acc, f"{stage.name}/val_accuracy": acc})
-                state["history"].append({"stage": stage.name, "epoch": epoch + 1, "step": state["global_step"], "val_accuracy": acc})
+                state["history"].append({"stage": stage.name, "epoch": epoch + 1, "step": state["global_step"],
+                                         "val_accuracy": acc})
                 if acc > state["best"]:
                     state["best"], state["best_at"] = acc, {"stage": stage.name, "epoch": epoch + 1}
-                    if ctx.rank == 0:
-                        _save_best(lm, ckpt_dir)
+                    _save_best(engine, ckpt_dir, ctx.rank)
                 lm.model.train()
             tracker.log_metrics(metrics, state["global_step"])
             done = state["step"] >= stage.steps
             if done:
                 state["stage"], state["step"] = si + 1, 0
-            _save(lm, opt, cfg, state, ctx, last, report, metrics)
+            _save(engine, state, ctx, last, report, metrics)
             if done:
                 break
         if stage.steps == 0:
@@ -191,29 +189,23 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         bar.close()
 
     # ---------------------------------------------------------------- save + evaluate
-    return finish(lm, cfg, splits, state, ctx, tracker, quiet)
+    return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet)
 
 
-def train_step(lm, opt, cfg, stage: Stage, state: dict, items, order, k: int, pad_id: int, ctx: Context) -> float:
-    """One optimizer step: `grad_accum` micro-batches of NLL on answer tokens, clip, AdamW."""
+def train_step(lm, engine, cfg, stage: Stage, state: dict, chunk: list[dict], pad_id: int, ctx: Context) -> float:
+    """One optimizer step over a global batch: this rank's `grad_accum` micro-batches of answer NLL.
+
+    Micro-batch a of rank r is chunk[(a * world + r) * mb : …], so N ranks × accumulation A see exactly
+    the examples that one rank sees with accumulation N × A (and get the same gradient)."""
     mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    lr = lr_at(state["step"], stage.steps, cfg)
     total = 0.0
     for a in range(accum):
-        idx = order[(k * accum + a) * mb : (k * accum + a + 1) * mb]
-        batch = collate([items[i] for i in idx], pad_id)
-        logits = lm.forward(batch, bottleneck=stage.bottleneck)
-        loss = answer_loss(logits, batch["labels"]) / accum
-        loss.backward()
-        total += loss.item()
-    if ctx.world > 1:
-        _all_reduce_grads(lm.model, ctx.world)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-    lr = lr_at(state["step"], stage.steps, cfg)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+        j = a * ctx.world + ctx.rank
+        batch = collate(chunk[j * mb : (j + 1) * mb], pad_id)
+        loss = answer_loss(lm.forward(batch, bottleneck=stage.bottleneck), batch["labels"])
+        engine.micro_step(loss, a == accum - 1, lr)
+        total += loss.item() / accum
     return total
 
 
@@ -241,33 +233,56 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet) -> dict:
     }
 
 
-def _save(lm, opt, cfg, state, ctx, last, report, metrics) -> None:
+def _save(engine, state, ctx, last, report, metrics) -> None:
+    """Write the resumable checkpoint atomically (every rank its shard under DeepSpeed), then report it."""
+    tmp = f"{last}.tmp-{state['global_step']}"
+    if ctx.rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    _barrier(ctx)
+    os.makedirs(tmp, exist_ok=True)
+    engine.save(tmp, state)
+    _barrier(ctx)
     if ctx.rank == 0:
-        save_checkpoint(last, lm.model, opt, state)
+        old = f"{last}.old"
+        if os.path.exists(last):
+            os.replace(last, old)
+        os.replace(tmp, last)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(ctx)
+    if report is not None:
+        report({**metrics, "global_step": state["global_step"], "stage_index": state["stage"]}, last)
+
+
+def _barrier(ctx: Context) -> None:
     if ctx.world > 1:
         dist.barrier()
-    if report is not None:
-        report({**metrics, "global_step": state["global_step"]}, last)
 
 
-def _save_best(lm, ckpt_dir: str) -> None:
-    path = os.path.join(ckpt_dir, "best.safetensors")
-    os.makedirs(ckpt_dir, exist_ok=True)
-    save_file(trainable_state(lm.model), path + ".tmp")
-    os.replace(path + ".tmp", path)
+def _save_best(engine, ckpt_dir: str, rank: int) -> None:
+    with gathered(engine):
+        tensors = trainable_state(engine.model)
+    if rank == 0:
+        path = os.path.join(ckpt_dir, "best.safetensors")
+        os.makedirs(ckpt_dir, exist_ok=True)
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
-def finish(lm, cfg, splits, state, ctx, tracker, quiet) -> dict:
+def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet) -> dict:
     """Restore the selected weights, write the run's artifacts, evaluate the test splits."""
     best = os.path.join(cfg.run_dir, "checkpoints", "best.safetensors")
     if cfg.train.select == "best" and os.path.exists(best):
-        load_trainable_state(lm.model, load_file(best), best)
+        with gathered(engine, modifier_rank=0):
+            load_trainable_state(engine.model, load_file(best), best)
     lm.model.eval()
     results = _evaluate(lm, cfg, splits, cfg.eval.splits, cfg.eval.bottleneck, ctx, quiet)
     final = {"best_val_accuracy": state["best"], "global_step": state["global_step"],
+             "resumed_from": state.get("resumed_from", []),
              **{f"{s}_accuracy": r["mean"] for s, r in results.items()}}
+    with gathered(engine, with_embeddings=True):  # ZeRO-3: whole tensors, never the empty (0,) shards
+        if ctx.rank == 0:
+            save_run_artifacts(lm, cfg.run_dir)
     if ctx.rank == 0:
-        save_run_artifacts(lm, cfg.run_dir)
         write_eval(os.path.join(cfg.run_dir, "eval.json"), results, meta={
             "mode": cfg.train.mode, "backbone": cfg.model.backbone, "num_latents": cfg.latents.num_latents,
             "selected": state["best_at"] if cfg.train.select == "best" else "last", "history": state["history"]})

@@ -18,23 +18,28 @@ def synthetic_dir(cfg) -> str:
 
 
 def load_splits(cfg, progress: bool = False, only: list[str] | None = None) -> dict[str, list[dict]]:
-    """{"train"|"val"|"test": rows}; splits named in cfg.data map onto these keys, tasks concatenated."""
+    """{"train"|"val"|"test": rows}; splits named in cfg.data map onto these keys, tasks concatenated.
+    The test split loads from cfg.data.test_source when set (e.g. train on a local dir, test on hub BLINK val)."""
     d = cfg.data
     names = {"train": d.train_split, "val": d.val_split, "test": d.test_split}
     sizes = {"train": d.train_size, "val": d.val_size, "test": d.test_size}
     out: dict[str, list[dict]] = {k: [] for k in names}
-    keys = only or list(names)
-    if d.source == "synthetic":
-        root = synthetic_dir(cfg)
-        paths = make_synthetic(root, d.tasks, {names[k]: sizes[k] for k in names}, seed=d.seed,
-                               image_size=d.image_size, progress=progress, **d.options)
+    source_of = {k: (d.test_source or d.source) if k == "test" else d.source for k in names}
+    by_source: dict[str, list[str]] = {}
+    for key in only or list(names):
+        by_source.setdefault(source_of[key], []).append(key)
+    for source, keys in by_source.items():
+        if source == "synthetic":  # every synthetic split at once (one cached request per task)
+            root = synthetic_dir(cfg)
+            gen = {names[k]: sizes[k] for k in names if source_of[k] == "synthetic"}
+            paths = make_synthetic(root, d.tasks, gen, seed=d.seed,
+                                   image_size=d.image_size, progress=progress, **d.options)
+            for task in d.tasks:
+                dd = datasets.load_from_disk(paths[task])
+                for key in keys:
+                    out[key].extend(dd[names[key]])
+            continue
         for task in d.tasks:
-            dd = datasets.load_from_disk(paths[task])
             for key in keys:
-                out[key].extend(dd[names[key]])
-        return out
-    for task in d.tasks:
-        for key in keys:
-            ds = load_blink(task, names[key], d.source, limit=sizes[key] or None)
-            out[key].extend(ds)
+                out[key].extend(load_blink(task, names[key], source, limit=sizes[key] or None))
     return out

@@ -1,0 +1,139 @@
+"""Ray Train around the one training function: N workers each run `train_worker(cfg)`.
+
+gloo on CPU, nccl on GPU; DeepSpeed (when `distributed.deepspeed` names a ZeRO JSON) reuses Ray's
+process group. Checkpoints are reported with `ray.train.report` (every rank its shard); after a worker
+dies Ray restarts the group (`FailureConfig(max_failures)`) and `train_worker` continues from
+`ray.train.get_checkpoint()`; re-running the same command (same run name and storage) resumes a stopped
+run. Config errors are raised before any worker starts.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+from livr.config import Config, ConfigError, from_dict, to_dict
+
+_WORKER_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LIVR_QUIET", "DS_ACCELERATOR",
+               "LIVR_FAIL_AT_STEP", "LIVR_FAIL_RANK", "LIVR_FAIL_MODE", "LIVR_FAIL_MARKER", "TORCH_EXTENSIONS_DIR")
+
+
+def check_config(cfg: Config) -> None:
+    """Errors a user can fix, found before Ray starts any worker."""
+    d = cfg.distributed
+    if d.num_workers < 1:
+        raise ConfigError(f"config: distributed.num_workers={d.num_workers}: Ray Train needs >= 1 worker")
+    if d.deepspeed:
+        from livr.engine import load_ds_config
+
+        load_ds_config(d.deepspeed)  # parses, and the ZeRO stage exists
+    if d.use_gpu and cfg.model.attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(f"config: model.attn_implementation={cfg.model.attn_implementation!r}: Stage 1 needs sdpa or eager")
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to `distributed.address` / RAY_ADDRESS, or start a local cluster, unless already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    if not cfg.distributed.use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), object_store_memory=100 * 1024**2, include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def check_capacity(cfg: Config) -> None:
+    """More workers than the cluster can ever place is a clear error, not a hang."""
+    import ray
+
+    d = cfg.distributed
+    have = ray.cluster_resources()
+    need = {"CPU": d.num_workers * d.cpus_per_worker, "GPU": d.num_workers * (d.gpus_per_worker or (1 if d.use_gpu else 0))}
+    for res, amount in need.items():
+        if amount > have.get(res, 0):
+            raise ConfigError(f"config: distributed.num_workers={d.num_workers} needs {amount:g} {res} in all but the "
+                              f"cluster has {have.get(res, 0):g}")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Workers run in Ray's own working directory: resolve every relative path on the driver."""
+    from livr.tracking import artifact_location, tracking_uri
+
+    cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
+    cfg.model.cache_dir = os.path.abspath(os.path.expanduser(cfg.model.cache_dir))
+    cfg.data.cache_dir = os.path.abspath(os.path.expanduser(cfg.data.cache_dir))
+    if os.path.exists(cfg.model.backbone):
+        cfg.model.backbone = os.path.abspath(cfg.model.backbone)
+    if cfg.data.source not in ("synthetic", "hub"):
+        cfg.data.source = os.path.abspath(cfg.data.source)
+    if cfg.distributed.deepspeed:
+        cfg.distributed.deepspeed = os.path.abspath(cfg.distributed.deepspeed)
+    cfg.tracking.uri, cfg.tracking.artifact_location = tracking_uri(cfg), artifact_location(cfg)
+    return cfg
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+
+    from livr.train import train_worker
+
+    cfg = from_dict(config)
+    ckpt = ray.train.get_checkpoint()
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray.train import Checkpoint
+
+        has = checkpoint_dir and os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if has else None)
+
+    if ckpt is not None:
+        with ckpt.as_directory() as path:
+            train_worker(cfg, report=report, resume_from=path)
+    else:
+        train_worker(cfg, report=report)
+
+
+def make_trainer(cfg: Config, *, name: str | None = None, storage_path: str | None = None, callbacks: list | None = None):
+    """A TorchTrainer of `cfg.distributed.num_workers` workers running `train_worker(cfg)`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = absolute_paths(copy.deepcopy(cfg))
+    d = cfg.distributed
+    resources = {"CPU": d.cpus_per_worker}
+    if d.use_gpu:
+        resources["GPU"] = d.gpus_per_worker or 1
+    storage = storage_path or d.storage_path or os.path.abspath(os.path.join(cfg.output_dir, "ray"))
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=d.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        run_config=RunConfig(name=name or cfg.name, storage_path=storage, callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
+                             failure_config=FailureConfig(max_failures=d.max_failures)),
+    )
+
+
+def run_distributed(cfg: Config) -> dict:
+    """`livr train` with distributed.num_workers > 0: fit the trainer, return the run's final metrics."""
+    import json
+
+    check_config(cfg)
+    absolute_paths(cfg)
+    init_ray(cfg)
+    check_capacity(cfg)
+    result = make_trainer(cfg).fit()
+    path = os.path.join(cfg.run_dir, "final_metrics.json")
+    final = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            final = json.load(f)
+    final["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return final

@@ -1,0 +1,148 @@
+"""How one micro-batch's loss becomes an optimizer step: plain torch (all-reduce when world > 1) or a
+DeepSpeed ZeRO engine. The training loop (`livr/train.py`) is the same for both.
+
+DeepSpeed configs are the HF-style JSONs users know (`deepspeed_configs/zero{2,3}.json`); every `"auto"`
+is resolved from the run config before `deepspeed.initialize` (a raw engine does not resolve them).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from livr.checkpoint import load_checkpoint, save_checkpoint
+from livr.config import Config, ConfigError
+
+
+def load_ds_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config: distributed.deepspeed={path!r}: file not found")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config: distributed.deepspeed={path!r}: not valid JSON ({e})") from None
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config: distributed.deepspeed={path!r}: zero_optimization.stage={stage!r} does not exist (0-3)")
+    return ds
+
+
+def resolve_ds_config(ds: dict, cfg: Config, world: int, dtype: torch.dtype) -> dict:
+    """Replace every "auto" with the run's values (micro-batch, accumulation, clipping, precision)."""
+    t = cfg.train
+    values = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
+              "train_batch_size": t.micro_batch_size * t.grad_accum * world, "gradient_clipping": t.max_grad_norm}
+    out = {k: (values.get(k, v) if v == "auto" else v) for k, v in ds.items()}
+    for k, v in values.items():
+        out.setdefault(k, v)
+    for key, want in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if isinstance(out.get(key), dict) and out[key].get("enabled") == "auto":
+            out[key] = {**out[key], "enabled": dtype == want}
+    zero = dict(out.get("zero_optimization", {}))
+    for k, v in list(zero.items()):
+        if v == "auto":
+            zero.pop(k)  # DeepSpeed's own default
+    out["zero_optimization"] = zero
+    out["zero_allow_untested_optimizer"] = True
+    leftover = [k for k, v in out.items() if v == "auto"]
+    if leftover:
+        raise ConfigError(f"config: distributed.deepspeed: cannot resolve \"auto\" for {', '.join(leftover)}")
+    return out
+
+
+class TorchEngine:
+    """Plain torch: gradients averaged across ranks at the accumulation boundary, clip, AdamW."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, rank: int, world: int):
+        self.model, self.opt, self.cfg, self.rank, self.world = model, opt, cfg, rank, world
+
+    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
+        (loss / self.cfg.train.grad_accum).backward()
+        if not boundary:
+            return
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        if self.world > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def save(self, path: str, state: dict) -> None:
+        if self.rank == 0:
+            save_checkpoint(path, self.model, self.opt, state)
+
+    def load(self, path: str) -> dict:
+        return load_checkpoint(path, self.model, self.opt)
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed ZeRO engine around the PEFT model; DeepSpeed scales the loss by 1/accumulation."""
+
+    def __init__(self, lm, opt: torch.optim.Optimizer, ds_config: dict, rank: int):
+        import deepspeed
+
+        self.engine, self.opt, _, _ = deepspeed.initialize(model=lm.model, optimizer=opt, config=ds_config,
+                                                           dist_init_required=False)
+        self.rank = rank
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        lm.model = self.engine  # forward goes through the engine (ZeRO-3 gathers parameters there)
+        self.model = self.engine.module
+
+    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
+        if boundary:
+            for g in self.engine.optimizer.param_groups:
+                g["lr"] = lr
+        self.engine.backward(loss)
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return self.engine.optimizer.param_groups[0]["lr"]
+
+    def save(self, path: str, state: dict) -> None:
+        """Every rank writes its shard of the optimizer state (DeepSpeed's own format) into `path`."""
+        self.engine.save_checkpoint(path, tag="livr", client_state={"livr_state": state}, save_latest=False)
+        if self.rank == 0:
+            with open(os.path.join(path, "state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+
+    def load(self, path: str) -> dict:
+        _, client = self.engine.load_checkpoint(path, tag="livr", load_module_strict=False)
+        if client is None:
+            from livr.checkpoint import CheckpointError
+
+            raise CheckpointError(f"checkpoint {path} has no DeepSpeed state (tag 'livr')")
+        return client["livr_state"]
+
+
+def make_engine(lm, opt, cfg: Config, rank: int, world: int):
+    if not cfg.distributed.deepspeed:
+        return TorchEngine(lm.model, opt, cfg, rank, world)
+    ds = resolve_ds_config(load_ds_config(cfg.distributed.deepspeed), cfg, world, lm.dtype)
+    return DeepSpeedEngine(lm, opt, ds, rank)
+
+
+def gathered(engine, modifier_rank: int | None = None, with_embeddings: bool = False):
+    """Under ZeRO-3, a context in which the trainable parameters (and optionally the input embedding
+    table) are whole, for saving or loading them; a no-op otherwise."""
+    if getattr(engine, "stage", 0) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for p in engine.model.parameters() if p.requires_grad]
+    if with_embeddings:
+        params += [p for p in engine.model.get_input_embeddings().parameters() if not p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
