@@ -21,6 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from livr.backbones import resolve_backbone_path
 from livr.checkpoint import check_complete, load_trainable_state, save_run_artifacts, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.splits import load_splits
@@ -107,6 +108,11 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
     if ctx.rank == 0:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    if ctx.world > 1:  # one process per node materialises presets and synthetic data, the others wait
+        if ctx.local_rank == 0:
+            resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir))
+            load_splits(cfg)
+        dist.barrier()
     torch.manual_seed(cfg.train.seed)
     lm = build_model(cfg)
     splits = load_splits(cfg, progress=not quiet)

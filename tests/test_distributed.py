@@ -1,0 +1,164 @@
+"""Ray Train + DeepSpeed over gloo on CPU: real clusters, real engines; every cluster is shut down."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from livr.config import ConfigError, load_config
+
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LIVR_QUIET": "1",
+       "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test clusters only
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _cfg(backbone_cache, data_cache, tmp_path, **extra):
+    extra = {"train.stage1_steps": 2, "train.stage2_steps": 2, "data.train_size": 16, "train.micro_batch_size": 2,
+             "train.grad_accum": 1, "distributed.num_workers": 2, "optim.lr": 1e-2, **extra}
+    return load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, **extra))
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": ENV})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _zero3_json(tmp_path):
+    with open("deepspeed_configs/zero3.json") as f:
+        ds = json.load(f)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition the tiny model
+    path = tmp_path / "zero3_test.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, data_cache, tmp_path):
+    from livr.backbones import load_backbone
+    from livr.distributed import run_distributed
+    from livr.runs import load_run
+
+    ds = "deepspeed_configs/zero2.json" if zero == "zero2" else _zero3_json(tmp_path)
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=f"ds-{zero}", **{"distributed.deepspeed": ds})
+    result = run_distributed(cfg)
+    assert result["global_step"] == 4 and result["ray_checkpoint"]
+    ckpt = result["ray_checkpoint"]
+    assert os.path.exists(os.path.join(ckpt, "livr", "zero_pp_rank_1_mp_rank_00_optim_states.pt")), "rank 1's shard"
+    # the adapter was gathered: whole tensors that load with PEFT, latent rows trained, other rows untouched
+    run = os.path.join(str(tmp_path / "runs"), f"ds-{zero}")
+    _, lm = load_run(run)
+    fresh = load_run(run)[1]  # same files, loaded twice: deterministic
+    for (n, p), (_, q) in zip(lm.model.named_parameters(), fresh.model.named_parameters()):
+        assert p.numel() > 0 and torch.equal(p, q), n
+    emb = lm.model.get_input_embeddings()
+    base = load_backbone(cfg.model.backbone, cache_dir=cfg.model.cache_dir).model.get_input_embeddings().weight
+    ids = torch.arange(base.shape[0])
+    with torch.no_grad():
+        assert torch.equal(emb(ids), base), "non-latent rows must be unchanged"
+        lat = torch.tensor(lm.latent_ids)
+        assert emb(lat).abs().sum() > 0
+    lora_b = [p for n, p in lm.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA trained"
+
+
+def test_two_workers_equal_one_worker_with_accumulation(ray_local, backbone_cache, data_cache, tmp_path):
+    """2 workers × micro-batch b == 1 worker × accumulation 2 over the same global batches."""
+    from mlflow.tracking import MlflowClient
+
+    from livr.distributed import run_distributed
+    from livr.train import train_worker
+
+    common = {"lora.dropout": 0.0, "train.stage1_steps": 3, "train.stage2_steps": 3}
+    two = _cfg(backbone_cache, data_cache, tmp_path, name="two", **common)
+    one = _cfg(backbone_cache, data_cache, tmp_path, name="one", **common,
+               **{"distributed.num_workers": 0, "train.grad_accum": 2})
+    run_distributed(two)
+    train_worker(one)
+    client = MlflowClient(two.tracking.uri)
+    exp = client.get_experiment_by_name(two.tracking.experiment)
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    for key in ("stage1/loss", "stage2/loss"):
+        a = sorted((m.step, m.value) for m in client.get_metric_history(runs["two"], key))
+        b = sorted((m.step, m.value) for m in client.get_metric_history(runs["one"], key))
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 3
+        assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cache, tmp_path):
+    import time
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from livr.distributed import run_distributed
+
+    env = {**ENV, "LIVR_FAIL_AT_STEP": "5", "LIVR_FAIL_RANK": "1", "LIVR_FAIL_MODE": "exit",
+           "LIVR_FAIL_MARKER": str(tmp_path / "failed-once")}
+    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        cfg = _cfg(backbone_cache, data_cache, tmp_path, name="fault", **{
+            "train.stage1_steps": 4, "train.stage2_steps": 4, "distributed.checkpoint_every": 2,
+            "distributed.max_failures": 1})
+        t0 = time.time()
+        result = run_distributed(cfg)
+        wall = time.time() - t0
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "failed-once").exists(), "the injected failure happened"
+    assert result["global_step"] == 8, result
+    assert result["resumed_from"] and all(s > 0 for s in result["resumed_from"]), result  # never from zero
+    assert result["resumed_from"][0] in (2, 4)  # the last registered checkpoint before step 5
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    print(f"fault test: wall {wall:.1f} s, resumed from {result['resumed_from']}")
+
+
+def test_two_nodes_one_worker_each(backbone_cache, data_cache, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from livr.distributed import run_distributed
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
+                                                            "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, resources={"node2": 1}, object_store_memory=100 * 1024**2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = _cfg(backbone_cache, data_cache, tmp_path, name="two-nodes",
+                   **{"distributed.placement_strategy": "STRICT_SPREAD"})
+        result = run_distributed(cfg)
+        assert result["global_step"] == 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, tmp_path):
+    from livr.distributed import run_distributed
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    stage9 = tmp_path / "stage9.json"
+    stage9.write_text(json.dumps({"zero_optimization": {"stage": 9}}))
+    cases = [({"distributed.deepspeed": str(bad_json)}, "not valid JSON"),
+             ({"distributed.deepspeed": str(stage9)}, "stage=9 does not exist"),
+             ({"distributed.num_workers": 5}, "needs 5 CPU in all but the cluster has 2")]
+    for extra, message in cases:
+        cfg = _cfg(backbone_cache, data_cache, tmp_path, name="bad", **extra)
+        with pytest.raises(ConfigError, match=message):
+            run_distributed(cfg)
+    assert not (tmp_path / "runs" / "bad").exists(), "nothing started"
