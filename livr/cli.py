@@ -1,4 +1,4 @@
-"""`livr` command line: train, eval, report, demo, plan, config show, backbone make-tiny, data make-synthetic."""
+"""`livr` command line: train, tune, eval, report, verify, inspect, demo, plan, config show, backbone make-tiny, data make-synthetic."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from livr.tune import main_tune
+
+    return main_tune(_config(args))
+
+
 def cmd_eval(args) -> int:
     from livr.runs import evaluate_run
 
@@ -42,13 +48,35 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from livr.evaluate import run_rows, table1
+    from livr.report import report_experiment, report_runs
 
-    text = table1(run_rows(args.runs, args.split))
+    if bool(args.runs) == bool(args.experiment):
+        print("livr report: give run directories or --experiment NAME (not both)", file=sys.stderr)
+        return 2
+    if args.experiment:
+        print(report_experiment(args.experiment, args.tracking_uri, args.split, args.out))
+        return 0
+    text = report_runs(args.runs, args.split)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from livr.verify import run_verify
+
+    return run_verify(_config(args))
+
+
+def cmd_inspect(args) -> int:
+    from livr.inspect import inspect_run, summary
+
+    result = inspect_run(args.run, split=args.split, limit=args.limit, heatmaps=args.heatmaps,
+                         bottleneck_attention=args.bottleneck_attention, log_mlflow=not args.no_mlflow,
+                         overrides=args.overrides)
+    print(summary(result))
     return 0
 
 
@@ -102,17 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train one run (one process, or Ray Train when distributed.num_workers > 0)")
     with_config(sp)
     sp.set_defaults(fn=cmd_train)
+    sp = sub.add_parser("tune", help="hyperparameter search with Ray Tune (tune.search_space; ASHA; resumable)")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_tune)
     sp = sub.add_parser("eval", help="evaluate a saved run directory")
     sp.add_argument("--run", required=True)
     sp.add_argument("--split", default="test", choices=["train", "val", "test"])
     sp.add_argument("--bottleneck", action="store_true", help="evaluate under the Stage-1 mask")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.source=DIR)")
     sp.set_defaults(fn=cmd_eval)
-    sp = sub.add_parser("report", help="print the paper's Table-1 layout from run directories")
-    sp.add_argument("runs", nargs="+")
+    sp = sub.add_parser("report", help="the paper's Table-1 layout from run directories or an MLflow experiment")
+    sp.add_argument("runs", nargs="*", help="run directories (or use --experiment)")
+    sp.add_argument("--experiment", help="MLflow experiment: its FINISHED runs, plus K / lr sweep plots")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
     sp.add_argument("--split", default="test")
-    sp.add_argument("--out", help="also write the markdown table here")
+    sp.add_argument("--out", help="also write the markdown here (--experiment: <stem>.md + <stem>_sweep.png)")
     sp.set_defaults(fn=cmd_report)
+    sp = sub.add_parser("verify", help="prove the Stage-1 bottleneck empirically on the configured backbone")
+    with_config(sp, required=False)
+    sp.set_defaults(fn=cmd_verify)
+    sp = sub.add_parser("inspect", help="attention masses, latent heatmaps, accuracy without latents / bottlenecked")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--split", default="val", choices=["train", "val", "test"])
+    sp.add_argument("--limit", type=int, default=64, help="rows of the split to use (0 = all)")
+    sp.add_argument("--heatmaps", type=int, default=4, help="examples drawn as latent heatmaps")
+    sp.add_argument("--bottleneck-attention", action="store_true", help="attention masses under the Stage-1 mask")
+    sp.add_argument("--no-mlflow", action="store_true", help="write <run>/inspect/ only")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
+    sp.set_defaults(fn=cmd_inspect)
     sp = sub.add_parser("demo", help="the CPU demo: tiny backbone, synthetic tasks, SFT vs LIVR, table")
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_demo, config="configs/demo.yaml")

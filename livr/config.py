@@ -134,6 +134,8 @@ class TuneConfig:
     metric: str = "val_accuracy"
     mode: str = "max"
     scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 1  # ASHA: epochs (reports) before a trial can be stopped
+    reduction_factor: float = 2  # ASHA: keep the top 1/reduction_factor at each rung
     searcher: str = "random"  # random | optuna
     workers_per_trial: int = 0  # 0 = in-process trial; N = a TorchTrainer with N workers
 
@@ -142,7 +144,7 @@ class TuneConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # "" = sqlite:///<cwd>/mlflow.db ; any MLflow tracking URI (http://127.0.0.1:5000)
-    artifact_location: str = ""  # "" = <cwd>/mlartifacts (used when the experiment is created)
+    artifact_location: str = ""  # "" = <cwd>/mlartifacts, or the server's default for an http(s) uri (at experiment creation)
     experiment: str = "livr"
     run_name: str = ""  # "" = the run's name
 
@@ -247,7 +249,8 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        replace = k == "search_space"  # a given search space replaces the default one (no merged dimensions)
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace else v
     return out
 
 

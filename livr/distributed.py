@@ -71,6 +71,8 @@ def absolute_paths(cfg: Config) -> Config:
         cfg.model.backbone = os.path.abspath(cfg.model.backbone)
     if cfg.data.source not in ("synthetic", "hub"):
         cfg.data.source = os.path.abspath(cfg.data.source)
+    if cfg.data.test_source not in ("", "synthetic", "hub"):
+        cfg.data.test_source = os.path.abspath(cfg.data.test_source)
     if cfg.distributed.deepspeed:
         cfg.distributed.deepspeed = os.path.abspath(cfg.distributed.deepspeed)
     cfg.tracking.uri, cfg.tracking.artifact_location = tracking_uri(cfg), artifact_location(cfg)

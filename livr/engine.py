@@ -112,6 +112,19 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.engine.optimizer.param_groups[0]["lr"]
 
+    def memory(self) -> dict:
+        """Bytes this rank holds: parameters (its ZeRO-3 partition) and optimizer state (its ZeRO shard)."""
+        def nbytes(t):
+            return t.numel() * t.element_size()
+
+        params = sum(nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p) for p in self.engine.module.parameters())
+        opt = self.engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        state = sum(nbytes(v) for st in inner.state.values() for v in st.values() if torch.is_tensor(v))
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # fp32 master copies
+            state += sum(nbytes(t) for t in getattr(opt, name, []) or [] if torch.is_tensor(t))
+        return {"zero_stage": self.stage, "param_bytes": params, "optimizer_bytes": state}
+
     def save(self, path: str, state: dict) -> None:
         """Every rank writes its shard of the optimizer state (DeepSpeed's own format) into `path`."""
         self.engine.save_checkpoint(path, tag="livr", client_state={"livr_state": state}, save_latest=False)

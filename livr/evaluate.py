@@ -25,8 +25,9 @@ TASK_SHORT = {"Counting": "Count", "Jigsaw": "Jigsaw", "Object_Localization": "L
 
 
 @torch.no_grad()
-def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens: int = 8) -> list[str]:
-    """Greedy decoding for encoded prompts (`encode(row, with_answer=False)`), left-padded, KV-cached."""
+def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens: int = 8, sync: bool = False) -> list[str]:
+    """Greedy decoding for encoded prompts (`encode(row, with_answer=False)`), left-padded, KV-cached.
+    `sync`: keep decoding until every rank is done (ZeRO-3 forwards are collectives)."""
     model, fam = lm.model, lm.family
     batch = {k: v.to(lm.device) for k, v in collate(items, lm.tokenizer.pad_token_id, "left").items()}
     ids, attn, groups = batch["input_ids"], batch["attention_mask"], batch["groups"]
@@ -44,7 +45,7 @@ def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens:
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
         new_tokens.append(nxt)
         done |= nxt == eos
-        if done.all():
+        if _all_done(done, sync):
             break
         groups = torch.cat([groups, torch.full_like(groups[:, :1], ANSWER)], 1)
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
@@ -57,18 +58,30 @@ def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens:
     return [lm.tokenizer.decode([t for t in row if t != eos], skip_special_tokens=True) for row in tokens]
 
 
+def _all_done(done: torch.Tensor, sync: bool) -> bool:
+    if not sync:
+        return bool(done.all())
+    left = torch.tensor([float((~done).sum())])
+    dist.all_reduce(left)
+    return left.item() == 0
+
+
 def evaluate_rows(lm, rows: list[dict], *, bottleneck: bool = False, batch_size: int = 8, max_new_tokens: int = 8,
                   rank: int = 0, world: int = 1, quiet: bool = True) -> dict:
     """Per-task accuracy on `rows` (sharded over ranks, summed across them) and rank 0's predictions."""
     was_training = lm.model.training
     lm.model.eval()
     mine = list(range(rank, len(rows), world))
+    sync = world > 1  # every rank runs the same number of batches and decode steps
+    n_batches = -(-len(range(0, len(rows), world)) // batch_size) if sync else -(-len(mine) // batch_size)
     correct, total, preds = defaultdict(int), defaultdict(int), []
-    for s in tqdm(range(0, len(mine), batch_size), desc="evaluate", disable=quiet, leave=False):
-        chunk = [rows[i] for i in mine[s : s + batch_size]]
+    for b in tqdm(range(n_batches), desc="evaluate", disable=quiet, leave=False):
+        chunk = [rows[i] for i in mine[b * batch_size : (b + 1) * batch_size]]
+        scored = len(chunk)
+        chunk = chunk or [rows[0]]  # a rank out of rows runs a dummy batch to keep collectives in step
         outs = generate(lm, [lm.builder.encode(r, with_answer=False) for r in chunk],
-                        bottleneck=bottleneck, max_new_tokens=max_new_tokens)
-        for r, o in zip(chunk, outs):
+                        bottleneck=bottleneck, max_new_tokens=max_new_tokens, sync=sync)
+        for r, o in zip(chunk[:scored], outs[:scored]):
             ok = is_correct(o, r)
             correct[r["sub_task"]] += int(ok)
             total[r["sub_task"]] += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import itertools
 import json
 import os
 
@@ -52,7 +53,7 @@ def image_grids(lm, item: dict) -> list[tuple[torch.Tensor, int, int]]:
         return out
     side = vcfg.image_size // vcfg.patch_size
     breaks = [0] + [i + 1 for i in range(len(pos) - 1) if pos[i + 1] != pos[i] + 1] + [len(pos)]
-    for s, e in zip(breaks[:-1], breaks[1:]):
+    for s, e in itertools.pairwise(breaks):
         if e - s >= side * side:
             out.append((pos[s : s + side * side], side, side))
     return out
@@ -86,37 +87,37 @@ def attention_analysis(lm, rows: list[dict], *, bottleneck: bool = False, heatma
     return total / n, heat
 
 
-def draw_heatmap(record: dict, path: str, title: str = "") -> None:
-    """One figure: per image, the image then one panel per latent with its attention over the image."""
+def draw_heatmap(records: list[dict], path: str, title: str = "") -> None:
+    """One figure: per example and image, the image then one panel per latent with its attention over it
+    (layers and heads averaged, one colour scale per figure; panel title = the latent's mass on the drawn tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    images, maps = images_of(record["row"]), record["maps"]
-    k = maps[0].shape[0]
+    panels = [(rec["row"], j, img, m) for rec in records for j, (img, m) in enumerate(zip(images_of(rec["row"]), rec["maps"]))]
+    k = panels[0][3].shape[0]
     cols = min(k + 1, 9)
     per_image = -(-(k + 1) // cols)
-    vmax = max(float(m.max()) for m in maps) or 1.0
-    fig, axes = plt.subplots(per_image * len(maps), cols, figsize=(1.6 * cols, 1.75 * per_image * len(maps)),
+    vmax = max(float(m.max()) for *_, m in panels) or 1.0
+    fig, axes = plt.subplots(per_image * len(panels), cols, figsize=(1.6 * cols, 1.75 * per_image * len(panels)),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for j, (img, m) in enumerate(zip(images, maps)):
+    for j, (row, n, img, m) in enumerate(panels):
         arr = np.asarray(img.convert("RGB"))
         h, w = arr.shape[:2]
         for p in range(k + 1):
             ax = axes[j * per_image + p // cols, p % cols]
-            ax.imshow(arr, alpha=1.0 if p == 0 else 0.55)
+            ax.imshow(arr, alpha=1.0 if p == 0 else 0.55, extent=(0, w, h, 0))
             if p == 0:
-                ax.set_title(f"image {j + 1}", fontsize=8)
+                ax.set_title(f"{row['idx']} · image {n + 1}", fontsize=7)
                 continue
             ax.imshow(m[p - 1].numpy(), extent=(0, w, h, 0), cmap="inferno", alpha=0.6, vmin=0, vmax=vmax,
                       interpolation="nearest")
             ax.set_title(f"latent {p - 1}: {float(m[p - 1].sum()):.2f}", fontsize=7)
-    fig.suptitle(title or "latent -> image attention (layers and heads averaged; title: mass on this image)",
-                 fontsize=8)
+    fig.suptitle(title or "latent -> image attention", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -138,6 +139,9 @@ def inspect_run(run_dir: str, *, split: str = "val", limit: int = 64, heatmaps: 
     rows = load_splits(cfg, only=[split])[split][: limit or None]
     out_dir = os.path.join(run_dir, "inspect")
     os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # heatmaps of an earlier inspect of this run
+        if stale.startswith("latent_heatmap") and stale.endswith(".png"):
+            os.remove(os.path.join(out_dir, stale))
     full = _accuracy(lm, cfg, rows)
     bottleneck = _accuracy(lm, cfg, rows, bottleneck=True)
     no_lat = _accuracy(dataclasses.replace(lm, builder=without_latents(lm.builder)), cfg, rows) if lm.latent_ids else full
@@ -150,11 +154,14 @@ def inspect_run(run_dir: str, *, split: str = "val", limit: int = 64, heatmaps: 
         for layer, vals in enumerate(per_layer.tolist()):
             w.writerow([layer, *[f"{v:.6f}" for v in vals], f"{sum(vals):.6f}"])
     files = []
+    name = os.path.basename(os.path.normpath(run_dir))
+    caption = "latent -> image attention (layers, heads averaged; panel title: the latent's mass on the drawn tokens)"
     for i, rec in enumerate(heat):
-        path = os.path.join(out_dir, f"latent_heatmap_{i}.png")
-        draw_heatmap(rec, path, f"{os.path.basename(os.path.normpath(run_dir))} · {rec['row']['sub_task']} "
-                                f"idx={rec['row']['idx']} · latent -> image attention (title: mass on the image)")
-        files.append(os.path.basename(path))
+        files.append(f"latent_heatmap_{i}.png")
+        draw_heatmap([rec], os.path.join(out_dir, files[-1]), f"{name} · {rec['row']['sub_task']} · {caption}")
+    if len(heat) > 1:
+        files.append("latent_heatmaps.png")
+        draw_heatmap(heat, os.path.join(out_dir, files[-1]), f"{name} · {caption}")
     mean = per_layer.mean(0).tolist()
     metrics = {**{f"answer_to_{g}_mass": v for g, v in zip(names, mean)},
                "acc": full["mean"], "acc_no_latents": no_lat["mean"], "acc_bottleneck": bottleneck["mean"]}
@@ -195,12 +202,14 @@ def log_to_mlflow(cfg, run_dir: str, metrics: dict, per_layer: torch.Tensor, nam
 
 
 def summary(result: dict) -> str:
-    lines = [f"livr inspect: {result['run']} ({result['split']}, {result['n']} rows, {result['mode']}, "
-             f"K={result['num_latents']}, {result['attention_mask']} mask for attention)",
-             "answer-row attention mass (mean over layers): " + ", ".join(
-                 f"{g} {result[f'answer_to_{g}_mass']:.3f}" for g in MASS_GROUPS),
-             f"accuracy: {100 * result['acc']:.2f} | latents removed {100 * result['acc_no_latents']:.2f} | "
-             f"bottleneck mask {100 * result['acc_bottleneck']:.2f}",
-             f"files: {os.path.join(result['run'], 'inspect')}/ (metrics.json, attention_per_layer.csv, "
-             f"{len(result['heatmaps'])} heatmap PNG(s))"]
+    masses = ", ".join(f"{g} {result[f'answer_to_{g}_mass']:.3f}" for g in MASS_GROUPS)
+    lines = [
+        (f"livr inspect: {result['run']} ({result['split']}, {result['n']} rows, {result['mode']}, "
+         f"K={result['num_latents']}, {result['attention_mask']} mask for attention)"),
+        f"answer-row attention mass (mean over layers): {masses}",
+        (f"accuracy: {100 * result['acc']:.2f} | latents removed {100 * result['acc_no_latents']:.2f} | "
+         f"bottleneck mask {100 * result['acc_bottleneck']:.2f}"),
+        (f"files: {os.path.join(result['run'], 'inspect')}/ (metrics.json, attention_per_layer.csv, "
+         f"{len(result['heatmaps'])} heatmap PNG(s))"),
+    ]
     return "\n".join(lines)

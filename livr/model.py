@@ -90,8 +90,10 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool = 
 
 
 def lora_regex(family_regex: str, targets: list[str]) -> str:
-    """The family's language-model regex with the configured projection names."""
-    return re.sub(r"\([^()]*\)\$$", "(" + "|".join(map(re.escape, targets)) + ")$", family_regex)
+    """Modules that match the family's language-model regex AND end in one of the configured names
+    (PEFT full-matches the regex against each module name)."""
+    names = "|".join(map(re.escape, targets))
+    return rf"(?=(?:{family_regex})$).*\.(?:{names})"
 
 
 def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = True) -> LivrModel:

@@ -89,7 +89,7 @@ def count_parameters(cfg) -> dict:
     text = config.get_text_config()
     h = text.hidden_size
     k = cfg.latents.num_latents
-    layers = [m for n, m in model.named_modules() if re.fullmatch(r"(.*\.)?language_model\.layers", n)][0]
+    layers = next(m for n, m in model.named_modules() if re.fullmatch(r"(.*\.)?language_model\.layers", n))
     head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
     return {
         "backbone": cfg.model.backbone, "config_source": source, "family": family.name, "total": total,
@@ -210,10 +210,10 @@ def format_plan(p: dict) -> str:
     lines = [
         f"livr plan: {c['backbone']} ({c['family']}; config: {c['config_source']})",
         f"  parameters   {c['total']:,} (language model {c['language_model']:,}, vision + projector {c['vision']:,})",
-        f"  trainable    {c['trainable']:,} = LoRA r{s['lora_r']} on {targets or 'nothing'} {c['lora']:,}"
-        f" + latent rows {c['latent_rows']:,}",
-        f"  LM shape     hidden {c['hidden']}, layers {c['layers']}, heads {c['heads']}, q {c['q_dim']}, "
-        f"kv {c['kv_dim']}, MLP {c['intermediate']}, vocab {c['vocab']}",
+        (f"  trainable    {c['trainable']:,} = LoRA r{s['lora_r']} on {targets or 'nothing'} {c['lora']:,}"
+         f" + latent rows {c['latent_rows']:,}"),
+        (f"  LM shape     hidden {c['hidden']}, layers {c['layers']}, heads {c['heads']}, q {c['q_dim']}, "
+         f"kv {c['kv_dim']}, MLP {c['intermediate']}, vocab {c['vocab']}"),
         f"  setting      {s['dtype']}, ZeRO-{s['zero_stage']}"
         + (" + offload optimizer" if s["offload_optimizer"] else "") + (" + offload params" if s["offload_param"] else "")
         + f", {s['gpus']} GPU(s), micro-batch {s['micro_batch']}, sequence {s['seq_len']} tokens",

@@ -1,7 +1,8 @@
 """MLflow tracking: rank 0 only, one run per training run (stable id across restarts).
 
 Default store: `sqlite:///<cwd>/mlflow.db` with artifacts in `<cwd>/mlartifacts` (set explicitly: with
-sqlite MLflow would otherwise put them in ./mlruns). Any tracking URI (a real `mlflow server`) by config.
+sqlite MLflow would otherwise put them in ./mlruns). Any tracking URI (a real `mlflow server`) by config;
+with an http(s) server the artifacts go where the server says (proxied through it with --serve-artifacts).
 """
 from __future__ import annotations
 
@@ -15,14 +16,20 @@ def tracking_uri(cfg: Config) -> str:
 
 
 def artifact_location(cfg: Config) -> str:
-    return cfg.tracking.artifact_location or os.path.abspath("mlartifacts")
+    """tracking.artifact_location; else "" for a tracking server (http/https: the server's default, e.g.
+    proxied `mlflow-artifacts:/` under `mlflow server --serve-artifacts`); else <cwd>/mlartifacts."""
+    if cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
+    if tracking_uri(cfg).startswith(("http://", "https://")):
+        return ""
+    return os.path.abspath("mlartifacts")
 
 
 def experiment_id(client, cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg) or None)
 
 
 class Tracker:

@@ -123,6 +123,8 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world
     steps_per_epoch = max(1, len(train_items) // global_batch)
     stages = plan_stages(cfg, steps_per_epoch)
+    plan = {"planned_steps": sum(s.steps for s in stages),  # what a full run uses (Tune budget accounting)
+            "planned_epochs": sum(math.ceil(s.steps / steps_per_epoch) for s in stages)}
     state = {"stage": 0, "step": 0, "global_step": 0, "best": -1.0, "best_at": None, "history": []}
     last = os.path.join(ckpt_dir, "last")
     source = resume_from or (last if cfg.train.resume and os.path.exists(last) else None)
@@ -161,6 +163,9 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                 state["global_step"] += 1
                 bar.update(1)
                 _injected_failure(state["global_step"], ctx.rank)
+                if state["global_step"] == 1 and hasattr(engine, "memory"):  # per-rank ZeRO footprint
+                    with open(os.path.join(run_dir, f"memory_rank{ctx.rank}.json"), "w") as f:
+                        json.dump(engine.memory(), f)
                 if state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps:
                     now = time.perf_counter()
                     metrics = {f"{stage.name}/loss": _mean_across(loss, ctx.world), f"{stage.name}/lr": engine.lr,
@@ -172,7 +177,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
                     _save(engine, state, ctx, last, report, {})
             # end of an epoch (or of the stage)
-            metrics = {"epoch": epoch + 1, "stage": si + 1}
+            metrics = {"epoch": epoch + 1, "stage": si + 1, **plan}
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
                 val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet)
                 acc = val["val"]["mean"]

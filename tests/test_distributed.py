@@ -108,7 +108,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cach
     try:
         cfg = _cfg(backbone_cache, data_cache, tmp_path, name="fault", **{
             "train.stage1_steps": 4, "train.stage2_steps": 4, "distributed.checkpoint_every": 2,
-            "distributed.max_failures": 1})
+            "distributed.max_failures": 3})  # the gloo peer of the killed rank may fail too
         t0 = time.time()
         result = run_distributed(cfg)
         wall = time.time() - t0

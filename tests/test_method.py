@@ -210,3 +210,10 @@ def test_cached_generation_matches_full_recompute(backbone, bottleneck, backbone
             if "mm_token_type_ids" in seq:
                 seq["mm_token_type_ids"] = torch.cat([seq["mm_token_type_ids"], torch.tensor([0])])
         assert got == lm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_lora_targets_select_projections(backbone_cache, data_cache, tmp_path):
+    lm = build_model(_cfg(backbone_cache, data_cache, tmp_path, "tiny-llava-onevision", **{"lora.targets": "[q_proj, down_proj]"}))
+    names = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, p in lm.model.named_parameters() if "lora_A" in n}
+    assert names == {"q_proj", "down_proj"}
+    assert all("language_model" in n for n, p in lm.model.named_parameters() if "lora_" in n)

@@ -24,7 +24,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from livr.data.tasks import PAPER_TASKS  # noqa: E402
+from livr.data.tasks import PAPER_TASKS
 
 # LLaVA-OneVision: the paper uses lmms-lab/LLaVA-OneVision-1.5-4B-Instruct (RICE-ViT + Qwen3-4B), which has no
 # transformers-native class (it needs trust_remote_code and a different architecture). We use the closest model
@@ -73,7 +73,7 @@ def run_config(short: str, tasks: list[str], mode: str, multitask: bool = False)
         "train": train,
         "optim": {"lr": 1.0e-4, "weight_decay": 0.01, "warmup_ratio": 0.05},
         "eval": {"splits": ["test"], "zero_shot": mode == "sft", "batch_size": 8},
-        "tracking": {"experiment": "livr-paper"},
+        "tracking": {"experiment": "livr-paper-multitask" if multitask else "livr-paper"},
     }
 
 
@@ -91,7 +91,7 @@ def sweep_config() -> dict:
 
 
 def render(cfg: dict, rel: str, what: str) -> str:
-    short = [s for s, b in BACKBONES.items() if b == cfg["model"]["backbone"]][0]
+    short = next(s for s, b in BACKBONES.items() if b == cfg["model"]["backbone"])
     note = " (closest transformers-format stand-in for LLaVA-OneVision-1.5-4B: see generate.py)" if "llava" in short else ""
     d = cfg["data"]
     test = f"hub BLINK {d['test_split']}" if d.get("test_source") == "hub" else f"{d['source']}/<task>/{d['test_split']}"

@@ -1,0 +1,378 @@
+"""Hyperparameter search with Ray Tune over the one training function (`livr tune`).
+
+    cfg = load_config("configs/demo.yaml", ["tune.num_samples=2"])
+    summary = run_sweep(cfg)        # results table, plot, best_config.yaml, MLflow parent + children
+
+The search space is `tune.search_space`: dotted config keys -> one of `{"grid": [...]}`, `{"choice": [...]}`,
+`{"loguniform": [lo, hi]}`, `{"uniform": [lo, hi]}`, `{"randint": [lo, hi]}` (both ends included). Several
+keys searched together (e.g. the Stage-1/Stage-2 split) are one comma-separated key whose grid/choice
+values are lists: `"train.stage1_epochs,train.stage2_epochs": {"choice": [[4, 6], [2, 8]]}`.
+Everything is validated before Ray starts (`ConfigError` naming the key).
+
+Each trial is `train_worker(trial_cfg)`: in the trial's own process (`tune.workers_per_trial=0`) or as a
+TorchTrainer of N Ray Train workers (`livr.distributed.make_trainer`, Train V2 pattern). A trial reports
+once per epoch (`val_accuracy`, `global_step`, ...), so ASHA's time unit is epochs. The sweep lives in
+`<output_dir>/<name>/`: one run directory per trial (`trial_<id>/`, which train_worker resumes), Tune's
+own state, `results.md|csv`, `accuracy_vs_K.png`, `best_config.yaml`. The same command resumes an
+interrupted sweep (finished trials are not rerun).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import posixpath
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from livr.config import Config, ConfigError, flatten, from_dict, save_config, to_dict
+
+KINDS = ("grid", "choice", "loguniform", "uniform", "randint")
+NOT_SEARCHABLE = ("name", "output_dir")  # and everything under tune.
+
+
+@dataclass
+class Dim:
+    key: str  # as written in tune.search_space (may name several comma-separated config keys)
+    keys: list[str]
+    kind: str
+    values: list  # grid/choice: the values; distributions: [lo, hi]
+
+
+# ----------------------------------------------------------------------------- search space
+def _err(key: str, why: str) -> ConfigError:
+    return ConfigError(f"config: tune.search_space['{key}']: {why}")
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree[p]
+    tree[leaf] = value
+
+
+def _plain(v):
+    """numpy scalars (Tune's samplers) -> Python values, so the typed config accepts them."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (list, dict, str)) else v
+
+
+def apply_params(base: dict, params: dict) -> dict:
+    """A config dict with the sampled `params` (search-space keys -> values) set."""
+    out = copy.deepcopy(base)
+    for key, value in params.items():
+        keys = [k.strip() for k in key.split(",")]
+        values = json.loads(value) if len(keys) > 1 and isinstance(value, str) else ([value] if len(keys) == 1 else value)
+        for k, v in zip(keys, values):
+            _set(out, k, _plain(v))
+    return out
+
+
+def parse_space(cfg: Config) -> list[Dim]:
+    """Validate `tune.search_space` against the config tree; every error is one line naming the key."""
+    space = cfg.tune.search_space
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("config: tune.search_space must be a non-empty mapping of config keys to distributions")
+    base = to_dict(cfg)
+    leaves = flatten(base)
+    dims = []
+    for key, spec in space.items():
+        keys = [k.strip() for k in str(key).split(",")]
+        for k in keys:
+            if k not in leaves:
+                raise _err(key, f"'{k}' is not a config key (e.g. latents.num_latents, optim.lr, lora.r)")
+            if k in NOT_SEARCHABLE or k.startswith("tune."):
+                raise _err(key, f"'{k}' cannot be searched")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise _err(key, f"must be one of {{grid: [...]}}, {{choice: [...]}}, {{loguniform|uniform|randint: [lo, hi]}}; got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, (list, tuple)) or not values:
+            raise _err(key, f"{kind} needs a non-empty list, got {values!r}")
+        values = list(values)
+        if kind in ("grid", "choice"):
+            if len(keys) > 1 and any(not isinstance(v, (list, tuple)) or len(v) != len(keys) for v in values):
+                raise _err(key, f"each {kind} value must be a list of {len(keys)} values (one per key), got {values!r}")
+            candidates = [list(v) if len(keys) > 1 else [v] for v in values]
+        else:
+            if len(keys) > 1:
+                raise _err(key, "several keys can only be searched together with grid or choice")
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise _err(key, f"{kind} needs [lo, hi] (two numbers), got {values!r}")
+            lo, hi = values
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise _err(key, f"randint needs integer bounds, got {values!r}")
+            if not lo < hi:
+                raise _err(key, f"{kind} needs lo < hi, got {values!r}")
+            if kind == "loguniform" and lo <= 0:
+                raise _err(key, f"loguniform needs lo > 0, got {values!r}")
+            candidates = [[lo], [hi]]
+        for cand in candidates:  # every value must make a valid config
+            try:
+                from_dict(apply_params(base, {k: v for k, v in zip(keys, cand)}))
+            except ConfigError as e:
+                raise _err(key, str(e).removeprefix("config: ")) from None
+        dims.append(Dim(str(key), keys, kind, values))
+    return dims
+
+
+def param_space(dims: list[Dim], searcher: str) -> dict:
+    """Tune's param_space: grid -> grid_search (a categorical under Optuna), several keys -> JSON strings."""
+    out = {}
+    for d in dims:
+        vals = [json.dumps(list(v)) for v in d.values] if len(d.keys) > 1 else d.values
+        if d.kind == "grid" and searcher != "optuna":
+            out[d.key] = tune.grid_search(vals)
+        elif d.kind in ("grid", "choice"):
+            out[d.key] = tune.choice(vals)
+        elif d.kind == "loguniform":
+            out[d.key] = tune.loguniform(*d.values)
+        elif d.kind == "uniform":
+            out[d.key] = tune.uniform(*d.values)
+        else:
+            out[d.key] = tune.randint(d.values[0], d.values[1] + 1)  # Ray's upper bound is exclusive
+    return out
+
+
+def expected_trials(cfg: Config, dims: list[Dim]) -> int:
+    n = cfg.tune.num_samples
+    if cfg.tune.searcher != "optuna":
+        for d in dims:
+            n *= len(d.values) if d.kind == "grid" else 1
+    return n
+
+
+def check_tune(cfg: Config) -> list[Dim]:
+    """Everything a user can get wrong in a sweep, before Ray starts."""
+    t = cfg.tune
+    for key, low in (("num_samples", 1), ("max_concurrent_trials", 0), ("workers_per_trial", 0), ("grace_period", 1)):
+        if getattr(t, key) < low:
+            raise ConfigError(f"config: tune.{key}={getattr(t, key)!r}: must be >= {low}")
+    if t.reduction_factor <= 1:
+        raise ConfigError(f"config: tune.reduction_factor={t.reduction_factor!r}: must be > 1")
+    if not t.metric:
+        raise ConfigError("config: tune.metric='': name the reported metric to optimise (e.g. val_accuracy)")
+    if t.searcher == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("config: tune.searcher='optuna' needs optuna (pip install optuna), "
+                              "or use tune.searcher=random") from None
+    dims = parse_space(cfg)
+    if t.workers_per_trial > 0:
+        from livr.distributed import check_config
+
+        trial = copy.deepcopy(cfg)
+        trial.distributed.num_workers = t.workers_per_trial
+        check_config(trial)
+    return dims
+
+
+# ----------------------------------------------------------------------------- one trial (runs in Ray)
+def trial_config(setup: dict, params: dict, trial_id: str) -> Config:
+    d = apply_params(setup["base"], params)
+    d["name"], d["output_dir"] = f"trial_{trial_id}", setup["sweep_dir"]
+    d["tracking"]["run_name"] = f"{setup['sweep_name']}/trial_{trial_id}"
+    d["distributed"]["num_workers"] = setup["workers"]
+    return from_dict(d)
+
+
+def run_trial(params: dict, setup: dict) -> None:
+    """The trial body: a child MLflow run, then train_worker in-process or on N Ray Train workers."""
+    from livr.tracking import Tracker
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(setup, params, trial_id)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "trial_starts.log"), "a") as f:  # one line per (re)start
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {json.dumps(params, default=str)}\n")
+    Tracker(cfg, 0, cfg.run_dir, parent_run_id=setup["parent_run_id"])  # the child run (or the existing one)
+    metric = setup["metric"]
+    if setup["workers"] == 0:
+        from livr.train import train_worker
+
+        def report(metrics: dict, checkpoint_dir: str | None) -> None:
+            if metric not in metrics:  # step checkpoints between epochs: train_worker keeps them itself
+                return
+            has = checkpoint_dir and os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if has else None)
+
+        last = os.path.join(cfg.run_dir, "checkpoints", "last")
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None and not os.path.exists(last):  # restored on a node without the trial's run dir
+            with ckpt.as_directory() as path:
+                train_worker(cfg, report=report, resume_from=path)
+        else:
+            train_worker(cfg, report=report)
+    else:
+        from livr.distributed import make_trainer
+
+        make_trainer(cfg, name=f"trial_{trial_id}", storage_path=setup["train_storage"],
+                     callbacks=[EpochReportCallback(metric)]).fit()
+
+
+class EpochReportCallback(TuneReportCallback):
+    """TuneReportCallback that forwards only the reports carrying the metric (one per epoch), so that
+    step checkpoints between epochs (distributed.checkpoint_every) do not count as ASHA iterations."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def make_trainable(setup: dict):
+    def livr_trial(params):
+        run_trial(params, setup)
+
+    if setup["workers"]:
+        return tune.with_resources(livr_trial, {"cpu": 1})  # the trial driver; workers get their own bundles
+    return tune.with_resources(livr_trial, setup["resources"])
+
+
+class RunStatus(tune.Callback):
+    """Driver-side: a trial stopped by ASHA ends its MLflow run as KILLED (tag livr.early_stopped=true), an
+    errored one as FAILED (a trial that finished has already ended its run as FINISHED).
+    Test hook: LIVR_TUNE_INTERRUPT_AFTER=N sends SIGINT to the driver once N trials have completed."""
+
+    def __init__(self, sweep_dir: str, uri: str):
+        self.sweep_dir, self.uri = sweep_dir, uri
+
+    def _close(self, trial, status: str) -> None:
+        id_file = os.path.join(self.sweep_dir, f"trial_{trial.trial_id}", "mlflow_run_id")
+        if not os.path.exists(id_file):
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        with open(id_file) as f:
+            run_id = f.read().strip()
+        if client.get_run(run_id).info.status == "RUNNING":
+            if status == "KILLED":
+                client.set_tag(run_id, "livr.early_stopped", "true")
+            client.set_terminated(run_id, status=status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, "KILLED")
+        _COMPLETED.append(trial.trial_id)
+        after = int(os.environ.get("LIVR_TUNE_INTERRUPT_AFTER", "0"))
+        if after and len(_COMPLETED) >= after:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED")
+
+
+_COMPLETED: list[str] = []  # trials completed in this process (the interrupt test hook)
+
+
+# ----------------------------------------------------------------------------- the driver
+def init_ray_for_sweep(cfg: Config) -> None:
+    """An existing cluster (distributed.address / RAY_ADDRESS) or a local one sized for the trials."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from livr.distributed import _WORKER_ENV, init_ray
+
+    if cfg.distributed.address or os.environ.get("RAY_ADDRESS"):
+        return init_ray(cfg)
+    t, d = cfg.tune, cfg.distributed
+    per_trial = 1 + t.workers_per_trial * d.cpus_per_worker if t.workers_per_trial else d.cpus_per_worker
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    ray.init(num_cpus=max(os.cpu_count() or 1, per_trial * max(1, t.max_concurrent_trials)),
+             object_store_memory=100 * 1024**2, include_dashboard=bool(t.workers_per_trial),
+             runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def check_capacity(cfg: Config) -> None:
+    """A trial larger than the whole cluster is a clear error, not a trial pending for ever."""
+    import ray
+
+    t, d = cfg.tune, cfg.distributed
+    need = 1 + t.workers_per_trial * d.cpus_per_worker if t.workers_per_trial else d.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise ConfigError(f"config: tune.workers_per_trial={t.workers_per_trial}: a trial needs {need} CPUs "
+                          f"(1 for the trial driver + workers x distributed.cpus_per_worker) but the cluster has {have:g}")
+
+
+def run_sweep(cfg: Config) -> dict:
+    """Run (or resume) the sweep; print and write the results; return a summary dict."""
+    from livr.distributed import absolute_paths
+    from livr.tracking import Tracker, tracking_uri
+
+    dims = check_tune(cfg)  # before Ray starts
+    cfg = absolute_paths(copy.deepcopy(cfg))  # trials run in Ray's working directories
+    sweep_dir = cfg.run_dir
+    storage = cfg.distributed.storage_path or cfg.output_dir
+    exp_path = posixpath.join(storage, cfg.name) if "://" in storage else os.path.join(storage, cfg.name)
+    saved = os.path.join(sweep_dir, "sweep_config.yaml")
+    if os.path.exists(saved):
+        from livr.config import load_config
+
+        if to_dict(load_config(saved)) != to_dict(cfg):
+            raise ConfigError(f"config: a sweep named '{cfg.name}' with a different config exists in {sweep_dir}: "
+                              "re-run it with the same config to resume, or choose a new name=")
+    save_config(cfg, saved)
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a trial that just finished is not rerun after a kill
+    init_ray_for_sweep(cfg)
+    check_capacity(cfg)
+    t0 = time.time()
+    parent = Tracker(cfg, 0, sweep_dir)
+    if parent.active:
+        parent.client.set_tag(parent.run_id, "livr.sweep", "true")
+    t, d = cfg.tune, cfg.distributed
+    resources = {"cpu": d.cpus_per_worker}
+    if d.use_gpu:
+        resources["gpu"] = d.gpus_per_worker or 1
+    setup = {"base": to_dict(cfg), "sweep_dir": sweep_dir, "sweep_name": cfg.name, "parent_run_id": parent.run_id,
+             "workers": t.workers_per_trial, "metric": t.metric, "resources": resources,
+             "train_storage": posixpath.join(exp_path, "train") if "://" in exp_path else os.path.join(exp_path, "train")}
+    trainable = make_trainable(setup)
+    if tune.Tuner.can_restore(exp_path):
+        print(f"[livr tune] resuming the sweep in {exp_path} (finished trials are kept)", flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        scheduler = None
+        if t.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10**6, grace_period=t.grace_period,
+                                      reduction_factor=t.reduction_factor)
+        search_alg = None
+        if t.searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=cfg.train.seed)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(dims, t.searcher),
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials or None),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, callbacks=[RunStatus(sweep_dir, tracking_uri(cfg))],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=d.max_failures)))
+    grid = tuner.fit()
+    from livr.sweep_report import summarise
+
+    summary = summarise(cfg, dims, grid, expected_trials(cfg, dims), parent, time.time() - t0)
+    return summary
+
+
+def main_tune(cfg: Config) -> int:
+    summary = run_sweep(cfg)
+    return 130 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from livr.config import load_config
+
+    sys.exit(main_tune(load_config(sys.argv[1], sys.argv[2:])))
