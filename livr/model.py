@@ -116,7 +116,9 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
             target_modules=lora_regex(bb.family.lora_target_regex, cfg.lora.targets),
             trainable_token_indices={"embed_tokens": ids} if ids else None,
         )
-        model = get_peft_model(bb.model, lcfg)
+        with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only (not on whether a
+            torch.manual_seed(cfg.train.seed)     # preset was just materialised, which consumes RNG)
+            model = get_peft_model(bb.model, lcfg)
     model.to(device)
     if cfg.model.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

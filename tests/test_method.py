@@ -217,3 +217,30 @@ def test_lora_targets_select_projections(backbone_cache, data_cache, tmp_path):
     names = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, p in lm.model.named_parameters() if "lora_A" in n}
     assert names == {"q_proj", "down_proj"}
     assert all("language_model" in n for n, p in lm.model.named_parameters() if "lora_" in n)
+
+
+def test_gradient_checkpointing_and_stage_attention_switch(backbone_cache, data_cache, tmp_path):
+    """Options of the model builder: checkpointed layers give the same loss and gradients; the attention
+    implementation can change between stages (eager for Stage 1, another for Stage 2)."""
+    rows = generate_task("Counting", 2, seed=6)
+    out = {}
+    for ckpt in (False, True):
+        lm = build_model(_cfg(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl",
+                              **{"model.gradient_checkpointing": ckpt, "lora.dropout": 0.0}))
+        lm.model.train()
+        batch = collate([lm.builder.encode(r) for r in rows], lm.tokenizer.pad_token_id)
+        loss = answer_loss(lm.forward(batch, True), batch["labels"])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None}
+        out[ckpt] = (loss.item(), grads)
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    diffs = {n: (out[True][1][n] - out[False][1][n]).abs().max().item() for n in out[True][1]}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda x: -x[1])[:3]
+    lm.model.eval()
+    with torch.no_grad():
+        sdpa = lm.forward(batch, True)
+        lm.set_attn_implementation("eager")
+        assert lm.model.get_base_model().config._attn_implementation == "eager"
+        eager = lm.forward(batch, True)
+    assert torch.allclose(sdpa, eager, atol=1e-4)
