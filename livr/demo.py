@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import time
 
 from livr.backbones import resolve_backbone_path
@@ -35,6 +36,9 @@ def run_demo(config_path: str, overrides: list[str] | None = None, warmup_steps:
         run_cfg.eval.zero_shot = mode == "sft"
         if mode == "sft":
             run_cfg.latents.num_latents = 0
+        if os.path.isdir(run_cfg.run_dir):  # the demo always trains anew (a real run would resume)
+            print(f"[demo]     removing the previous demo run {run_cfg.run_dir}")
+            shutil.rmtree(run_cfg.run_dir)
         step = 2 if mode == "sft" else 3
         print(f"[demo] {step}/4 training {mode.upper()} on {', '.join(cfg.data.tasks)} -> {run_cfg.run_dir}")
         result = train_worker(run_cfg)

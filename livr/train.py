@@ -106,6 +106,9 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     ctx = setup_distributed(cfg)
     quiet = ctx.rank != 0 or os.environ.get("LIVR_QUIET") == "1"
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
+    last = os.path.join(ckpt_dir, "last")
+    if cfg.train.resume and resume_from is None and os.path.exists(last):
+        check_same_run(cfg, os.path.join(run_dir, "config.yaml"))
     if ctx.rank == 0:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     if ctx.world > 1:  # one process per node materialises presets and synthetic data, the others wait
@@ -126,7 +129,6 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     plan = {"planned_steps": sum(s.steps for s in stages),  # what a full run uses (Tune budget accounting)
             "planned_epochs": sum(math.ceil(s.steps / steps_per_epoch) for s in stages)}
     state = {"stage": 0, "step": 0, "global_step": 0, "best": -1.0, "best_at": None, "history": []}
-    last = os.path.join(ckpt_dir, "last")
     source = resume_from or (last if cfg.train.resume and os.path.exists(last) else None)
     if source:
         state = engine.load(source)
@@ -201,6 +203,22 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
 
     # ---------------------------------------------------------------- save + evaluate
     return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet)
+
+
+def check_same_run(cfg: Config, saved_path: str) -> None:
+    """Resuming a run directory with a different config would mix two runs: a clear error instead."""
+    if not os.path.exists(saved_path):
+        return
+    from livr.config import ConfigError, flatten, load_config, to_dict
+
+    saved = flatten(to_dict(load_config(saved_path)))
+    now = flatten(to_dict(cfg))
+    ignore = ("tracking.", "train.resume", "distributed.", "eval.")
+    diff = [k for k in now if not k.startswith(ignore) and saved.get(k) != now[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"config: {cfg.run_dir} holds a run with a different config ({k}: {saved.get(k)!r} there, "
+                          f"{now[k]!r} now); use another name=, or train.resume=false to start it again from zero")
 
 
 def train_step(lm, engine, cfg, stage: Stage, state: dict, chunk: list[dict], pad_id: int, ctx: Context) -> float:

@@ -167,3 +167,14 @@ def test_cli_eval_and_report(livr_run, capsys):
     table = capsys.readouterr().out
     acc = _json(os.path.join(cfg.run_dir, "eval.json"))["results"]["test"]["accuracy"]["Counting"]
     assert "| method | Count | mean |" in table and f"| LIVR (K=4) | {100 * acc:.2f} |" in table
+
+
+def test_resume_with_a_different_config_is_an_error(livr_run, backbone_cache, data_cache):
+    from livr.config import ConfigError
+
+    cfg, _, tmp = livr_run
+    other = _cfg(backbone_cache, data_cache, tmp, name="livr", **{"model.backbone": "tiny-qwen3-vl",
+                                                                  "latents.num_latents": 7})
+    with pytest.raises(ConfigError, match="different config .*latents.num_latents: 4 there, 7 now"):
+        train_worker(other)
+    assert _json(os.path.join(cfg.run_dir, "eval.json"))["num_latents"] == 4  # nothing overwritten
