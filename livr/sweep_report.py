@@ -179,8 +179,8 @@ def summarise(cfg: Config, dims, grid, expected: int, parent, wall: float) -> di
     from livr.config import to_dict
 
     rows = trial_rows(cfg, dims, grid)
-    interrupted = len(rows) < expected or any(not grid[i].metrics or grid[i].metrics.get("done") is False
-                                              for i in range(len(grid)) if not grid[i].error)
+    # a trial that finished or was stopped by ASHA is TERMINATED; anything else means the driver was stopped
+    interrupted = len(rows) < expected or grid.num_terminated + grid.num_errors < len(grid)
     b = budget(rows)
     sweep_dir = cfg.run_dir
     md, csv_path = os.path.join(sweep_dir, "results.md"), os.path.join(sweep_dir, "results.csv")

@@ -156,11 +156,13 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
             epoch, start = divmod(state["step"], steps_per_epoch)
             gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + si * 100 + epoch)
             order = torch.randperm(len(train_items), generator=gen).tolist()  # the same on every rank
+            epoch_loss = []
             for k in range(start, steps_per_epoch):
                 if state["step"] >= stage.steps:
                     break
                 chunk = order[k * global_batch : (k + 1) * global_batch]
                 loss = train_step(lm, engine, cfg, stage, state, [train_items[i] for i in chunk], pad_id, ctx)
+                epoch_loss.append(loss)
                 state["step"] += 1
                 state["global_step"] += 1
                 bar.update(1)
@@ -180,6 +182,8 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                     _save(engine, state, ctx, last, report, {})
             # end of an epoch (or of the stage)
             metrics = {"epoch": epoch + 1, "stage": si + 1, **plan}
+            if epoch_loss:  # this epoch's (or its resumed part's) mean answer NLL, averaged over ranks
+                metrics["train_loss"] = _mean_across(sum(epoch_loss) / len(epoch_loss), ctx.world)
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
                 val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet)
                 acc = val["val"]["mean"]
