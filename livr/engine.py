@@ -141,6 +141,43 @@ class DeepSpeedEngine:
         return client["livr_state"]
 
 
+class Zero3Loading:
+    """ZeRO-3: the backbone is built straight into partitions (`from_pretrained` under `zero.Init`, through an
+    `HfDeepSpeedConfig` kept alive), so no rank ever holds the whole model. Before PEFT wraps it, zero.Init is
+    switched off (PEFT 0.21's own ZeRO-3 branch for trainable token rows needs CUDA) and the embedding
+    tables are gathered while PEFT copies the latent rows; `deepspeed.initialize` partitions the rest."""
+
+    def __init__(self, ds_config: dict):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        if dist.is_initialized():  # deepspeed.comm wraps the existing (Ray's) process group
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        self._hf = HfDeepSpeedConfig(ds_config)
+
+    def before_peft(self, model):
+        import deepspeed
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        self._hf = None
+        tables = [model.get_input_embeddings(), model.get_output_embeddings()]
+        resized = {id(p) for m in tables if m is not None for p in m.parameters()}  # new tables from the resize
+        self.built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters() if id(p) not in resized)
+        params = list({id(p): p for m in tables if m is not None for p in m.parameters()}.values())
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def zero3_loading(cfg: Config, world: int) -> Zero3Loading | None:
+    if not cfg.distributed.deepspeed:
+        return None
+    from livr.model import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
+    ds = resolve_ds_config(load_ds_config(cfg.distributed.deepspeed), cfg, world, dtype)
+    return Zero3Loading(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
+
+
 def make_engine(lm, opt, cfg: Config, rank: int, world: int):
     if not cfg.distributed.deepspeed:
         return TorchEngine(lm.model, opt, cfg, rank, world)

@@ -7,6 +7,8 @@ the embedding table (and of a tied or untied output head) stays bit-identical.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 LATENT_END = "<livr_latent_end>"
@@ -29,20 +31,34 @@ def add_latent_tokens(model, tokenizer, k: int, *, init: str = "random", seed: i
         return []
     tokenizer.add_tokens(tokens, special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(tokens)
-    emb = model.get_input_embeddings()
-    old_rows = emb.weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    old_rows = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partition's own shape is empty
     if len(tokenizer) > old_rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     gen = torch.Generator().manual_seed(seed)
-    _init_rows(model.get_input_embeddings().weight, ids, init, gen)
+    table = model.get_input_embeddings().weight
+    _init_rows(table, ids, init, gen)
     head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+    if head is not None and head.weight is not table:
         _init_rows(head.weight, ids, init, gen)  # untied head: deterministic, never trained
     return ids
 
 
-@torch.no_grad()
+def _whole(weight: torch.Tensor):
+    """A ZeRO-3 partitioned table (built under zero.Init) is gathered for the write; a no-op otherwise."""
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+
+
 def _init_rows(weight: torch.Tensor, ids: list[int], init: str, gen) -> None:
+    with _whole(weight), torch.no_grad():
+        _fill_rows(weight, ids, init, gen)
+
+
+def _fill_rows(weight: torch.Tensor, ids: list[int], init: str, gen) -> None:
     base = weight[: min(ids)].float()  # the base vocabulary's rows
     if init == "mean":
         rows = base.mean(0, keepdim=True).expand(len(ids), -1)

@@ -6,6 +6,7 @@ the Stage-1 bottleneck mask (4-D, explicit positions) or the plain 2-D causal pa
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -96,29 +97,22 @@ def lora_regex(family_regex: str, targets: list[str]) -> str:
     return rf"(?=(?:{family_regex})$).*\.(?:{names})"
 
 
-def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = True) -> LivrModel:
-    """Backbone + latents + LoRA on `cfg.model.device`; `adapter_dir` reloads a saved run's adapter."""
+def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = True, loading=None) -> LivrModel:
+    """Backbone + latents + LoRA on `cfg.model.device`; `adapter_dir` reloads a saved run's adapter.
+    `loading` (livr.engine.Zero3Loading) builds a ZeRO-3 partitioned backbone."""
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
         attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
     )
-    base_vocab = bb.model.get_input_embeddings().weight.shape[0]
+    table = bb.model.get_input_embeddings().weight
+    base_vocab = getattr(table, "ds_shape", table.shape)[0]  # (a ZeRO-3 partition's own shape is empty)
     ids = add_latent_tokens(bb.model, bb.tokenizer, cfg.latents.num_latents, init=cfg.latents.init, seed=cfg.latents.init_seed)
     for p in bb.model.parameters():
         p.requires_grad_(False)
-    if adapter_dir:
-        model = PeftModel.from_pretrained(bb.model, adapter_dir, is_trainable=trainable)
-    else:
-        lcfg = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=lora_regex(bb.family.lora_target_regex, cfg.lora.targets),
-            trainable_token_indices={"embed_tokens": ids} if ids else None,
-        )
-        with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only (not on whether a
-            torch.manual_seed(cfg.train.seed)     # preset was just materialised, which consumes RNG)
-            model = get_peft_model(bb.model, lcfg)
+    with loading.before_peft(bb.model) if loading else contextlib.nullcontext():
+        model = _peft(cfg, bb, ids, adapter_dir, trainable)
     model.to(device)
     if cfg.model.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -129,6 +123,19 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, ids, cfg.data.answer_format)
     builder.position_fn = lambda x, mm: bb.family.position_ids(model, x, torch.ones_like(x), mm)
     return LivrModel(model, bb, ids, builder, base_vocab, device, dtype)
+
+
+def _peft(cfg: Config, bb: Backbone, ids: list[int], adapter_dir: str | None, trainable: bool):
+    if adapter_dir:
+        return PeftModel.from_pretrained(bb.model, adapter_dir, is_trainable=trainable)
+    lcfg = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=lora_regex(bb.family.lora_target_regex, cfg.lora.targets),
+        trainable_token_indices={"embed_tokens": ids} if ids else None,
+    )
+    with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only (not on whether a
+        torch.manual_seed(cfg.train.seed)     # preset was just materialised, which consumes RNG)
+        return get_peft_model(bb.model, lcfg)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

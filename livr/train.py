@@ -25,7 +25,7 @@ from livr.backbones import resolve_backbone_path
 from livr.checkpoint import check_complete, load_trainable_state, save_run_artifacts, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.splits import load_splits
-from livr.engine import gathered, make_engine
+from livr.engine import gathered, make_engine, zero3_loading
 from livr.evaluate import evaluate_rows, write_eval
 from livr.model import LivrModel, answer_loss, build_model, param_groups
 from livr.sequence import collate
@@ -117,7 +117,8 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
             load_splits(cfg)
         dist.barrier()
     torch.manual_seed(cfg.train.seed)
-    lm = build_model(cfg)
+    loading = zero3_loading(cfg, ctx.world)
+    lm = build_model(cfg, loading=loading)
     splits = load_splits(cfg, progress=not quiet)
     train_items = encode_rows(lm, splits["train"], "encode train", quiet)
     opt = torch.optim.AdamW(param_groups(lm.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -169,7 +170,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                 _injected_failure(state["global_step"], ctx.rank)
                 if state["global_step"] == 1 and hasattr(engine, "memory"):  # per-rank ZeRO footprint
                     with open(os.path.join(run_dir, f"memory_rank{ctx.rank}.json"), "w") as f:
-                        json.dump(engine.memory(), f)
+                        json.dump({**engine.memory(), "built_partitioned": getattr(loading, "built_partitioned", False)}, f)
                 if state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps:
                     now = time.perf_counter()
                     metrics = {f"{stage.name}/loss": _mean_across(loss, ctx.world), f"{stage.name}/lr": engine.lr,

@@ -72,6 +72,15 @@ def apply_params(base: dict, params: dict) -> dict:
     return out
 
 
+def _number(v):
+    if isinstance(v, str):
+        try:
+            return int(v) if v.strip().lstrip("+-").isdigit() else float(v)
+        except ValueError:
+            return v
+    return v
+
+
 def parse_space(cfg: Config) -> list[Dim]:
     """Validate `tune.search_space` against the config tree; every error is one line naming the key."""
     space = cfg.tune.search_space
@@ -96,10 +105,15 @@ def parse_space(cfg: Config) -> list[Dim]:
         if kind in ("grid", "choice"):
             if len(keys) > 1 and any(not isinstance(v, (list, tuple)) or len(v) != len(keys) for v in values):
                 raise _err(key, f"each {kind} value must be a list of {len(keys)} values (one per key), got {values!r}")
+            numeric = [isinstance(leaves[k], (int, float)) and not isinstance(leaves[k], bool) for k in keys]
+            rows = [list(v) if len(keys) > 1 else [v] for v in values]  # YAML 1.1 reads 1e-5 as a string:
+            rows = [[_number(x) if n else x for x, n in zip(row, numeric)] for row in rows]  # numbers for numbers
+            values = rows if len(keys) > 1 else [row[0] for row in rows]
             candidates = [list(v) if len(keys) > 1 else [v] for v in values]
         else:
             if len(keys) > 1:
                 raise _err(key, "several keys can only be searched together with grid or choice")
+            values = [_number(v) for v in values]  # YAML 1.1 reads 1e-5 as a string
             if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise _err(key, f"{kind} needs [lo, hi] (two numbers), got {values!r}")
             lo, hi = values
@@ -323,12 +337,17 @@ def run_sweep(cfg: Config) -> dict:
     save_config(cfg, saved)
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a trial that just finished is not rerun after a kill
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # forced by num_to_keep: wanted
     init_ray_for_sweep(cfg)
     check_capacity(cfg)
     t0 = time.time()
     parent = Tracker(cfg, 0, sweep_dir)
     if parent.active:
         parent.client.set_tag(parent.run_id, "livr.sweep", "true")
+        for d in dims:  # the parent's config tags name the base values: mark the searched ones
+            for k in d.keys:
+                if k == "latents.num_latents":
+                    parent.client.set_tag(parent.run_id, "num_latents", "searched")
     t, d = cfg.tune, cfg.distributed
     resources = {"cpu": d.cpus_per_worker}
     if d.use_gpu:
@@ -357,7 +376,8 @@ def run_sweep(cfg: Config) -> dict:
             trainable, param_space=param_space(dims, t.searcher),
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, search_alg=search_alg,
                                         num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials or None),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, callbacks=[RunStatus(sweep_dir, tracking_uri(cfg))],
+            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1,
+                                      callbacks=[RunStatus(sweep_dir, tracking_uri(cfg))],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       failure_config=tune.FailureConfig(max_failures=d.max_failures)))
     grid = tuner.fit()

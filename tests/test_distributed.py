@@ -56,6 +56,11 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     assert os.path.exists(os.path.join(ckpt, "livr", "zero_pp_rank_1_mp_rank_00_optim_states.pt")), "rank 1's shard"
     # the adapter was gathered: whole tensors that load with PEFT, latent rows trained, other rows untouched
     run = os.path.join(str(tmp_path / "runs"), f"ds-{zero}")
+    for rank in (0, 1):
+        with open(os.path.join(run, f"memory_rank{rank}.json")) as f:
+            mem = json.load(f)
+        assert mem["zero_stage"] == int(zero[-1])
+        assert mem["built_partitioned"] == (zero == "zero3"), mem  # ZeRO-3: from_pretrained under zero.Init
     _, lm = load_run(run)
     fresh = load_run(run)[1]  # same files, loaded twice: deterministic
     for (n, p), (_, q) in zip(lm.model.named_parameters(), fresh.model.named_parameters()):

@@ -1,4 +1,11 @@
-"""Ray Tune over train_worker: real Ray, real MLflow sqlite store; every cluster is shut down."""
+"""`livr tune`: Ray Tune over train_worker on a tiny backbone — ASHA, MLflow parent/children, best config,
+Tune over Ray Train (2 workers per trial), resume after an interrupted driver, errors before Ray starts.
+
+Real Ray (one small local cluster for the module, shut down even on failure), real MLflow (sqlite). The
+ASHA sweep optimises the epoch's training loss (tune.metric=train_loss, mode=min): a useful lr lowers it
+within the first epoch while lr=1e-8 cannot, so ASHA has something to stop, deterministically.
+"""
+import json
 import os
 import subprocess
 import sys
@@ -6,109 +13,238 @@ import sys
 import pytest
 from conftest import tiny_overrides
 
-from livr.config import ConfigError, load_config
-
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LIVR_QUIET": "1",
-       "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test clusters only
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from livr.config import ConfigError, load_config, to_dict
+
+# the sweep's base: 2-way Visual_Similarity, 32 training rows (8 steps of 4 per epoch), scored on 1 token
+BASE = {"data.tasks": "[Visual_Similarity]", "data.train_size": 32, "data.val_size": 8, "eval.splits": "[val]",
+        "eval.max_new_tokens": 1, "optim.warmup_ratio": 0, "train.stage1_epochs": 2, "train.stage2_epochs": 2}
 
 
-def _sweep_args(backbone_cache, data_cache, tmp_path, **extra):
-    base = {"name": "sweep", "data.train_size": 16, "train.micro_batch_size": 8, "train.grad_accum": 1,
-            "train.stage1_epochs": 2, "train.stage2_epochs": 2, "eval.splits": "[val]",
-            "tune.metric": "train_loss", "tune.mode": "min", "tune.max_concurrent_trials": 1,
-            # good learning rates first, so that the useless ones meet a cutoff at ASHA's first rung
-            "tune.search_space": "{optim.lr: {grid: [3.0e-2, 3.0e-2, 1.0e-7, 1.0e-7]}, latents.num_latents: {choice: [2, 4]}}"}
-    base.update(extra)
-    return tiny_overrides(backbone_cache, data_cache, tmp_path, **base)
+def _overrides(backbone_cache, data_cache, tmp_path, space: dict, **extra):
+    return tiny_overrides(backbone_cache, data_cache, tmp_path, **{**BASE, "tune.search_space": json.dumps(space), **extra})
 
 
-@pytest.fixture
-def ray_session():
-    import ray
-
-    yield ray
-    ray.shutdown()
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
-def test_sweep_asha_mlflow_best_config(ray_session, backbone_cache, data_cache, tmp_path):
-    import ray
-
-    from livr.train import train_worker
-    from livr.tune import run_sweep
-
-    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, runtime_env={"env_vars": ENV})
-    cfg = load_config(None, _sweep_args(backbone_cache, data_cache, tmp_path))
-    summary = run_sweep(cfg)
-    rows = summary["rows"]
-    assert len(rows) == 4 and not summary["interrupted"]
-    stopped = [r for r in rows if r["epochs"] < r["planned_epochs"]]
-    assert stopped, rows  # ASHA stopped at least one trial before its last epoch (from Tune's results)
-    assert all(r in stopped for r in rows if r["optim.lr"] == 1e-7)  # the useless lr never runs to the end
-    assert summary["budget"]["trial_epochs_saved"] > 0
-    # MLflow: one parent, 4 children with the searched params
+def _mlflow_runs(uri: str):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.info.run_id == summary["parent_run_id"]]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
-    assert len(parent) == 1 and len(children) == 4
-    assert {c.data.params["optim.lr"] for c in children} == {"0.03", "1e-07"}
-    assert all(c.data.params["latents.num_latents"] in ("2", "4") for c in children)
-    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
-    # the best config reproduces a run with `livr train --config <best>`
-    best = load_config(summary["best_config"])
-    assert best.optim.lr == 3e-2
-    ray.shutdown()
-    best.name, best.train.stage1_steps, best.train.stage2_steps = "from-best", 1, 1
-    assert train_worker(best)["global_step"] == 2
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("livr")
+    return client, client.search_runs([exp.experiment_id])
 
 
-def test_sweep_with_two_workers_per_trial(ray_session, backbone_cache, data_cache, tmp_path):
-    from livr.tune import run_sweep
-
-    cfg = load_config(None, _sweep_args(backbone_cache, data_cache, tmp_path, **{
-        "tune.workers_per_trial": 2, "tune.scheduler": "fifo", "train.stage1_epochs": 1, "train.stage2_epochs": 1,
-        "tune.search_space": "{latents.num_latents: {grid: [2, 3]}}"}))
-    summary = run_sweep(cfg)  # starts a local cluster sized for 1 trial driver + 2 workers
-    assert len(summary["rows"]) == 2
-    assert all(r["status"] == "completed" and r["epochs"] == 2 for r in summary["rows"]), summary["rows"]
-
-
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(backbone_cache, data_cache, tmp_path):
-    args = _sweep_args(backbone_cache, data_cache, tmp_path, **{
-        "tune.scheduler": "fifo", "tune.search_space": "{latents.num_latents: {grid: [2, 3]}}"})
-    cmd = [sys.executable, "-m", "livr.cli", "tune", "--config", os.devnull, *args]
-    env = {**os.environ, **ENV, "LIVR_TUNE_INTERRUPT_AFTER": "1"}
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert first.returncode == 130, first.stdout[-2000:] + first.stderr[-2000:]  # stopped after 1 finished trial
-    sweep = tmp_path / "runs" / "sweep"
-    done = [d for d in sweep.iterdir() if d.name.startswith("trial_") and (d / "final_metrics.json").exists()]
-    assert len(done) == 1
-    mtime = (done[0] / "final_metrics.json").stat().st_mtime
-    env.pop("LIVR_TUNE_INTERRUPT_AFTER")
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert "resuming the sweep" in second.stdout
-    trials = [d for d in sweep.iterdir() if d.name.startswith("trial_")]
-    assert len(trials) == 2 and all((d / "final_metrics.json").exists() for d in trials)
-    assert (done[0] / "final_metrics.json").stat().st_mtime == mtime, "the finished trial was not rerun"
-    assert len((done[0] / "trial_starts.log").read_text().splitlines()) == 1
-
-
-@pytest.mark.parametrize("space, message", [
-    ("{optim.lrr: {grid: [1.0e-4]}}", "optim.lrr"),
-    ("{latents.num_latents: {choice: []}}", "latents.num_latents"),
-])
-def test_bad_search_space_is_an_error_before_ray(space, message, backbone_cache, data_cache, tmp_path):
+def test_bad_search_space_is_an_error_before_ray_starts(tmp_path, capsys):
     import ray
 
+    from livr.cli import main
     from livr.tune import run_sweep
 
-    cfg = load_config(None, _sweep_args(backbone_cache, data_cache, tmp_path, **{"tune.search_space": space}))
-    with pytest.raises(ConfigError, match=message):
-        run_sweep(cfg)
-    assert not ray.is_initialized()
+    if ray.is_initialized():
+        ray.shutdown()
+    base = tiny_overrides("/nonexistent", "/nonexistent", tmp_path)
+    cases = [({"latents.num_latnets": {"grid": [2, 4]}}, r"\['latents.num_latnets'\].*not a config key"),
+             ({"optim.lr": {"choice": []}}, r"\['optim.lr'\]: choice needs a non-empty list"),
+             ({"optim.lr": {"loguniform": [0, 1e-3]}}, r"\['optim.lr'\]: loguniform needs lo > 0"),
+             ({"optim.lr": {"normal": [0, 1]}}, r"\['optim.lr'\]: must be one of"),
+             ({"latents.num_latents": {"grid": [4, -1]}}, r"\['latents.num_latents'\]: latents.num_latents=-1"),
+             ({"tune.num_samples": {"grid": [1, 2]}}, r"'tune.num_samples' cannot be searched"),
+             ({"train.stage1_epochs,train.stage2_epochs": {"choice": [[4, 6], [2]]}}, r"list of 2 values")]
+    for space, match in cases:
+        cfg = load_config(None, [*base, f"tune.search_space={json.dumps(space)}"])
+        with pytest.raises(ConfigError, match=match):
+            run_sweep(cfg)
+    # the CLI prints one line naming the key and exits 2
+    (tmp_path / "c.yaml").write_text("name: bad\n")
+    assert main(["tune", "--config", str(tmp_path / "c.yaml"), *base,
+                 'tune.search_space={"lora.rank": {"grid": [4, 8]}}']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora.rank" in err[0] and "not a config key" in err[0]
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        cfg = load_config(None, [*base, "tune.searcher=optuna"])
+        with pytest.raises(ConfigError, match="needs optuna"):
+            run_sweep(cfg)
+    assert ray.is_initialized() is False
+    assert not (tmp_path / "runs").exists()
+
+
+def test_search_space_parsing_and_multi_key_values(tmp_path):
+    from livr.tune import apply_params, expected_trials, parse_space, trial_config
+
+    space = {"latents.num_latents": {"grid": [4, 8, 16, 32]}, "optim.lr": {"loguniform": [1e-5, 5e-4]},
+             "train.stage1_epochs,train.stage2_epochs": {"choice": [[4, 6], [2, 8]]}, "lora.r": {"randint": [4, 16]}}
+    cfg = load_config(None, [f"tune.search_space={json.dumps(space)}", "tune.num_samples=3"])
+    dims = parse_space(cfg)
+    assert [d.kind for d in dims] == ["grid", "loguniform", "choice", "randint"]
+    assert expected_trials(cfg, dims) == 12
+    import numpy as np
+
+    d = apply_params(to_dict(cfg),
+                     {"latents.num_latents": 8, "lora.r": np.int64(5), "train.stage1_epochs,train.stage2_epochs": "[2, 8]"})
+    assert d["lora"]["r"] == 5 and type(d["lora"]["r"]) is int
+    assert (d["train"]["stage1_epochs"], d["train"]["stage2_epochs"]) == (2, 8)
+    setup = {"base": d, "sweep_dir": str(tmp_path), "sweep_name": "s", "workers": 0}
+    tc = trial_config(setup, {"optim.lr": 3e-4}, "abc12_00001")
+    assert tc.run_dir == os.path.join(str(tmp_path), "trial_abc12_00001") and tc.optim.lr == 3e-4
+    # the default space: K over {4, 8, 16, 32} and lr log-uniform in [1e-5, 5e-4]
+    default = parse_space(load_config(None, []))
+    assert [(d.key, d.kind, d.values) for d in default] == [("latents.num_latents", "grid", [4, 8, 16, 32]),
+                                                           ("optim.lr", "loguniform", [1e-5, 5e-4])]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One small local cluster for the module (3 logical CPUs: a Train trial is 1 driver CPU + 2 workers);
+    the dashboard is on because Tune over Ray Train needs it to release a finished trial's placement group."""
+    import ray
+
+    from livr.distributed import _WORKER_ENV
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    ray.init(num_cpus=3, object_store_memory=100 * 1024**2, include_dashboard=True, runtime_env={"env_vars": env})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def test_asha_sweep_mlflow_best_config(ray_cluster, backbone_cache, data_cache, tmp_path):
+    from livr.cli import main
+    from livr.tune import run_sweep
+
+    # lr first: the grid runs both useful-lr trials first, so the lr=1e-8 ones meet a populated rung
+    space = {"optim.lr": {"grid": [1e-2, 1e-8]}, "latents.num_latents": {"grid": [2, 4]}}
+    cfg = load_config(None, _overrides(backbone_cache, data_cache, tmp_path, space, name="asha",
+                                       **{"tune.max_concurrent_trials": 2, "tune.grace_period": 1,
+                                          "tune.reduction_factor": 2, "tune.metric": "train_loss",
+                                          "tune.mode": "min"}))
+    s = run_sweep(cfg)
+    rows = s["rows"]
+    assert not s["interrupted"] and len(rows) == 4
+    # ASHA stopped trials early: fewer reported iterations (epochs) than the trial's plan of 4
+    assert all(r["planned_epochs"] == 4 and r["planned_steps"] == 32 for r in rows)
+    stopped = [r for r in rows if r["epochs"] < r["planned_epochs"]]
+    assert stopped and all(r["status"] == "stopped early" for r in stopped)
+    assert any(r["status"] == "completed" and r["epochs"] == 4 for r in rows)
+    assert all(r["status"] == "stopped early" for r in rows if r["optim.lr"] == 1e-8)  # never runs to the end
+    assert max(r["best"] for r in rows if r["optim.lr"] == 1e-2) < min(r["best"] for r in rows if r["optim.lr"] == 1e-8)
+    b = s["budget"]
+    assert b["trial_epochs_full"] == 16 and b["trial_epochs_saved"] == 16 - sum(r["epochs"] for r in rows) > 0
+
+    # the best trial, its config, the table and the plot
+    best = s["best"]
+    assert best["status"] == "completed" and best["optim.lr"] == 1e-2
+    assert best["best"] == min(r["best"] for r in rows if r["status"] == "completed")
+    for key in ("results_md", "results_csv", "plot"):
+        assert os.path.getsize(s[key]) > 0
+    with open(s["results_md"]) as f:
+        assert "| optim.lr | latents.num_latents | best train_loss |" in f.read()
+    bc = load_config(s["best_config"])
+    assert (bc.optim.lr, bc.latents.num_latents, bc.name) == (1e-2, best["latents.num_latents"], "asha-best")
+
+    # MLflow: one parent, four children with their K and lr, none left RUNNING
+    client, runs = _mlflow_runs(cfg.tracking.uri)
+    parents = [r for r in runs if r.data.tags.get("livr.sweep") == "true"]
+    assert len(parents) == 1 and parents[0].info.run_id == s["parent_run_id"]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    assert sorted((float(c.data.params["optim.lr"]), int(c.data.params["latents.num_latents"])) for c in children) == \
+        [(1e-8, 2), (1e-8, 4), (1e-2, 2), (1e-2, 4)]
+    by_trial = {c.data.params["name"].removeprefix("trial_"): c for c in children}
+    for r in rows:
+        c = by_trial[r["trial"]]
+        assert c.info.status == ("FINISHED" if r["status"] == "completed" else "KILLED")
+        curve = client.get_metric_history(c.info.run_id, "train_loss")
+        assert len(curve) == r["epochs"]  # logged as it went, also for a stopped trial
+        assert len(client.get_metric_history(c.info.run_id, "stage1/val_accuracy")) >= 1
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["tune.max_concurrent_trials"] == "2"
+    assert parent.data.metrics["trial_epochs_saved"] == b["trial_epochs_saved"]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.md", "results.csv", "accuracy_vs_K.png", "best_config.yaml", "best_trial"} <= arts
+    assert "best_trial/adapter/adapter_model.safetensors" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "best_trial/adapter")}
+
+    # the same command again: the finished sweep is restored, nothing is rerun
+    def starts():
+        return {r["trial"]: _read(os.path.join(r["run_dir"], "trial_starts.log")) for r in rows}
+
+    before = starts()
+    again = run_sweep(cfg)
+    assert sorted(r["trial"] for r in again["rows"]) == sorted(before) and starts() == before
+
+    # `livr train --config best_config.yaml` trains it (a few steps)
+    assert main(["train", "--config", s["best_config"], "train.stage1_steps=1", "train.stage2_steps=1"]) == 0
+    assert os.path.exists(os.path.join(bc.run_dir, "adapter", "adapter_model.safetensors"))
+
+
+def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cache, data_cache, tmp_path):
+    """The driver (the real CLI, in a subprocess) gets SIGINT after its first trial completed; the same
+    command again finishes the sweep without rerunning that trial."""
+    space = {"latents.num_latents": {"grid": [2, 4]}}
+    ov = _overrides(backbone_cache, data_cache, tmp_path, space, name="resume",
+                    **{"tune.max_concurrent_trials": 1, "tune.scheduler": "fifo", "train.stage1_epochs": 1,
+                       "train.stage2_epochs": 1})
+    (tmp_path / "sweep.yaml").write_text("name: resume\n")
+    cmd = [sys.executable, "-m", "livr.cli", "tune", "--config", str(tmp_path / "sweep.yaml"), *ov]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LIVR_TUNE_INTERRUPT_AFTER": "1"}
+    first = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
+    assert first.returncode == 130, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "interrupted: run the same command again" in first.stdout
+    sweep = tmp_path / "runs" / "resume"
+    done = [d for d in os.listdir(sweep) if d.startswith("trial_") and (sweep / d / "final_metrics.json").exists()]
+    assert len(done) == 1
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _, runs = _mlflow_runs(uri)
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # the interrupted ones are closed (KILLED)
+
+    env.pop("LIVR_TUNE_INTERRUPT_AFTER")
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the sweep" in second.stdout and "best config:" in second.stdout
+    trials = sorted(d for d in os.listdir(sweep) if d.startswith("trial_"))
+    assert len(trials) == 2 and all((sweep / d / "final_metrics.json").exists() for d in trials)
+    with open(sweep / done[0] / "trial_starts.log") as f:
+        assert len(f.read().splitlines()) == 1  # the finished trial was not started again
+    client, runs = _mlflow_runs(uri)
+    parent = [r for r in runs if r.data.tags.get("livr.sweep") == "true"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    first_child = next(c for c in children if c.data.params["name"] == done[0])
+    assert len(client.get_metric_history(first_child.info.run_id, "stage2/val_accuracy")) == 1
+
+
+def test_tune_over_ray_train_two_workers_per_trial(ray_cluster, backbone_cache, data_cache, tmp_path):
+    pytest.importorskip("livr.distributed", reason="livr.distributed (make_trainer) does not exist yet")
+    from livr.tune import run_sweep
+
+    space = {"latents.num_latents": {"grid": [2, 4]}}
+    cfg = load_config(None, _overrides(backbone_cache, data_cache, tmp_path, space, name="train2",
+                                       **{"tune.workers_per_trial": 2, "tune.max_concurrent_trials": 1,
+                                          "tune.scheduler": "fifo", "train.stage1_epochs": 1,
+                                          "train.stage2_epochs": 1}))
+    s = run_sweep(cfg)
+    rows = s["rows"]
+    # both trials ran to the end: the first trial's placement group was released for the second
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == 2 for r in rows)
+    assert all(r["planned_steps"] == 8 for r in rows)  # 32 rows / (4 per worker x 2 workers) = 4 steps/epoch
+    for r in rows:
+        assert os.path.exists(os.path.join(r["run_dir"], "adapter", "adapter_model.safetensors"))
+    _, runs = _mlflow_runs(cfg.tracking.uri)
+    parent = next(r for r in runs if r.data.tags.get("livr.sweep") == "true")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.params["distributed.num_workers"] == "2" for c in children)
