@@ -32,3 +32,5 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
 fi
 export PATH="$VENV/bin:$PATH"
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+# DeepSpeed's JIT-built ops belong to this venv's torch: keep their cache inside the venv
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"

@@ -129,6 +129,10 @@ def run_distributed(cfg: Config) -> dict:
 
     check_config(cfg)
     absolute_paths(cfg)
+    if cfg.distributed.deepspeed and not cfg.distributed.use_gpu:
+        from livr.engine import prebuild_cpu_comm_op
+
+        prebuild_cpu_comm_op()
     init_ray(cfg)
     check_capacity(cfg)
     result = make_trainer(cfg).fit()

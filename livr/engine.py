@@ -54,6 +54,16 @@ def resolve_ds_config(ds: dict, cfg: Config, world: int, dtype: torch.dtype) -> 
     return out
 
 
+def prebuild_cpu_comm_op() -> None:
+    """DeepSpeed on CPU JIT-compiles its shared-memory comm op at first use (~45 s, then cached in
+    TORCH_EXTENSIONS_DIR). Build it once in the driver, so that workers starting together do not compile it
+    concurrently into the same cache (seen to fail: "Error building extension 'deepspeed_shm_comm'")."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
+
+
 class TorchEngine:
     """Plain torch: gradients averaged across ranks at the accumulation boundary, clip, AdamW."""
 

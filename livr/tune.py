@@ -14,7 +14,8 @@ TorchTrainer of N Ray Train workers (`livr.distributed.make_trainer`, Train V2 p
 once per epoch (`val_accuracy`, `global_step`, ...), so ASHA's time unit is epochs. The sweep lives in
 `<output_dir>/<name>/`: one run directory per trial (`trial_<id>/`, which train_worker resumes), Tune's
 own state, `results.md|csv`, `accuracy_vs_K.png`, `best_config.yaml`. The same command resumes an
-interrupted sweep (finished trials are not rerun).
+interrupted sweep (finished trials are not rerun). The trial body and Tune callbacks are in
+`livr/tune_trial.py`; the results table, plot, best config and MLflow parent artifacts in `livr/sweep_report.py`.
 """
 from __future__ import annotations
 
@@ -22,13 +23,11 @@ import copy
 import json
 import os
 import posixpath
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from livr.config import Config, ConfigError, flatten, from_dict, save_config, to_dict
 
@@ -194,98 +193,6 @@ def trial_config(setup: dict, params: dict, trial_id: str) -> Config:
     return from_dict(d)
 
 
-def run_trial(params: dict, setup: dict) -> None:
-    """The trial body: a child MLflow run, then train_worker in-process or on N Ray Train workers."""
-    from livr.tracking import Tracker
-
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(setup, params, trial_id)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "trial_starts.log"), "a") as f:  # one line per (re)start
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {json.dumps(params, default=str)}\n")
-    Tracker(cfg, 0, cfg.run_dir, parent_run_id=setup["parent_run_id"])  # the child run (or the existing one)
-    metric = setup["metric"]
-    if setup["workers"] == 0:
-        from livr.train import train_worker
-
-        def report(metrics: dict, checkpoint_dir: str | None) -> None:
-            if metric not in metrics:  # step checkpoints between epochs: train_worker keeps them itself
-                return
-            has = checkpoint_dir and os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if has else None)
-
-        last = os.path.join(cfg.run_dir, "checkpoints", "last")
-        ckpt = tune.get_checkpoint()
-        if ckpt is not None and not os.path.exists(last):  # restored on a node without the trial's run dir
-            with ckpt.as_directory() as path:
-                train_worker(cfg, report=report, resume_from=path)
-        else:
-            train_worker(cfg, report=report)
-    else:
-        from livr.distributed import make_trainer
-
-        make_trainer(cfg, name=f"trial_{trial_id}", storage_path=setup["train_storage"],
-                     callbacks=[EpochReportCallback(metric)]).fit()
-
-
-class EpochReportCallback(TuneReportCallback):
-    """TuneReportCallback that forwards only the reports carrying the metric (one per epoch), so that
-    step checkpoints between epochs (distributed.checkpoint_every) do not count as ASHA iterations."""
-
-    def __init__(self, metric: str):
-        super().__init__()
-        self.metric = metric
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if metrics and self.metric in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)
-
-
-def make_trainable(setup: dict):
-    def livr_trial(params):
-        run_trial(params, setup)
-
-    if setup["workers"]:
-        return tune.with_resources(livr_trial, {"cpu": 1})  # the trial driver; workers get their own bundles
-    return tune.with_resources(livr_trial, setup["resources"])
-
-
-class RunStatus(tune.Callback):
-    """Driver-side: a trial stopped by ASHA ends its MLflow run as KILLED (tag livr.early_stopped=true), an
-    errored one as FAILED (a trial that finished has already ended its run as FINISHED).
-    Test hook: LIVR_TUNE_INTERRUPT_AFTER=N sends SIGINT to the driver once N trials have completed."""
-
-    def __init__(self, sweep_dir: str, uri: str):
-        self.sweep_dir, self.uri = sweep_dir, uri
-
-    def _close(self, trial, status: str) -> None:
-        id_file = os.path.join(self.sweep_dir, f"trial_{trial.trial_id}", "mlflow_run_id")
-        if not os.path.exists(id_file):
-            return
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.uri)
-        with open(id_file) as f:
-            run_id = f.read().strip()
-        if client.get_run(run_id).info.status == "RUNNING":
-            if status == "KILLED":
-                client.set_tag(run_id, "livr.early_stopped", "true")
-            client.set_terminated(run_id, status=status)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, "KILLED")
-        _COMPLETED.append(trial.trial_id)
-        after = int(os.environ.get("LIVR_TUNE_INTERRUPT_AFTER", "0"))
-        if after and len(_COMPLETED) >= after:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED")
-
-
-_COMPLETED: list[str] = []  # trials completed in this process (the interrupt test hook)
-
-
 # ----------------------------------------------------------------------------- the driver
 def init_ray_for_sweep(cfg: Config) -> None:
     """An existing cluster (distributed.address / RAY_ADDRESS) or a local one sized for the trials."""
@@ -355,6 +262,8 @@ def run_sweep(cfg: Config) -> dict:
     setup = {"base": to_dict(cfg), "sweep_dir": sweep_dir, "sweep_name": cfg.name, "parent_run_id": parent.run_id,
              "workers": t.workers_per_trial, "metric": t.metric, "resources": resources,
              "train_storage": posixpath.join(exp_path, "train") if "://" in exp_path else os.path.join(exp_path, "train")}
+    from livr.tune_trial import RunStatus, make_trainable
+
     trainable = make_trainable(setup)
     if tune.Tuner.can_restore(exp_path):
         print(f"[livr tune] resuming the sweep in {exp_path} (finished trials are kept)", flush=True)

@@ -137,6 +137,7 @@ def test_asha_sweep_mlflow_best_config(ray_cluster, backbone_cache, data_cache, 
     stopped = [r for r in rows if r["epochs"] < r["planned_epochs"]]
     assert stopped and all(r["status"] == "stopped early" for r in stopped)
     assert any(r["status"] == "completed" and r["epochs"] == 4 for r in rows)
+    assert all(r["status"] == "completed" for r in rows if r["epochs"] == r["planned_epochs"])  # never stopped at its end
     assert all(r["status"] == "stopped early" for r in rows if r["optim.lr"] == 1e-8)  # never runs to the end
     assert max(r["best"] for r in rows if r["optim.lr"] == 1e-2) < min(r["best"] for r in rows if r["optim.lr"] == 1e-8)
     b = s["budget"]
