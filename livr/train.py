@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from livr.backbones import resolve_backbone_path
-from livr.checkpoint import check_complete, load_trainable_state, save_run_artifacts, trainable_state
+from livr.checkpoint import load_trainable_state, save_run_artifacts, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.splits import load_splits
 from livr.engine import gathered, make_engine, zero3_loading
@@ -330,4 +330,4 @@ def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet) -> dict:
     return final
 
 
-__all__ = ["check_complete", "lr_at", "plan_stages", "train_step", "train_worker"]
+__all__ = ["lr_at", "plan_stages", "train_step", "train_worker"]
