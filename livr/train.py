@@ -73,13 +73,15 @@ def plan_stages(cfg: Config, steps_per_epoch: int) -> list[Stage]:
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
-    """5% linear warm-up then cosine decay, restarted for each stage."""
+    """The learning rate of optimizer step `step` (0-based) of a stage of `total` steps: linear warm-up over
+    ceil(warmup_ratio * total) steps, then cosine decay to min_lr_ratio * lr, restarted for each stage.
+    Exactly transformers' `get_cosine_schedule_with_warmup` (with `min_lr_rate`), as the HF Trainer steps it."""
     o = cfg.optim
-    warm = max(1, math.ceil(o.warmup_ratio * total)) if o.warmup_ratio > 0 else 0
+    warm = math.ceil(o.warmup_ratio * total)
     if step < warm:
-        return o.lr * (step + 1) / warm
+        return o.lr * step / max(1, warm)
     progress = (step - warm) / max(1, total - warm)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _mean_across(value: float, world: int) -> float:

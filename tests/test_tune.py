@@ -229,7 +229,6 @@ def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cach
 
 
 def test_tune_over_ray_train_two_workers_per_trial(ray_cluster, backbone_cache, data_cache, tmp_path):
-    pytest.importorskip("livr.distributed", reason="livr.distributed (make_trainer) does not exist yet")
     from livr.tune import run_sweep
 
     space = {"latents.num_latents": {"grid": [2, 4]}}

@@ -1,0 +1,188 @@
+"""LIVR_SPEC §3 inside the real loop: what `train_worker` itself builds and does, observed from outside.
+
+The optimizer is observed by substituting a recording AdamW (its real param groups and the learning rate
+of every step), the masks by a forward hook on the backbone; the schedule is compared with transformers'
+`get_cosine_schedule_with_warmup`, resume with an uninterrupted run, and N-rank gradients with one rank's
+accumulation over a real gloo process group.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_overrides
+from safetensors.torch import load_file, save_file
+
+import livr.train
+from livr.config import load_config
+
+IMAGE_TOKEN = "<|image_pad|>"
+
+
+def _cfg(backbone_cache, data_cache, tmp_path, **extra):
+    return load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, **{"tracking.enabled": False, **extra}))
+
+
+def _hf_trace(lr: float, warmup_ratio: float, total: int) -> list[float]:
+    """The learning rate of each optimizer step under transformers' scheduler, stepped as the HF Trainer does."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(warmup_ratio * total), total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_train_worker_optimizer_schedule_and_stage_masks(backbone_cache, data_cache, tmp_path, monkeypatch):
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name="spec", **{
+        "train.stage1_steps": 4, "train.stage2_steps": 6, "train.micro_batch_size": 2, "train.grad_accum": 2,
+        "optim.warmup_ratio": 0.25, "optim.lr": 1e-2, "optim.weight_decay": 0.03, "latents.num_latents": 3})
+    optimizers, forwards = [], []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            self.lrs = []
+            optimizers.append(self)
+            self.register_step_pre_hook(lambda opt, a, k: opt.lrs.append([g["lr"] for g in opt.param_groups]))
+
+    real_build = livr.train.build_model
+
+    def build(*a, **kw):
+        lm = real_build(*a, **kw)
+
+        def hook(module, args, kwargs):
+            if module.training:
+                forwards.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+
+        lm.model.get_base_model().register_forward_pre_hook(hook, with_kwargs=True)
+        build.lm = lm
+        return lm
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(livr.train, "build_model", build)
+    livr.train.train_worker(cfg)
+
+    # the optimizer train_worker really built: every trainable tensor once; latent rows without weight decay
+    (opt,) = optimizers
+    model = build.lm.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    in_groups = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(in_groups) == sorted(trainable) and len(in_groups) == len(set(in_groups))
+    hidden = model.get_input_embeddings().weight.shape[1]
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if tuple(p.shape) == (4, hidden) and "lora_" not in names[id(p)]:  # the K+1 latent rows
+                assert g["weight_decay"] == 0.0, names[id(p)]
+            else:
+                assert "lora_" in names[id(p)] and g["weight_decay"] == 0.03, names[id(p)]
+    assert sum(1 for g in opt.param_groups for p in g["params"] if g["weight_decay"] == 0.0) == 1
+    assert (opt.betas if hasattr(opt, "betas") else opt.defaults["betas"]) == (0.9, 0.999)
+    assert opt.defaults["eps"] == 1e-8
+
+    # the learning rate of every step, every group: warm-up + cosine restarted per stage, as transformers has it
+    expected = _hf_trace(1e-2, 0.25, 4) + _hf_trace(1e-2, 0.25, 6)
+    assert len(opt.lrs) == 10
+    for step, (lrs, want) in enumerate(zip(opt.lrs, expected)):
+        assert lrs == pytest.approx([want] * len(lrs), abs=1e-12), f"step {step}"
+
+    # Stage 1 trains under the bottleneck (answer rows blind to every image column, latents see them),
+    # Stage 2 under the plain causal path
+    assert len(forwards) == 20  # (4 + 6) steps x 2 micro-batches
+    image = build.lm.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    end = build.lm.tokenizer.convert_tokens_to_ids("<livr_latent_end>")
+    for i, (ids, mask) in enumerate(forwards):
+        if i >= 8:
+            assert mask.dim() == 2, f"Stage-2 micro-batch {i} got a {mask.dim()}-D mask"
+            continue
+        assert mask.dim() == 4, f"Stage-1 micro-batch {i} got a {mask.dim()}-D mask"
+        for b in range(ids.shape[0]):
+            row = ids[b].tolist()
+            images = [j for j, t in enumerate(row) if t == image]
+            delimiter = row.index(end)
+            answer_rows = [j for j in range(delimiter, len(row)) if row[j] != build.lm.tokenizer.pad_token_id]
+            seen = mask[b, 0][answer_rows][:, images]
+            assert (seen == torch.finfo(mask.dtype).min).all(), "an answer row sees the image in Stage 1"
+            assert (mask[b, 0][delimiter - 1, images] == 0).all(), "the last latent sees the image"
+
+
+def _final(run_dir):
+    return load_file(os.path.join(run_dir, "checkpoints", "last", "trainable.safetensors"))
+
+
+def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache, tmp_path, monkeypatch):
+    """Killed mid-epoch in Stage 1 and again mid-Stage 2, resumed each time: the same weights, bit for bit,
+    as the run that was never interrupted (dropout 0: issue 12 adds the RNG state for dropout > 0)."""
+    extra = {"train.stage1_steps": 3, "train.stage2_steps": 3, "lora.dropout": 0.0, "distributed.checkpoint_every": 1,
+             "optim.lr": 1e-2, "eval.splits": "[val]"}
+    whole = _cfg(backbone_cache, data_cache, tmp_path, name="whole", **extra)
+    cut = _cfg(backbone_cache, data_cache, tmp_path, name="cut", **extra)
+    ref = livr.train.train_worker(whole)
+    for at in ("2", "5"):  # step 2 = mid-epoch of Stage 1; step 5 = the middle of Stage 2
+        monkeypatch.setenv("LIVR_FAIL_AT_STEP", at)
+        with pytest.raises(RuntimeError, match=f"injected failure at step {at}"):
+            livr.train.train_worker(cut)
+    monkeypatch.delenv("LIVR_FAIL_AT_STEP")
+    got = livr.train.train_worker(cut)
+    assert got["resumed_from"] == [1, 4] and got["global_step"] == ref["global_step"] == 6
+    a, b = _final(whole.run_dir), _final(cut.run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------- N ranks = 1 rank x accumulation
+def _grad_rows():
+    from livr.data.synthetic import generate_task
+
+    # unequal micro-batches: 1 or 3 images, multiple-choice or open-ended answers of different lengths
+    return (generate_task("Counting", 1, seed=1, mode="open", max_count=12) + generate_task("Visual_Similarity", 1, seed=1)
+            + generate_task("Counting", 1, seed=2) + generate_task("Jigsaw", 1, seed=3))
+
+
+def _step_grads(overrides: list[str], rank: int, world: int) -> dict:
+    """One train_step of the real loop on this rank; the gradients the optimizer steps with."""
+    from livr.engine import TorchEngine
+    from livr.model import build_model, param_groups
+    from livr.train import Context, Stage, train_step
+
+    cfg = load_config(None, overrides)
+    lm = build_model(cfg)
+    opt = torch.optim.AdamW(param_groups(lm.model, 0.01), lr=1e-3)
+    grads = {}
+    opt.register_step_pre_hook(lambda o, a, k: grads.update(
+        {n: p.grad.detach().clone() for n, p in lm.model.named_parameters() if p.grad is not None}))
+    engine = TorchEngine(lm.model, opt, cfg, rank, world)
+    chunk = [lm.builder.encode(r) for r in _grad_rows()]
+    train_step(lm, engine, cfg, Stage("stage1", True, 4, "sdpa"), {"step": 1}, chunk, lm.tokenizer.pad_token_id,
+               Context(rank, world, rank))
+    return grads
+
+
+def _grad_worker(rank: int, world: int, init: str, overrides: list[str], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        grads = _step_grads(overrides, rank, world)
+        if rank == 0:
+            save_file(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_gradient_of_one_rank_accumulating(backbone_cache, data_cache, tmp_path):
+    base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
+        "lora.dropout": 0.0, "train.micro_batch_size": 1, "train.max_grad_norm": 1e9, "latents.num_latents": 2})
+    one = _step_grads(base + ["train.grad_accum=4"], 0, 1)
+    out = str(tmp_path / "rank0.safetensors")
+    mp.spawn(_grad_worker, args=(2, str(tmp_path / "pg"), base + ["train.grad_accum=2"], out), nprocs=2, join=True)
+    two = load_file(out)
+    assert one.keys() == two.keys() and any(v.abs().sum() > 0 for v in one.values())
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-5), (k, (one[k] - two[k]).abs().max().item())
