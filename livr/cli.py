@@ -1,4 +1,5 @@
-"""`livr` command line: train, tune, eval, report, verify, inspect, demo, plan, config show, backbone make-tiny, data make-synthetic."""
+"""`livr` command line: train, tune, eval, report, verify, inspect, demo, plan, config show, backbone make / make-tiny,
+data make-synthetic."""
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,13 @@ def cmd_eval(args) -> int:
     from livr.runs import evaluate_run
 
     results = evaluate_run(args.run, split=args.split, bottleneck=args.bottleneck, overrides=args.overrides)
+    from livr.data.tasks import PAPER_TASKS
     from livr.evaluate import table1
 
-    print(table1([(os.path.basename(os.path.normpath(args.run)), results["accuracy"])]))
+    tasks = [t for t in PAPER_TASKS if t in results["n"]] + sorted(set(results["n"]) - set(PAPER_TASKS))
+    print(table1([(os.path.basename(os.path.normpath(args.run)), results["accuracy"])], tasks))
+    print(f"scored with eval.parser={results['parser']}" if results["accuracy"] is not None else
+          f"answers hidden: no accuracy; BLINK submission file (EvalAI): {results['submission']}")
     return 0
 
 
@@ -88,9 +93,13 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from livr.backbones import make_tiny
+    from livr.backbones import make_preset
 
-    print(make_tiny(args.name, args.dir, seed=args.seed, progress=True))
+    try:
+        print(make_preset(args.name, args.dir, seed=args.seed, num_layers=getattr(args, "num_layers", 0), progress=True))
+    except ValueError as e:  # an unknown preset name or depth
+        print(f"livr: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -111,11 +120,23 @@ def cmd_demo(args) -> int:
     return run_demo(args.config, args.overrides)
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size must be WIDTHxHEIGHT (e.g. 1024x768), got {text!r}") from None
+    return w, h
+
+
 def cmd_plan(args) -> int:
     from livr.plan import format_plan, plan
 
-    result = plan(_config(args), seq_len=args.seq_len)
-    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    if args.image_size and not args.images:
+        print("livr plan: --image-size needs --images N", file=sys.stderr)
+        return 2
+    result = plan(_config(args), seq_len=args.seq_len, images=args.images or 0, image_size=args.image_size,
+                  sample=args.sample)
+    print(json.dumps(result, indent=1, default=str) if args.json else format_plan(result))
     return 0
 
 
@@ -161,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="the CPU demo: tiny backbone, synthetic tasks, SFT vs LIVR, table")
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_demo, config="configs/demo.yaml")
-    sp = sub.add_parser("plan", help="per-GPU memory estimate of a run (from the backbone's config, no weights)")
+    sp = sub.add_parser("plan", help="per-GPU memory and host RAM of a run (backbone config + data, no weights)")
     with_config(sp, required=False)
-    sp.add_argument("--seq-len", type=int, default=1024, help="tokens per example: text + image tokens + latents")
+    sp.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per example (text + image tokens + latents + answer); default: from the data")
+    sp.add_argument("--images", type=int, default=0, help="plan for N images per example instead of the data")
+    sp.add_argument("--image-size", type=_image_size, default=None, help="WxH of those images (default 1024x768)")
+    sp.add_argument("--sample", type=int, default=16, help="train rows read per task to measure the sequence")
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sp.set_defaults(fn=cmd_plan)
 
@@ -173,8 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_config_show)
 
     bb = sub.add_parser("backbone", help="backbone tools").add_subparsers(dest="sub", required=True)
-    sp = bb.add_parser("make-tiny", help="materialise a tiny offline preset into DIR")
-    sp.add_argument("name", help="tiny-qwen2.5-vl | tiny-qwen3-vl | tiny-llava-onevision")
+    sp = bb.add_parser("make", help="materialise an offline preset (tiny, or real size with random weights) into DIR")
+    sp.add_argument("name", help="tiny-qwen2.5-vl | tiny-qwen3-vl | tiny-llava-onevision | size-qwen2.5-vl-3b | "
+                                 "size-qwen3-vl-4b | size-llava-onevision-7b")
+    sp.add_argument("dir")
+    sp.add_argument("--num-layers", type=int, default=0,
+                    help="keep the first N decoder layers and vision blocks (0 = the preset's own depth)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_make_tiny)
+    sp = bb.add_parser("make-tiny", help="materialise a tiny offline preset into DIR (= make)")
+    sp.add_argument("name", help="tiny-qwen2.5-vl | tiny-qwen3-vl | tiny-llava-onevision (or any preset of make)")
     sp.add_argument("dir")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_make_tiny)

@@ -30,6 +30,7 @@ class ModelConfig:
     attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    num_layers: int = 0  # keep the first N decoder layers and min(N, depth) vision blocks; 0 = the checkpoint's depth
 
 
 @dataclass
@@ -65,6 +66,10 @@ class DataConfig:
     answer_format: str = "letter"  # letter ("B") | paren ("(B)")
     seed: int = 42
     options: dict = field(default_factory=dict)  # per-generator options, e.g. {max_count: 4}
+    num_workers: int = -1  # DataLoader processes per rank that decode + encode rows; -1 = one per spare core (<= 4)
+    cache_mib: int = 1024  # encoded rows kept per loader process for the next epochs (small data); 0 = none
+    max_pixels: int = 0  # cap per image (Qwen-style processors: longest_edge in pixels); 0 = the checkpoint's own
+    min_pixels: int = 0  # floor per image; 0 = the checkpoint's own
 
 
 @dataclass
@@ -104,6 +109,7 @@ class EvalConfig:
     bottleneck: bool = False  # evaluate under the Stage-1 mask (the paper's analysis)
     splits: list[str] = field(default_factory=lambda: ["test"])  # of train | val | test (the data.*_split names)
     zero_shot: bool = False  # also evaluate the untrained backbone
+    parser: str = "blink"  # answer scoring: blink (BLINK's official rule, exactly) | lenient (finds "(X)" anywhere)
 
 
 @dataclass
@@ -318,6 +324,8 @@ def validate(cfg: Config) -> Config:
         _fail("name", cfg.name, "must be a non-empty name without '/'")
     _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager"))
+    if cfg.model.num_layers < 0:
+        _fail("model.num_layers", cfg.model.num_layers, "must be >= 0 (0 = the checkpoint's own depth)")
     _one_of("train.mode", cfg.train.mode, ("livr", "sft"))
     _one_of("train.select", cfg.train.select, ("best", "last"))
     _one_of("latents.init", cfg.latents.init, ("random", "mean"))
@@ -346,6 +354,15 @@ def validate(cfg: Config) -> Config:
         if t not in valid:
             _fail("data.tasks", t, f"unknown task for source '{'synthetic' if synthetic else cfg.data.source}' "
                   f"(valid: {', '.join(valid)})")
+    if cfg.data.cache_mib < 0:
+        _fail("data.cache_mib", cfg.data.cache_mib, "must be >= 0")
+    if cfg.data.num_workers < -1:
+        _fail("data.num_workers", cfg.data.num_workers, "must be >= 0, or -1 for one per spare core")
+    for key in ("max_pixels", "min_pixels"):
+        if getattr(cfg.data, key) < 0:
+            _fail(f"data.{key}", getattr(cfg.data, key), "must be >= 0 (0 = the checkpoint's own setting)")
+    if 0 < cfg.data.max_pixels < cfg.data.min_pixels:
+        _fail("data.max_pixels", cfg.data.max_pixels, f"is below data.min_pixels={cfg.data.min_pixels}")
     for key in ("train_size", "val_size", "test_size"):
         if getattr(cfg.data, key) < 0:
             _fail(f"data.{key}", getattr(cfg.data, key), "must be >= 0")
@@ -353,6 +370,7 @@ def validate(cfg: Config) -> Config:
         _fail("eval.batch_size", cfg.eval.batch_size, "batch_size and max_new_tokens must be >= 1")
     for split in cfg.eval.splits:
         _one_of("eval.splits", split, ("train", "val", "test"))
+    _one_of("eval.parser", cfg.eval.parser, ("blink", "lenient"))
     if cfg.distributed.num_workers < 0:
         _fail("distributed.num_workers", cfg.distributed.num_workers, "must be >= 0")
     _one_of("tune.mode", cfg.tune.mode, ("max", "min"))

@@ -65,21 +65,35 @@ def prebuild_cpu_comm_op() -> None:
 
 
 class TorchEngine:
-    """Plain torch: gradients averaged across ranks at the accumulation boundary, clip, AdamW."""
+    """Plain torch, one process or DistributedDataParallel across ranks: accumulate, clip, AdamW.
+
+    `micro_step(loss, …)` takes one micro-batch's share of the global-batch loss (its summed NLL / the global
+    batch's token count), so the gradient of the global loss is the sum over micro-batches and ranks. DDP
+    averages over ranks, hence the loss × world; its bucketed all-reduce overlaps the boundary backward, and
+    the other accumulation steps run under `no_sync` (`sync(boundary)`)."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, rank: int, world: int):
         self.model, self.opt, self.cfg, self.rank, self.world = model, opt, cfg, rank, world
+        self.forward_module = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = next(p.device for p in model.parameters() if p.requires_grad)
+            # every rank built the same model from the same seed: no initial broadcast of the frozen weights
+            self.forward_module = DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None, init_sync=False,
+                broadcast_buffers=False)
+
+    def sync(self, boundary: bool):
+        if self.world > 1 and not boundary:
+            return self.forward_module.no_sync()
+        return contextlib.nullcontext()
 
     def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
-        (loss / self.cfg.train.grad_accum).backward()
+        (loss * self.world).backward()
         if not boundary:
             return
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        if self.world > 1:
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
         torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -99,23 +113,29 @@ class TorchEngine:
 
 
 class DeepSpeedEngine:
-    """A DeepSpeed ZeRO engine around the PEFT model; DeepSpeed scales the loss by 1/accumulation."""
+    """A DeepSpeed ZeRO engine around the PEFT model."""
 
-    def __init__(self, lm, opt: torch.optim.Optimizer, ds_config: dict, rank: int):
+    def __init__(self, lm, opt: torch.optim.Optimizer, ds_config: dict, rank: int, world: int):
         import deepspeed
 
         self.engine, self.opt, _, _ = deepspeed.initialize(model=lm.model, optimizer=opt, config=ds_config,
                                                            dist_init_required=False)
-        self.rank = rank
+        self.rank, self.world = rank, world
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         lm.model = self.engine  # forward goes through the engine (ZeRO-3 gathers parameters there)
         self.model = self.engine.module
+        self.forward_module = self.engine
+
+    def sync(self, boundary: bool):
+        return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
 
     def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
+        """`loss`: this micro-batch's share of the global-batch loss (see TorchEngine). DeepSpeed averages
+        gradients over the data-parallel ranks, so the share is scaled by the world size, not by 1/accumulation."""
         if boundary:
             for g in self.engine.optimizer.param_groups:
                 g["lr"] = lr
-        self.engine.backward(loss)
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
         self.engine.step()
 
     @property
@@ -192,7 +212,7 @@ def make_engine(lm, opt, cfg: Config, rank: int, world: int):
     if not cfg.distributed.deepspeed:
         return TorchEngine(lm.model, opt, cfg, rank, world)
     ds = resolve_ds_config(load_ds_config(cfg.distributed.deepspeed), cfg, world, lm.dtype)
-    return DeepSpeedEngine(lm, opt, ds, rank)
+    return DeepSpeedEngine(lm, opt, ds, rank, world)
 
 
 def gathered(engine, modifier_rank: int | None = None, with_embeddings: bool = False):

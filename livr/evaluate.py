@@ -1,4 +1,5 @@
-"""Evaluation: greedy generation with the latents inserted and a KV cache, BLINK scoring, Table 1.
+"""Evaluation: greedy generation with the latents inserted and a KV cache, BLINK scoring, Table 1,
+BLINK test-split submission files.
 
 The prompt (chat template + images + latents + delimiter) is encoded by the same SequenceBuilder as
 training; the prefix runs once, then one token per step reuses the cache. With `bottleneck=True` the
@@ -14,8 +15,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from livr.data.prompts import is_correct
-from livr.data.tasks import PAPER_TASKS
+from livr.data.blink import HIDDEN_ANSWER
+from livr.data.loader import EncodedRows, checked, column, make_loader
+from livr.data.prompts import FAILED, PARSERS, is_correct, predicted
+from livr.data.tasks import PAPER_TASKS, DataError
 from livr.mask import bottleneck_mask
 from livr.sequence import ANSWER, collate
 
@@ -25,11 +28,12 @@ TASK_SHORT = {"Counting": "Count", "Jigsaw": "Jigsaw", "Object_Localization": "L
 
 
 @torch.no_grad()
-def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens: int = 8, sync: bool = False) -> list[str]:
-    """Greedy decoding for encoded prompts (`encode(row, with_answer=False)`), left-padded, KV-cached.
-    `sync`: keep decoding until every rank is done (ZeRO-3 forwards are collectives)."""
+def generate(lm, items: list[dict] | dict, *, bottleneck: bool = False, max_new_tokens: int = 8, sync: bool = False) -> list[str]:
+    """Greedy decoding for encoded prompts (`encode(row, with_answer=False)`, or a batch of them collated with
+    left padding), KV-cached. `sync`: keep decoding until every rank is done (ZeRO-3 forwards are collectives)."""
     model, fam = lm.model, lm.family
-    batch = {k: v.to(lm.device) for k, v in collate(items, lm.tokenizer.pad_token_id, "left").items()}
+    batch = items if isinstance(items, dict) else collate(items, lm.tokenizer.pad_token_id, "left")
+    batch = {k: v.to(lm.device) for k, v in batch.items() if torch.is_tensor(v)}
     ids, attn, groups = batch["input_ids"], batch["attention_mask"], batch["groups"]
     mm = {k: batch[k] for k in fam.forward_keys if k in batch}
     if "pixel_values" in mm:
@@ -61,42 +65,103 @@ def generate(lm, items: list[dict], *, bottleneck: bool = False, max_new_tokens:
 def _all_done(done: torch.Tensor, sync: bool) -> bool:
     if not sync:
         return bool(done.all())
-    left = torch.tensor([float((~done).sum())])
+    left = (~done).sum().to(torch.float64).reshape(1)  # on the decode device: NCCL groups reduce CUDA tensors only
     dist.all_reduce(left)
     return left.item() == 0
 
 
-def evaluate_rows(lm, rows: list[dict], *, bottleneck: bool = False, batch_size: int = 8, max_new_tokens: int = 8,
-                  rank: int = 0, world: int = 1, quiet: bool = True) -> dict:
-    """Per-task accuracy on `rows` (sharded over ranks, summed across them) and rank 0's predictions."""
+def hidden_answers(rows, split: str = "") -> bool:
+    """True when every row's answer is BLINK's "hidden" (the test split), False when none is; a split that
+    mixes both is a DataError (its accuracy would silently cover only part of it). Reads text columns only."""
+    answers, tasks, idxs = column(rows, "answer"), column(rows, "sub_task"), column(rows, "idx")
+    hidden = [a == HIDDEN_ANSWER for a in answers]
+    if not any(hidden) or all(hidden):
+        return bool(hidden) and all(hidden)
+    i = hidden.index(not hidden[0])
+    raise DataError(f"{split or 'split'}: task {tasks[i]} idx={idxs[i]} has answer {answers[i]!r} but task "
+                    f"{tasks[0]} idx={idxs[0]} has {answers[0]!r}: a split's answers must be all hidden (BLINK test) "
+                    "or all public")
+
+
+def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, max_new_tokens: int = 8,
+                  rank: int = 0, world: int = 1, quiet: bool = True, parser: str = "blink", split: str = "",
+                  num_workers: int = 0, data: tuple | None = None) -> dict:
+    """Per-task accuracy on `rows` (sharded over ranks, summed across them) and every row's prediction.
+
+    "accuracy" (task -> fraction) and "mean" use `parser`; "accuracy_by_parser" holds both parsers' per-task
+    accuracy. "predictions" lists every row once, in the order of `rows` (gathered from all ranks), with the
+    raw "output" and the parsed "prediction" ("(X)", a number, or None). When every answer is hidden
+    (BLINK's test split) the outputs are generated and parsed as usual but the accuracies are None.
+    Rows are encoded batch by batch (in `num_workers` loader processes), never the whole split at once;
+    `data`: an `eval_loader(...)` kept between evaluations (its workers and encoded rows persist)."""
+    if parser not in PARSERS:
+        raise DataError(f"eval.parser must be one of {', '.join(PARSERS)}, got {parser!r}")
+    hidden = hidden_answers(rows, split)
     was_training = lm.model.training
     lm.model.eval()
-    mine = list(range(rank, len(rows), world))
     sync = world > 1  # every rank runs the same number of batches and decode steps
-    n_batches = -(-len(range(0, len(rows), world)) // batch_size) if sync else -(-len(mine) // batch_size)
-    correct, total, preds = defaultdict(int), defaultdict(int), []
-    for b in tqdm(range(n_batches), desc="evaluate", disable=quiet, leave=False):
-        chunk = [rows[i] for i in mine[b * batch_size : (b + 1) * batch_size]]
-        scored = len(chunk)
-        chunk = chunk or [rows[0]]  # a rank out of rows runs a dummy batch to keep collectives in step
-        outs = generate(lm, [lm.builder.encode(r, with_answer=False) for r in chunk],
-                        bottleneck=bottleneck, max_new_tokens=max_new_tokens, sync=sync)
-        for r, o in zip(chunk[:scored], outs[:scored]):
-            ok = is_correct(o, r)
-            correct[r["sub_task"]] += int(ok)
+    loader, batches, scored = data or eval_loader(lm, rows, batch_size, rank, world, num_workers)
+    n_batches = len(batches)
+    correct = {p: defaultdict(int) for p in PARSERS}
+    total, preds = defaultdict(int), []
+    for b, batch in enumerate(tqdm(loader, total=n_batches, desc="evaluate", disable=quiet, leave=False)):
+        checked(batch)
+        outs = generate(lm, batch, bottleneck=bottleneck, max_new_tokens=max_new_tokens, sync=sync)
+        for i, r, o in zip(batches[b][: scored[b]], batch["meta"], outs):
+            ok = None
+            if not hidden:
+                for p in PARSERS:
+                    correct[p][r["sub_task"]] += int(is_correct(o, r, p))
+                ok = is_correct(o, r, parser)
             total[r["sub_task"]] += 1
-            preds.append({"idx": r["idx"], "task": r["sub_task"], "output": o, "answer": r["answer"], "correct": ok})
-    tasks = sorted({r["sub_task"] for r in rows})
+            preds.append({"row": i, "idx": r["idx"], "task": r["sub_task"], "output": o,
+                          "prediction": predicted(o, r, parser), "answer": r["answer"], "correct": ok})
+    tasks = sorted(set(column(rows, "sub_task")))
+    counts = {k: [correct["blink"][k], correct["lenient"][k], total[k]] for k in tasks}
     if world > 1:
-        t = torch.tensor([[correct[k], total[k]] for k in tasks], dtype=torch.float64)
+        t = torch.tensor([counts[k] for k in tasks], dtype=torch.float64, device=lm.device)
         dist.all_reduce(t)
-        correct = {k: t[i, 0].item() for i, k in enumerate(tasks)}
-        total = {k: t[i, 1].item() for i, k in enumerate(tasks)}
-    acc = {k: correct[k] / total[k] for k in tasks if total[k]}
+        counts = {k: t[i].tolist() for i, k in enumerate(tasks)}
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, preds)
+        preds = [p for part in gathered for p in part]
+    preds.sort(key=lambda p: p["row"])  # the split's row order, each row once
+    for p in preds:
+        del p["row"]
+    by_parser = {p: None if hidden else {k: c[j] / c[2] for k, c in counts.items() if c[2]}
+                 for j, p in enumerate(PARSERS)}
+    acc = by_parser[parser]
     if was_training:
         lm.model.train()
-    return {"accuracy": acc, "mean": sum(acc.values()) / max(1, len(acc)), "n": {k: int(total[k]) for k in tasks},
-            "predictions": preds}
+    return {"accuracy": acc, "mean": None if acc is None else sum(acc.values()) / max(1, len(acc)),
+            "parser": parser, "accuracy_by_parser": by_parser, "hidden": hidden,
+            "n": {k: int(c[2]) for k, c in counts.items()}, "predictions": preds}
+
+
+def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
+                cache_bytes: int = 0, persistent: bool = False) -> tuple:
+    """(loader, batches, scored): this rank's share of `rows` in batches of prompts (left-padded). A rank out of
+    rows runs a dummy batch (row 0, not scored) so that every rank runs the same number of collectives."""
+    mine = list(range(rank, len(rows), world))
+    n_batches = -(-len(range(0, len(rows), world)) // batch_size) if world > 1 else -(-len(mine) // batch_size)
+    batches = [mine[b * batch_size : (b + 1) * batch_size] or [0] for b in range(n_batches)]
+    scored = [len(mine[b * batch_size : (b + 1) * batch_size]) for b in range(n_batches)]
+    loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes), batches,
+                         lm.tokenizer.pad_token_id, num_workers=num_workers if n_batches > 1 else 0,
+                         padding_side="left", persistent=persistent)
+    return loader, batches, scored
+
+
+def write_submission(path: str, predictions: list[dict]) -> str:
+    """BLINK's final prediction file for its leaderboard (EvalAI): one JSON object {idx: "(A)", ...}
+    over all tasks; a row with no parsed answer gets BLINK's own failure marker "(Z)"."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out = {p["idx"]: p.get("prediction") or FAILED for p in predictions}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, path)
+    return path
 
 
 def write_eval(path: str, results: dict, meta: dict | None = None) -> None:
@@ -107,13 +172,17 @@ def write_eval(path: str, results: dict, meta: dict | None = None) -> None:
     os.replace(tmp, path)
 
 
-def table1(rows: list[tuple[str, dict[str, float]]], tasks: list[str] | None = None) -> str:
-    """The paper's Table-1 layout (markdown): one row per method, task columns + mean, accuracy in %."""
-    present = {t for _, acc in rows for t in acc}
+def table1(rows: list[tuple[str, dict[str, float] | None]], tasks: list[str] | None = None) -> str:
+    """The paper's Table-1 layout (markdown): one row per method, task columns + mean, accuracy in %.
+    A row whose accuracy is None (a split with hidden answers, BLINK test) reads "n/a"."""
+    present = {t for _, acc in rows for t in acc or {}}
     tasks = tasks or [t for t in PAPER_TASKS if t in present] + sorted(present - set(PAPER_TASKS))
     head = "| method | " + " | ".join(TASK_SHORT.get(t, t) for t in tasks) + " | mean |"
     lines = [head, "|" + "---|" * (len(tasks) + 2)]
     for name, acc in rows:
+        if acc is None:
+            lines.append(f"| {name} | " + " | ".join("n/a" for _ in tasks) + " | n/a |")
+            continue
         cells = [f"{100 * acc[t]:.2f}" if t in acc else "–" for t in tasks]
         vals = [acc[t] for t in tasks if t in acc]
         mean = f"{100 * sum(vals) / len(vals):.2f}" if vals else "–"

@@ -126,7 +126,8 @@ def draw_heatmap(records: list[dict], path: str, title: str = "") -> None:
 def _accuracy(lm, cfg, rows, **kw) -> dict:
     from livr.evaluate import evaluate_rows
 
-    return evaluate_rows(lm, rows, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, **kw)
+    return evaluate_rows(lm, rows, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                         parser=cfg.eval.parser, **kw)
 
 
 def inspect_run(run_dir: str, *, split: str = "val", limit: int = 64, heatmaps: int = 4,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from livr.backbones import Backbone, load_backbone
-from livr.config import Config
+from livr.config import Config, ConfigError
 from livr.latents import add_latent_tokens
 from livr.mask import bottleneck_mask
 from livr.sequence import IGNORE, SequenceBuilder
@@ -55,7 +55,7 @@ class LivrModel:
 
     def model_inputs(self, batch: dict, bottleneck: bool) -> dict:
         """Forward kwargs for a collated batch: the 4-D bottleneck mask + explicit positions, or 2-D."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
         ids, attn = batch["input_ids"], batch["attention_mask"]
         mm = {k: batch[k] for k in self.family.forward_keys if k in batch}
         if "pixel_values" in mm:
@@ -73,6 +73,18 @@ class LivrModel:
 
     def forward(self, batch: dict, bottleneck: bool) -> torch.Tensor:
         return self.model(**self.model_inputs(batch, bottleneck), use_cache=False).logits
+
+    def answer_nll(self, batch: dict, bottleneck: bool, module=None) -> tuple[torch.Tensor, int]:
+        """(summed next-token NLL over the labelled tokens, their count), with the LM head applied only at the
+        positions that predict a labelled token (`logits_to_keep`): the full [B, L, vocab] logits of a
+        4k-token multi-image sequence are never built. `module`: what runs the forward (a DDP wrapper)."""
+        labels = batch["labels"].to(self.device)
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE  # the logits at t - 1 predict the token at t
+        inputs = self.model_inputs(batch, bottleneck)
+        logits = (module or self.model)(**inputs, logits_to_keep=keep, use_cache=False).logits
+        targets = labels[:, 1:][keep[:, :-1]]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
 
     def set_attn_implementation(self, name: str) -> None:
         base = self.model.get_base_model()
@@ -105,7 +117,10 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
         attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
+        num_layers=cfg.model.num_layers,
     )
+    if cfg.data.max_pixels or cfg.data.min_pixels:
+        set_pixel_limits(bb.processor.image_processor, cfg.data.min_pixels, cfg.data.max_pixels)
     table = bb.model.get_input_embeddings().weight
     base_vocab = getattr(table, "ds_shape", table.shape)[0]  # (a ZeRO-3 partition's own shape is empty)
     ids = add_latent_tokens(bb.model, bb.tokenizer, cfg.latents.num_latents, init=cfg.latents.init, seed=cfg.latents.init_seed)
@@ -123,6 +138,20 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, ids, cfg.data.answer_format)
     builder.position_fn = lambda x, mm: bb.family.position_ids(model, x, torch.ones_like(x), mm)
     return LivrModel(model, bb, ids, builder, base_vocab, device, dtype)
+
+
+def set_pixel_limits(image_processor, min_pixels: int, max_pixels: int) -> None:
+    """Cap (and floor) the pixels per image of a Qwen-style processor (`size` = {shortest_edge: min pixels,
+    longest_edge: max pixels}); 0 keeps the checkpoint's own value."""
+    size = getattr(image_processor, "size", None)
+    if size is None or getattr(size, "longest_edge", None) is None:
+        raise ConfigError(f"config: data.max_pixels/data.min_pixels: {type(image_processor).__name__} has no pixel "
+                          "budget (Qwen-style processors only); leave them 0")
+    lo, hi = min_pixels or size.shortest_edge, max_pixels or size.longest_edge
+    if lo > hi:
+        raise ConfigError(f"config: data.min_pixels={lo} exceeds the image processor's max_pixels={hi}")
+    image_processor.size = type(size)(**{**dict(size.items()), "shortest_edge": lo, "longest_edge": hi}) \
+        if hasattr(size, "items") else {"shortest_edge": lo, "longest_edge": hi}
 
 
 def _peft(cfg: Config, bb: Backbone, ids: list[int], adapter_dir: str | None, trainable: bool):

@@ -22,12 +22,18 @@ def load_run(run_dir: str, overrides: list[str] | None = None, trainable: bool =
 
 def evaluate_run(run_dir: str, split: str = "test", bottleneck: bool = False, overrides: list[str] | None = None) -> dict:
     from livr.data.splits import load_splits
-    from livr.evaluate import evaluate_rows, write_eval
+    """Evaluate `split` of a finished run with its config (`eval.parser` scores it) and write
+    `<run>/eval_<split>[_bottleneck].json`; a split whose answers are hidden (BLINK test) has no accuracy and
+    gets `<run>/blink_submission_<split>[_bottleneck].json`, BLINK's leaderboard file (path in "submission")."""
+    from livr.evaluate import evaluate_rows, write_eval, write_submission
 
     cfg, lm = load_run(run_dir, overrides)
     rows = load_splits(cfg, only=[split])[split]
     res = evaluate_rows(lm, rows, bottleneck=bottleneck, batch_size=cfg.eval.batch_size,
-                        max_new_tokens=cfg.eval.max_new_tokens, quiet=False)
-    name = f"eval_{split}{'_bottleneck' if bottleneck else ''}.json"
-    write_eval(os.path.join(run_dir, name), {split: res}, meta={"mode": cfg.train.mode, "num_latents": cfg.latents.num_latents})
+                        max_new_tokens=cfg.eval.max_new_tokens, quiet=False, parser=cfg.eval.parser, split=split)
+    suffix = f"{split}{'_bottleneck' if bottleneck else ''}"
+    write_eval(os.path.join(run_dir, f"eval_{suffix}.json"), {split: res},
+               meta={"mode": cfg.train.mode, "num_latents": cfg.latents.num_latents})
+    if res["accuracy"] is None:
+        res["submission"] = write_submission(os.path.join(run_dir, f"blink_submission_{suffix}.json"), res["predictions"])
     return res

@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 from livr.backbones import resolve_backbone_path
 from livr.checkpoint import load_trainable_state, save_run_artifacts, trainable_state
 from livr.config import Config, from_dict, save_config
+from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches
 from livr.data.splits import load_splits
+from livr.data.tasks import DataError
 from livr.engine import gathered, make_engine, zero3_loading
-from livr.evaluate import evaluate_rows, write_eval
-from livr.model import LivrModel, answer_loss, build_model, param_groups
-from livr.sequence import collate
+from livr.evaluate import eval_loader, evaluate_rows, hidden_answers, write_eval
+from livr.model import build_model, param_groups
+from livr.sequence import IGNORE
 from livr.tracking import Tracker
 
 
@@ -84,16 +86,12 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _mean_across(value: float, world: int) -> float:
+def _sum_across(value: float, world: int, device: torch.device) -> float:
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL groups reduce device tensors only
     dist.all_reduce(t)
-    return t.item() / world
-
-
-def encode_rows(lm: LivrModel, rows: list[dict], desc: str, quiet: bool) -> list[dict]:
-    return [lm.builder.encode(r) for r in tqdm(rows, desc=desc, disable=quiet, leave=False)]
+    return t.item()
 
 
 def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] | None = None,
@@ -113,21 +111,26 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         check_same_run(cfg, os.path.join(run_dir, "config.yaml"))
     if ctx.rank == 0:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    needed = list(dict.fromkeys(["train", "val", *cfg.eval.splits]))  # a test split is loaded only if evaluated
     if ctx.world > 1:  # one process per node materialises presets and synthetic data, the others wait
         if ctx.local_rank == 0:
-            resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir))
-            load_splits(cfg)
+            resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir), cfg.model.num_layers)
+            load_splits(cfg, only=needed)
         dist.barrier()
     torch.manual_seed(cfg.train.seed)
     loading = zero3_loading(cfg, ctx.world)
     lm = build_model(cfg, loading=loading)
-    splits = load_splits(cfg, progress=not quiet)
-    train_items = encode_rows(lm, splits["train"], "encode train", quiet)
+    splits = load_splits(cfg, progress=not quiet, only=needed)
+    if hidden_answers(splits["val"], f"data.val_split={cfg.data.val_split!r}"):
+        raise DataError(f"data.val_split={cfg.data.val_split!r}: its answers are hidden (BLINK test); validation and "
+                        "model selection need a split with public answers")
+    train_rows = splits["train"]  # memory-mapped rows: each rank encodes only its own micro-batches, on demand
+    workers = auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     opt = torch.optim.AdamW(param_groups(lm.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     engine = make_engine(lm, opt, cfg, ctx.rank, ctx.world)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world
-    steps_per_epoch = max(1, len(train_items) // global_batch)
+    steps_per_epoch = max(1, len(train_rows) // global_batch)
     stages = plan_stages(cfg, steps_per_epoch)
     plan = {"planned_steps": sum(s.steps for s in stages),  # what a full run uses (Tune budget accounting)
             "planned_epochs": sum(math.ceil(s.steps / steps_per_epoch) for s in stages)}
@@ -142,8 +145,9 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     tracker = Tracker(cfg, ctx.rank, run_dir, run_id=state.get("mlflow_run_id"))
     state["mlflow_run_id"] = tracker.run_id
     pad_id = lm.tokenizer.pad_token_id
+    eval_loaders: dict = {}  # per split: a persistent evaluation loader
     if cfg.eval.zero_shot and state["global_step"] == 0 and cfg.latents.num_latents == 0:
-        zs = _evaluate(lm, cfg, splits, cfg.eval.splits, False, ctx, quiet)
+        zs = _evaluate(lm, cfg, splits, cfg.eval.splits, False, ctx, quiet, eval_loaders)
         if ctx.rank == 0:
             write_eval(os.path.join(run_dir, "eval_zero_shot.json"), zs)
 
@@ -154,17 +158,20 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         lm.set_attn_implementation(stage.attn)
         lm.model.train()
         bar = tqdm(total=stage.steps, initial=state["step"], desc=stage.name, disable=quiet, leave=False)
+        batches = micro_batches(len(train_rows), seed=cfg.train.seed, stage=si, start_step=state["step"],
+                                steps=stage.steps, micro_batch=cfg.train.micro_batch_size, accum=cfg.train.grad_accum,
+                                world=ctx.world, rank=ctx.rank)
+        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20), batches,
+                                  pad_id, num_workers=workers, pin_memory=lm.device.type == "cuda"))
         t_last = time.perf_counter()
         while state["step"] < stage.steps:
             epoch, start = divmod(state["step"], steps_per_epoch)
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + si * 100 + epoch)
-            order = torch.randperm(len(train_items), generator=gen).tolist()  # the same on every rank
             epoch_loss = []
             for k in range(start, steps_per_epoch):
                 if state["step"] >= stage.steps:
                     break
-                chunk = order[k * global_batch : (k + 1) * global_batch]
-                loss = train_step(lm, engine, cfg, stage, state, [train_items[i] for i in chunk], pad_id, ctx)
+                micro = [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
+                loss = train_step(lm, engine, cfg, stage, state, micro, ctx)
                 epoch_loss.append(loss)
                 state["step"] += 1
                 state["global_step"] += 1
@@ -175,7 +182,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                         json.dump({**engine.memory(), "built_partitioned": getattr(loading, "built_partitioned", False)}, f)
                 if state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps:
                     now = time.perf_counter()
-                    metrics = {f"{stage.name}/loss": _mean_across(loss, ctx.world), f"{stage.name}/lr": engine.lr,
+                    metrics = {f"{stage.name}/loss": loss, f"{stage.name}/lr": engine.lr,
                                f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
                     t_last = now
                     tracker.log_metrics(metrics, state["global_step"])
@@ -185,10 +192,10 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                     _save(engine, state, ctx, last, report, {})
             # end of an epoch (or of the stage)
             metrics = {"epoch": epoch + 1, "stage": si + 1, **plan}
-            if epoch_loss:  # this epoch's (or its resumed part's) mean answer NLL, averaged over ranks
-                metrics["train_loss"] = _mean_across(sum(epoch_loss) / len(epoch_loss), ctx.world)
+            if epoch_loss:  # this epoch's (or its resumed part's) mean of the global-batch answer NLLs
+                metrics["train_loss"] = sum(epoch_loss) / len(epoch_loss)
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
-                val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet)
+                val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet, eval_loaders)
                 acc = val["val"]["mean"]
                 metrics.update({"val_accuracy": acc, f"{stage.name}/val_accuracy": acc})
                 state["history"].append({"stage": stage.name, "epoch": epoch + 1, "step": state["global_step"],
@@ -209,7 +216,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         bar.close()
 
     # ---------------------------------------------------------------- save + evaluate
-    return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet)
+    return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders)
 
 
 def check_same_run(cfg: Config, saved_path: str) -> None:
@@ -228,21 +235,24 @@ def check_same_run(cfg: Config, saved_path: str) -> None:
                           f"{now[k]!r} now); use another name=, or train.resume=false to start it again from zero")
 
 
-def train_step(lm, engine, cfg, stage: Stage, state: dict, chunk: list[dict], pad_id: int, ctx: Context) -> float:
-    """One optimizer step over a global batch: this rank's `grad_accum` micro-batches of answer NLL.
+def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> float:
+    """One optimizer step over a global batch, of which `micro` are this rank's collated micro-batches;
+    returns the step's loss, the same on every rank.
 
-    Micro-batch a of rank r is chunk[(a * world + r) * mb : …], so N ranks × accumulation A see exactly
-    the examples that one rank sees with accumulation N × A (and get the same gradient)."""
-    mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    The loss is the per-token mean answer NLL over the whole global batch (total NLL / total labelled tokens,
+    both summed over ranks), so micro-batch size, accumulation and the number of ranks never change the
+    gradient: each micro-batch contributes its summed NLL / the global token count, and the engine sums the
+    contributions of all ranks (`livr.data.loader.micro_batches` decides which rows each rank gets)."""
     lr = lr_at(state["step"], stage.steps, cfg)
+    tokens = _sum_across(float(sum(int((b["labels"] != IGNORE).sum()) for b in micro)), ctx.world, lm.device)
     total = 0.0
-    for a in range(accum):
-        j = a * ctx.world + ctx.rank
-        batch = collate(chunk[j * mb : (j + 1) * mb], pad_id)
-        loss = answer_loss(lm.forward(batch, bottleneck=stage.bottleneck), batch["labels"])
-        engine.micro_step(loss, a == accum - 1, lr)
-        total += loss.item() / accum
-    return total
+    for a, batch in enumerate(micro):
+        boundary = a == len(micro) - 1
+        with engine.sync(boundary):
+            nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)
+            engine.micro_step(nll / max(1.0, tokens), boundary, lr)
+        total += nll.item()
+    return _sum_across(total, ctx.world, lm.device) / max(1.0, tokens)
 
 
 def _injected_failure(global_step: int, rank: int) -> None:
@@ -261,12 +271,17 @@ def _injected_failure(global_step: int, rank: int) -> None:
     raise RuntimeError(f"injected failure at step {global_step} (LIVR_FAIL_AT_STEP)")
 
 
-def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet) -> dict:
-    return {
-        n: evaluate_rows(lm, splits[n], bottleneck=bottleneck, batch_size=cfg.eval.batch_size,
-                         max_new_tokens=cfg.eval.max_new_tokens, rank=ctx.rank, world=ctx.world, quiet=quiet)
-        for n in names
-    }
+def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> dict:
+    out = {}
+    for n in names:
+        if n not in loaders:  # built once per split: its workers and encoded prompts persist across epochs
+            loaders[n] = eval_loader(lm, splits[n], cfg.eval.batch_size, ctx.rank, ctx.world,
+                                          auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
+                                          cache_bytes=cfg.data.cache_mib << 20, persistent=True)
+        out[n] = evaluate_rows(lm, splits[n], bottleneck=bottleneck, max_new_tokens=cfg.eval.max_new_tokens,
+                               rank=ctx.rank, world=ctx.world, quiet=quiet, parser=cfg.eval.parser, split=n,
+                               data=loaders[n])
+    return out
 
 
 def _save(engine, state, ctx, last, report, metrics) -> None:
@@ -304,14 +319,14 @@ def _save_best(engine, ckpt_dir: str, rank: int) -> None:
         os.replace(path + ".tmp", path)
 
 
-def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet) -> dict:
+def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders: dict) -> dict:
     """Restore the selected weights, write the run's artifacts, evaluate the test splits."""
     best = os.path.join(cfg.run_dir, "checkpoints", "best.safetensors")
     if cfg.train.select == "best" and os.path.exists(best):
         with gathered(engine, modifier_rank=0):
             load_trainable_state(engine.model, load_file(best), best)
     lm.model.eval()
-    results = _evaluate(lm, cfg, splits, cfg.eval.splits, cfg.eval.bottleneck, ctx, quiet)
+    results = _evaluate(lm, cfg, splits, cfg.eval.splits, cfg.eval.bottleneck, ctx, quiet, eval_loaders)
     final = {"best_val_accuracy": state["best"], "global_step": state["global_step"],
              "resumed_from": state.get("resumed_from", []),
              **{f"{s}_accuracy": r["mean"] for s, r in results.items()}}
@@ -323,6 +338,11 @@ def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet) -> dict:
             "mode": cfg.train.mode, "backbone": cfg.model.backbone, "num_latents": cfg.latents.num_latents,
             "selected": state["best_at"] if cfg.train.select == "best" else "last", "history": state["history"]})
         for split, r in results.items():
+            if r["accuracy"] is None:  # hidden answers (BLINK test): no accuracy, a leaderboard file instead
+                from livr.evaluate import write_submission
+
+                write_submission(os.path.join(cfg.run_dir, f"blink_submission_{split}.json"), r["predictions"])
+                continue
             tracker.log_metrics({f"{split}_accuracy": r["mean"], **{f"{split}/{t}": a for t, a in r["accuracy"].items()}},
                                 state["global_step"])
         tracker.log_run_dir(cfg.run_dir)

@@ -169,6 +169,27 @@ def test_answer_loss_is_the_shifted_token_mean_cross_entropy():
     assert per_example.tolist() == pytest.approx([sum(terms[0]) / 3, terms[1][0]], abs=1e-6)
 
 
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_labelled_positions_loss_equals_the_full_logits_loss(bottleneck, backbone_cache, data_cache, tmp_path):
+    """The LM head applied only where a labelled token is predicted gives the full-logits loss and gradients."""
+    lm = build_model(_cfg(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl", **{"lora.dropout": 0.0}))
+    rows = _rows(MULTI_IMAGE, 1, seed=4) + generate_task("Counting", 2, seed=4, mode="open", max_count=12)
+    batch = collate([lm.builder.encode(r) for r in rows], lm.tokenizer.pad_token_id)  # right-padded, unequal
+    full = answer_loss(lm.forward(batch, bottleneck), batch["labels"], per_example=True)
+    count = (batch["labels"] != -100).sum(1)
+    full_sum = (full * count).sum()
+    full_sum.backward()
+    g_full = {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None}
+    lm.model.zero_grad()
+    nll, n = lm.answer_nll(batch, bottleneck)
+    assert n == int(count.sum())
+    assert nll.item() / n == pytest.approx(full_sum.item() / n, rel=1e-6)  # fp32: summation order differs
+    nll.backward()
+    for k, g in g_full.items():
+        p = dict(lm.model.named_parameters())[k]
+        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-5), (k, (p.grad - g).abs().max().item())  # fp32 sums
+
+
 # ----------------------------------------------------------------------------- leak properties, multi-image
 def _swapped(lm, task, seed=3):
     """Two encodings of the same text whose images (every one of them) differ."""

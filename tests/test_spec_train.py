@@ -142,15 +142,17 @@ def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache
 def _grad_rows():
     from livr.data.synthetic import generate_task
 
-    # unequal micro-batches: 1 or 3 images, multiple-choice or open-ended answers of different lengths
-    return (generate_task("Counting", 1, seed=1, mode="open", max_count=12) + generate_task("Visual_Similarity", 1, seed=1)
-            + generate_task("Counting", 1, seed=2) + generate_task("Jigsaw", 1, seed=3))
+    # unequal micro-batches: 1 or 3 images; answers of 1 to 3 tokens + end-of-turn (letters, numbers up to 12)
+    return (generate_task("Counting", 2, seed=1, mode="open", min_count=9, max_count=12)
+            + generate_task("Visual_Similarity", 1, seed=1) + generate_task("Counting", 1, seed=2, mode="open"))
 
 
-def _step_grads(overrides: list[str], rank: int, world: int) -> dict:
-    """One train_step of the real loop on this rank; the gradients the optimizer steps with."""
+def _step_grads(overrides: list[str], rank: int, world: int) -> tuple[dict, float]:
+    """One train_step of the real loop on this rank: the gradients the optimizer steps with, and the loss."""
+    from livr.data.loader import micro_batches
     from livr.engine import TorchEngine
     from livr.model import build_model, param_groups
+    from livr.sequence import collate
     from livr.train import Context, Stage, train_step
 
     cfg = load_config(None, overrides)
@@ -160,29 +162,67 @@ def _step_grads(overrides: list[str], rank: int, world: int) -> dict:
     opt.register_step_pre_hook(lambda o, a, k: grads.update(
         {n: p.grad.detach().clone() for n, p in lm.model.named_parameters() if p.grad is not None}))
     engine = TorchEngine(lm.model, opt, cfg, rank, world)
-    chunk = [lm.builder.encode(r) for r in _grad_rows()]
-    train_step(lm, engine, cfg, Stage("stage1", True, 4, "sdpa"), {"step": 1}, chunk, lm.tokenizer.pad_token_id,
-               Context(rank, world, rank))
-    return grads
+    if world > 1:  # bucketed DDP all-reduce, not one blocking call per parameter
+        assert isinstance(engine.forward_module, torch.nn.parallel.DistributedDataParallel)
+    items = [lm.builder.encode(r) for r in _grad_rows()]
+    t = cfg.train
+    micro = [collate([items[i] for i in idx], lm.tokenizer.pad_token_id) for idx in micro_batches(
+        len(items), seed=0, stage=0, start_step=0, steps=1, micro_batch=t.micro_batch_size, accum=t.grad_accum,
+        world=world, rank=rank)]
+    loss = train_step(lm, engine, cfg, Stage("stage1", True, 4, "sdpa"), {"step": 1}, micro, Context(rank, world, rank))
+    return grads, loss
 
 
 def _grad_worker(rank: int, world: int, init: str, overrides: list[str], out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        grads = _step_grads(overrides, rank, world)
-        if rank == 0:
-            save_file(grads, out)
+        grads, loss = _step_grads(overrides, rank, world)
+        save_file({**grads, "loss": torch.tensor(loss)}, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_give_the_gradient_of_one_rank_accumulating(backbone_cache, data_cache, tmp_path):
+def _hand_loss(overrides: list[str]) -> float:
+    """The global-batch loss from full logits, by hand: total NLL of every labelled token / their count."""
+    from livr.model import build_model
+    from livr.sequence import collate
+
+    lm = build_model(load_config(None, overrides))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for r in _grad_rows():
+            b = collate([lm.builder.encode(r)], lm.tokenizer.pad_token_id)
+            logp = torch.log_softmax(lm.forward(b, True)[0].double(), -1)
+            for t in (b["labels"][0] != -100).nonzero().flatten().tolist():
+                nll -= logp[t - 1, b["labels"][0, t]].item()
+                count += 1
+    return nll / count
+
+
+def test_gradient_is_the_global_token_mean_for_any_batching(backbone_cache, data_cache, tmp_path):
+    """Answers of unequal token lengths: micro-batch 4 x accumulation 1, 1 x 4, 2 x 2 and 2 ranks x (2 x 1)
+    and 2 ranks x (1 x 2) give the same gradient (the per-token mean over the whole global batch)."""
     base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
-        "lora.dropout": 0.0, "train.micro_batch_size": 1, "train.max_grad_norm": 1e9, "latents.num_latents": 2})
-    one = _step_grads(base + ["train.grad_accum=4"], 0, 1)
-    out = str(tmp_path / "rank0.safetensors")
-    mp.spawn(_grad_worker, args=(2, str(tmp_path / "pg"), base + ["train.grad_accum=2"], out), nprocs=2, join=True)
-    two = load_file(out)
-    assert one.keys() == two.keys() and any(v.abs().sum() > 0 for v in one.values())
-    for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-5), (k, (one[k] - two[k]).abs().max().item())
+        "lora.dropout": 0.0, "train.max_grad_norm": 1e9, "latents.num_latents": 2})
+    from livr.model import build_model
+
+    lm = build_model(load_config(None, base))
+    lengths = {int((lm.builder.encode(r)["labels"] != -100).sum()) for r in _grad_rows()}
+    assert len(lengths) >= 2, "the rows must have answers of different token lengths"
+    runs = {f"mb{mb}xacc{acc}": _step_grads(base + [f"train.micro_batch_size={mb}", f"train.grad_accum={acc}"], 0, 1)
+            for mb, acc in ((4, 1), (1, 4), (2, 2))}
+    for mb, acc in ((2, 1), (1, 2)):
+        out = str(tmp_path / f"w2_mb{mb}")
+        mp.spawn(_grad_worker, nprocs=2, join=True, args=(2, str(tmp_path / f"pg{mb}"), base + [
+            f"train.micro_batch_size={mb}", f"train.grad_accum={acc}"], out))
+        for rank in (0, 1):
+            got = load_file(f"{out}.rank{rank}")
+            runs[f"2 ranks x mb{mb}xacc{acc} (rank {rank})"] = (got, got.pop("loss").item())
+    ref_grads, ref_loss = runs.pop("mb4xacc1")
+    assert ref_loss == pytest.approx(_hand_loss(base), abs=1e-5)
+    assert any(v.abs().sum() > 0 for v in ref_grads.values())
+    for name, (grads, loss) in runs.items():
+        assert loss == pytest.approx(ref_loss, abs=1e-6), name
+        assert grads.keys() == ref_grads.keys(), name
+        for k in grads:
+            assert torch.allclose(grads[k], ref_grads[k], atol=1e-6, rtol=1e-5), (name, k, (grads[k] - ref_grads[k]).abs().max().item())

@@ -1,4 +1,5 @@
-"""LLaVA-OneVision in transformers format (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf): facts + the tiny preset.
+"""LLaVA-OneVision in transformers format (e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf): facts, the tiny preset and the
+real-size preset (llava-hf/llava-onevision-qwen2-7b-ov-hf, the checkpoint configs/paper/llava-onevision-7b uses).
 
 Image tokens (anyres): one image alone in its example gets the base view ((image_size/patch)^2 tokens) + the
 unpadded high-res grid picked from image_grid_pinpoints (downsampled when larger than `anyres_max_N` base views)
@@ -16,7 +17,7 @@ from transformers import (
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from .base import Family
-from .qwen2_5_vl import TINY_TEXT, set_generation_ids
+from .qwen2_5_vl import TINY_TEXT, set_generation_ids, set_token_ids, shipped_config, truncate_text
 from .tokenizer import IM_END, IM_START, LLAVA_TEMPLATE, PAD, build_tokenizer
 
 FAMILY = Family(
@@ -41,9 +42,9 @@ TINY_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 TINY_ASPECT = "anyres_max_1"  # high-res grid downsampled to ~1 base view: 112x112 -> 16 + 4*4 + 4 = 36 tokens
 
 
-def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
-    """(model, tokenizer, image_processor). 112x112 alone -> 36 image tokens, 56x56 -> 16 + 16 + 4 = 36 too
-    (grid 1x1 upsampled view), two images per example -> 17 each."""
+def tiny_parts():
+    """(config, tokenizer, image_processor) of the tiny preset. 112x112 alone -> 36 image tokens, 56x56 -> 16 + 16 +
+    4 = 36 too (grid 1x1 upsampled view), two images per example -> 17 each."""
     tok = build_tokenizer([PAD, IM_START, IM_END, "<image>", "<video>"], LLAVA_TEMPLATE)
     text = Qwen2Config(**TINY_TEXT, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
@@ -57,9 +58,54 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
                                vision_feature_select_strategy="full", vision_feature_layer=-1,
                                image_grid_pinpoints=TINY_PINPOINTS, vision_aspect_ratio=TINY_ASPECT,
                                tie_word_embeddings=False, initializer_range=0.1)
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
-    set_generation_ids(model, tok)
     ip = LlavaOnevisionImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
                                          image_grid_pinpoints=TINY_PINPOINTS)
-    return model, tok, ip
+    return cfg, tok, ip
+
+
+def build_from_parts(cfg, tok, seed: int = 0, attn_implementation: str = "sdpa", dtype=None):
+    """Random-init model of `cfg` (seeded) with the tokenizer's generation ids. dtype None = torch's default."""
+    torch.manual_seed(seed)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation, **kw)
+    set_generation_ids(model, tok)
+    return model
+
+
+def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
+    """(model, tokenizer, image_processor) of the tiny preset (see tiny_parts)."""
+    cfg, tok, ip = tiny_parts()
+    return build_from_parts(cfg, tok, seed, attn_implementation), tok, ip
+
+
+# ----------------------------------------------------------------------------- the real-size preset
+HUB_ID = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+# its image processor: SigLIP's 384x384 view, normalised with mean = std = 0.5, anyres over 36 grid pinpoints
+# (384..2304 in steps of 384 on each side; the class default)
+IMAGE_PROCESSOR = {"size": {"height": 384, "width": 384}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def depth(cfg) -> int:
+    return cfg.get_text_config().num_hidden_layers
+
+
+def truncate_depth(cfg, n: int):
+    """The first n decoder layers and the first min(n, layers) SigLIP layers (in place; returns cfg). The
+    features come from the last kept layer (vision_feature_layer -1)."""
+    truncate_text(cfg.get_text_config(), n)
+    v = cfg.vision_config
+    v.num_hidden_layers = min(n, v.num_hidden_layers)
+    return cfg
+
+
+def size_parts(num_layers: int = 0):
+    """(config, tokenizer, image_processor) of size-llava-onevision-7b: the architecture of
+    llava-hf/llava-onevision-qwen2-7b-ov-hf (Qwen2-7B LM, untied head, vocab 152,128; SigLIP-so400m tower cut to 26
+    layers; anyres_max_9), the offline BPE tokenizer with <image>/<video> and the ChatML template."""
+    tok = build_tokenizer([PAD, IM_START, IM_END, "<image>", "<video>"], LLAVA_TEMPLATE)
+    cfg = shipped_config(HUB_ID)
+    set_token_ids(cfg, tok, {"image_token_index": tok.convert_tokens_to_ids("<image>"),
+                             "video_token_index": tok.convert_tokens_to_ids("<video>")})
+    if num_layers:
+        truncate_depth(cfg, num_layers)
+    return cfg, tok, LlavaOnevisionImageProcessorPil(**IMAGE_PROCESSOR)

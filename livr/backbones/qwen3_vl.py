@@ -1,10 +1,21 @@
-"""Qwen3-VL (e.g. Qwen/Qwen3-VL-4B-Instruct): facts + the tiny preset."""
+"""Qwen3-VL (e.g. Qwen/Qwen3-VL-4B-Instruct): facts, the tiny preset and the real-size preset."""
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .base import Family
-from .qwen2_5_vl import QWEN_FROZEN_REGEX, QWEN_LORA_REGEX, QWEN_SPECIALS, TINY_TEXT, qwen_token_ids, set_generation_ids
+from .qwen2_5_vl import (
+    QWEN_FROZEN_REGEX,
+    QWEN_LORA_REGEX,
+    QWEN_SPECIALS,
+    TINY_TEXT,
+    depth,
+    qwen_token_ids,
+    set_generation_ids,
+    set_token_ids,
+    shipped_config,
+    truncate_text,
+)
 from .tokenizer import build_tokenizer, qwen_template
 
 FAMILY = Family(
@@ -23,10 +34,10 @@ FAMILY = Family(
 )
 
 
-def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
-    """(model, tokenizer, image_processor). Like the real 4B: patch 16, merge 2 (factor 32), interleaved mRoPE,
-    deepstack, tied embeddings. A 112x112 image is resized to 128x128 -> 16 tokens, 64x64 -> 4 tokens;
-    max_pixels 256*256 caps large images at 64 tokens."""
+def tiny_parts():
+    """(config, tokenizer, image_processor) of the tiny preset. Like the real 4B: patch 16, merge 2 (factor 32),
+    interleaved mRoPE, deepstack, tied embeddings. A 112x112 image is resized to 128x128 -> 16 tokens, 64x64 -> 4
+    tokens; max_pixels 256*256 caps large images at 64 tokens."""
     tok = build_tokenizer(QWEN_SPECIALS, qwen_template(default_system=False))
     # interleaved mRoPE over head_dim/2 = 8 frequencies: H takes 1,4; W takes 2,5; T the rest (section [4,2,2])
     text = {**TINY_TEXT, "head_dim": 16, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
@@ -38,9 +49,56 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
               "num_position_embeddings": 64, "deepstack_visual_indexes": [0], "initializer_range": 0.1}
     cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                         initializer_range=0.1, **qwen_token_ids(tok))
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
-    set_generation_ids(model, tok)
     ip = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=256 * 256, patch_size=16, merge_size=2,
                                   temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, tok, ip
+    return cfg, tok, ip
+
+
+def build_from_parts(cfg, tok, seed: int = 0, attn_implementation: str = "sdpa", dtype=None):
+    """Random-init model of `cfg` (seeded) with the tokenizer's generation ids. dtype None = torch's default."""
+    torch.manual_seed(seed)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation, **kw)
+    set_generation_ids(model, tok)
+    return model
+
+
+def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
+    """(model, tokenizer, image_processor) of the tiny preset (see tiny_parts)."""
+    cfg, tok, ip = tiny_parts()
+    return build_from_parts(cfg, tok, seed, attn_implementation), tok, ip
+
+
+# ----------------------------------------------------------------------------- the real-size preset
+HUB_ID = "Qwen/Qwen3-VL-4B-Instruct"
+# preprocessor_config.json of the Qwen3-VL checkpoints (patch 16, merge 2: one token per 32x32 pixels; the pixel
+# bounds are stored as size.shortest_edge / size.longest_edge)
+IMAGE_PROCESSOR = {"min_pixels": 65536, "max_pixels": 16777216, "patch_size": 16, "temporal_patch_size": 2,
+                   "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def truncate_depth(cfg, n: int):
+    """The first n decoder layers and the first min(n, depth) vision blocks (in place; returns cfg). DeepStack taps
+    stay where < n; if none is left, the last block feeds one (so the DeepStack path still runs)."""
+    truncate_text(cfg.get_text_config(), n)
+    v = cfg.vision_config
+    if n < v.depth:
+        v.deepstack_visual_indexes = [i for i in v.deepstack_visual_indexes if i < n] or [n - 1]
+        v.depth = n
+    return cfg
+
+
+def size_parts(num_layers: int = 0):
+    """(config, tokenizer, image_processor) of size-qwen3-vl-4b: Qwen/Qwen3-VL-4B-Instruct's architecture (tied
+    head; livr/backbones/configs), the offline BPE tokenizer with the family's special tokens and chat template, and
+    the checkpoint's image processor settings."""
+    tok = build_tokenizer(QWEN_SPECIALS, qwen_template(default_system=False))
+    cfg = shipped_config(HUB_ID)
+    set_token_ids(cfg, tok, qwen_token_ids(tok))
+    if num_layers:
+        truncate_depth(cfg, num_layers)
+    return cfg, tok, Qwen2VLImageProcessorPil(**IMAGE_PROCESSOR)
+
+
+__all__ = ["FAMILY", "HUB_ID", "IMAGE_PROCESSOR", "build_from_parts", "build_tiny", "depth", "size_parts",
+           "tiny_parts", "truncate_depth"]

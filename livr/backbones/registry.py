@@ -1,6 +1,6 @@
 """Finding, materialising and loading backbones.
 
-A tiny preset is materialised once (random init, `save_pretrained`) and then loaded through exactly the same
+A preset is materialised once (random init, `save_pretrained`) and then loaded through exactly the same
 `from_pretrained` path as a real checkpoint. Real ids work by config alone (family from config.model_type):
 Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-4B-Instruct, llava-hf/llava-onevision-qwen2-*-ov-hf.
 
@@ -11,9 +11,22 @@ fp32 sdpa, fwd+bwd of one example (chat template + one 112x112 image):
   tiny-qwen3-vl         258,272 params  tied    112px -> 16 (resized to 128), 56px -> 4, cap 256x256    ~10 ms
   tiny-llava-onevision  248,864 params  untied  alone in its example: 112px or 56px -> 36 tokens;
                                                 two images per example: 17 tokens each                   ~10 ms
+
+Size presets: the published architecture of a real checkpoint (every width, head count, the vocab size, rope /
+mRoPE sections, tied or untied head, the checkpoint's image processor settings) with random weights (init 0.02,
+saved in bfloat16 like the checkpoints), the offline BPE tokenizer with the family's special tokens and chat
+template (the embedding keeps the real vocab size: rows beyond len(tokenizer) are unused padding, which
+livr/latents.py reuses for the latent tokens). `num_layers=N` (model.num_layers) keeps the first N decoder
+layers and the first min(N, depth) vision blocks, so a CPU can run a step at true width and sequence length:
+  size-qwen2.5-vl-3b       Qwen/Qwen2.5-VL-3B-Instruct              3,754,622,976 params (36 layers, vision 32)
+  size-qwen3-vl-4b         Qwen/Qwen3-VL-4B-Instruct                4,437,815,808 params (36 layers, vision 24)
+  size-llava-onevision-7b  llava-hf/llava-onevision-qwen2-7b-ov-hf  8,030,807,584 params (28 layers, vision 26)
+A materialised preset lives in <cache_dir>/<name>-L<depth> (tiny presets at their own depth: <cache_dir>/<name>);
+its livr_preset.json records name, seed, depth and dtype.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,7 +42,22 @@ from .base import Backbone, Family, make_processor
 _MODULES = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_onevision": llava_onevision}
 FAMILIES: dict[str, Family] = {name: mod.FAMILY for name, mod in _MODULES.items()}
 TINY_PRESETS = ("tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision")
+SIZE_PRESETS = ("size-qwen2.5-vl-3b", "size-qwen3-vl-4b", "size-llava-onevision-7b")
+PRESETS = TINY_PRESETS + SIZE_PRESETS
 _TINY_FAMILY = dict(zip(TINY_PRESETS, ("qwen2_5_vl", "qwen3_vl", "llava_onevision")))
+_SIZE_FAMILY = dict(zip(SIZE_PRESETS, ("qwen2_5_vl", "qwen3_vl", "llava_onevision")))
+_PRESET_FAMILY = {**_TINY_FAMILY, **_SIZE_FAMILY}
+SIZE_HUB_IDS = {name: _MODULES[fam].HUB_ID for name, fam in _SIZE_FAMILY.items()}
+SIZE_DTYPE = "bfloat16"  # how size presets are saved (the checkpoints' dtype); loading casts to model.dtype
+
+
+def is_preset(name: str) -> bool:
+    return name in _PRESET_FAMILY
+
+
+def _check_preset(name: str) -> None:
+    if name not in _PRESET_FAMILY:
+        raise ValueError(f"unknown preset {name!r}; choose from {PRESETS}")
 
 
 def _model_type(model_type_or_path: str) -> str:
@@ -40,8 +68,8 @@ def _model_type(model_type_or_path: str) -> str:
             raise ValueError(f"{path} has no config.json: not a model directory")
         with open(cfg_file) as f:
             return json.load(f).get("model_type", "")
-    if model_type_or_path in _TINY_FAMILY:
-        return FAMILIES[_TINY_FAMILY[model_type_or_path]].model_types[0]
+    if model_type_or_path in _PRESET_FAMILY:
+        return FAMILIES[_PRESET_FAMILY[model_type_or_path]].model_types[0]
     if "/" in model_type_or_path:  # a hub id: its config (from the local HF cache when offline)
         return AutoConfig.from_pretrained(model_type_or_path).model_type
     return model_type_or_path
@@ -57,6 +85,58 @@ def family_for(model_type_or_path: str) -> Family:
     raise ValueError(f"unsupported model_type {mt!r} (from {model_type_or_path!r}); supported: {supported}")
 
 
+def _bad_depth(num_layers: int, what: str, have: int):
+    from livr.config import ConfigError  # a ValueError naming the config key
+
+    raise ConfigError(f"config: model.num_layers={num_layers}: {what} has {have} decoder layers (0 = all of them)")
+
+
+def truncate_config(config, num_layers: int, what: str = "the backbone"):
+    """`config` cut to its first `num_layers` decoder layers (and vision blocks; see the family's truncate_depth),
+    in place. 0 = unchanged. More layers than the checkpoint has is an error."""
+    if not num_layers:
+        return config
+    mod = _MODULES[family_for(config.model_type).name]
+    have = mod.depth(config)
+    if num_layers < 0 or num_layers > have:
+        _bad_depth(num_layers, what, have)
+    return mod.truncate_depth(config, num_layers)
+
+
+def preset_parts(name: str, num_layers: int = 0):
+    """(config, tokenizer, image_processor) of preset `name` at depth `num_layers` (0 = its own): no weights."""
+    _check_preset(name)
+    mod = _MODULES[_PRESET_FAMILY[name]]
+    if name in _TINY_FAMILY:
+        cfg, tok, ip = mod.tiny_parts()
+    else:
+        cfg, tok, ip = mod.size_parts()
+    return truncate_config(cfg, num_layers, name), tok, ip
+
+
+@functools.cache
+def _own_depth(name: str) -> int:
+    return preset_parts(name)[0].get_text_config().num_hidden_layers
+
+
+def preset_depth(name: str, num_layers: int = 0) -> int:
+    """The decoder depth preset `name` is materialised at (num_layers, or the preset's own depth for 0)."""
+    _check_preset(name)
+    own = _own_depth(name)
+    if num_layers < 0 or num_layers > own:
+        _bad_depth(num_layers, name, own)
+    return num_layers or own
+
+
+def build_preset(name: str, seed: int = 0, attn_implementation: str = "sdpa", num_layers: int = 0):
+    """In-memory (model, tokenizer, image_processor) of preset `name` (what make_preset saves). Size presets are
+    built straight in bfloat16 (RAM = the bf16 model); tiny presets in float32."""
+    cfg, tok, ip = preset_parts(name, num_layers)
+    mod = _MODULES[_PRESET_FAMILY[name]]
+    dtype = getattr(torch, SIZE_DTYPE) if name in _SIZE_FAMILY else None
+    return mod.build_from_parts(cfg, tok, seed, attn_implementation, dtype=dtype), tok, ip
+
+
 def build_tiny(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     """In-memory (model, tokenizer, image_processor) of tiny preset `name` (what make_tiny saves)."""
     if name not in _TINY_FAMILY:
@@ -64,25 +144,39 @@ def build_tiny(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     return _MODULES[_TINY_FAMILY[name]].build_tiny(seed=seed, attn_implementation=attn_implementation)
 
 
-def _preset_stamp(name, seed):
-    return {"preset": name, "seed": seed, "format": 1}
+def _native(name: str, num_layers: int) -> bool:
+    """A tiny preset at its own depth keeps its original directory name and stamp."""
+    return name in _TINY_FAMILY and num_layers in (0, preset_depth(name))
 
 
-def _is_preset(d, name, seed) -> bool:
+def preset_dirname(name: str, num_layers: int = 0) -> str:
+    """Directory name of a materialised preset: <name>-L<depth> (a tiny preset at its own depth: <name>)."""
+    _check_preset(name)
+    return name if _native(name, num_layers) else f"{name}-L{preset_depth(name, num_layers)}"
+
+
+def _preset_stamp(name, seed, num_layers: int = 0):
+    if _native(name, num_layers):
+        return {"preset": name, "seed": seed, "format": 1}
+    return {"preset": name, "seed": seed, "num_layers": preset_depth(name, num_layers),
+            "dtype": SIZE_DTYPE if name in _SIZE_FAMILY else "float32", "format": 1}
+
+
+def _is_preset(d, name, seed, num_layers: int = 0) -> bool:
     try:
         with open(os.path.join(d, "livr_preset.json")) as f:
-            return json.load(f) == _preset_stamp(name, seed)
+            return json.load(f) == _preset_stamp(name, seed, num_layers)
     except (OSError, ValueError):
         return False
 
 
-def make_tiny(name: str, out_dir: str, *, seed: int = 0, progress: bool = False) -> str:
-    """Materialise tiny preset `name` into out_dir (model, generation config, tokenizer + chat template, image
-    processor, livr_preset.json), atomically: built in a temp dir next to out_dir, then renamed into place.
-    An existing out_dir is replaced, unless it already holds this preset and seed (e.g. a concurrent builder
-    finished first). Returns out_dir."""
-    if name not in _TINY_FAMILY:
-        raise ValueError(f"unknown tiny preset {name!r}; choose from {TINY_PRESETS}")
+def make_preset(name: str, out_dir: str, *, seed: int = 0, num_layers: int = 0, progress: bool = False) -> str:
+    """Materialise preset `name` (tiny or size) at depth `num_layers` (0 = its own) into out_dir (model,
+    generation config, tokenizer + chat template, image processor, livr_preset.json), atomically: built in a temp
+    dir next to out_dir, then renamed into place. An existing out_dir is replaced, unless it already holds this
+    preset, seed and depth (e.g. a concurrent builder finished first). Returns out_dir.
+    Peak RAM: the model in its saved dtype plus one 1 GB shard being written."""
+    _check_preset(name)
     from tqdm.auto import tqdm
 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -93,16 +187,20 @@ def make_tiny(name: str, out_dir: str, *, seed: int = 0, progress: bool = False)
     bar = tqdm(total=len(steps), desc=f"materialise {name}", disable=not progress)
     try:
         bar.set_postfix_str(steps[0])
-        model, tok, ip = build_tiny(name, seed=seed)
-        for step, save in zip(steps[1:4], (model, tok, ip)):
+        model, tok, ip = build_preset(name, seed=seed, num_layers=num_layers)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        model.save_pretrained(tmp, max_shard_size="1GB")
+        del model
+        for step, save in zip(steps[2:4], (tok, ip)):
             bar.update()
             bar.set_postfix_str(step)
             save.save_pretrained(tmp)
         with open(os.path.join(tmp, "livr_preset.json"), "w") as f:
-            json.dump(_preset_stamp(name, seed), f)
+            json.dump(_preset_stamp(name, seed, num_layers), f)
         bar.update()
         bar.set_postfix_str(steps[4])
-        if _is_preset(out_dir, name, seed):
+        if _is_preset(out_dir, name, seed, num_layers):
             shutil.rmtree(tmp)
         else:
             old = tmp + ".old"
@@ -122,13 +220,18 @@ def make_tiny(name: str, out_dir: str, *, seed: int = 0, progress: bool = False)
     return out_dir
 
 
-def resolve_backbone_path(name_or_path: str, cache_dir: str) -> str:
-    """Tiny preset name -> cache_dir/<name> (materialised on first use); existing local dir -> itself;
-    anything else (a hub id) is returned unchanged for from_pretrained to resolve."""
-    if name_or_path in _TINY_FAMILY:
-        out = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), name_or_path)
-        if not _is_preset(out, name_or_path, 0):
-            make_tiny(name_or_path, out)
+def make_tiny(name: str, out_dir: str, *, seed: int = 0, progress: bool = False, num_layers: int = 0) -> str:
+    """Materialise a preset into out_dir (kept name: any preset works; see make_preset)."""
+    return make_preset(name, out_dir, seed=seed, num_layers=num_layers, progress=progress)
+
+
+def resolve_backbone_path(name_or_path: str, cache_dir: str, num_layers: int = 0) -> str:
+    """Preset name -> cache_dir/<preset_dirname> (materialised on first use, at depth num_layers); existing local
+    dir -> itself; anything else (a hub id) is returned unchanged for from_pretrained to resolve."""
+    if name_or_path in _PRESET_FAMILY:
+        out = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), preset_dirname(name_or_path, num_layers))
+        if not _is_preset(out, name_or_path, 0, num_layers):
+            make_preset(name_or_path, out, num_layers=num_layers)
         return out
     local = os.path.expanduser(name_or_path)
     return os.path.abspath(local) if os.path.isdir(local) else name_or_path
@@ -148,12 +251,18 @@ def _chat_template(path, tok):
 
 
 def load_backbone(name_or_path: str, *, cache_dir: str = "~/.cache/livr/backbones", dtype=torch.float32,
-                  device="cpu", attn_implementation="sdpa", trust_remote_code=False) -> Backbone:
-    """Model, tokenizer and processor of a tiny preset, local dir or hub id, through the stock from_pretrained."""
-    path = resolve_backbone_path(name_or_path, cache_dir)
+                  device="cpu", attn_implementation="sdpa", trust_remote_code=False, num_layers: int = 0) -> Backbone:
+    """Model, tokenizer and processor of a preset, local dir or hub id, through the stock from_pretrained.
+    num_layers > 0 (model.num_layers): a preset is materialised at that depth; a checkpoint loads only its first
+    num_layers decoder layers (and vision blocks) into a config cut to that depth."""
+    path = resolve_backbone_path(name_or_path, cache_dir, num_layers)
     family = family_for(path)
+    kw = {}
+    if num_layers and name_or_path not in _PRESET_FAMILY:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        kw["config"] = truncate_config(config, num_layers, name_or_path)
     model = family.model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                               trust_remote_code=trust_remote_code)
+                                               trust_remote_code=trust_remote_code, **kw)
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     template = _chat_template(path, tok)

@@ -2,6 +2,7 @@
 
 from livr.data.blink import load_blink, validate_dataset, validate_row
 from livr.data.prompts import (
+    PARSERS,
     answer_letter,
     blink_prompt,
     choice_letters,
@@ -17,6 +18,7 @@ __all__ = [
     "BLINK_TASKS",
     "IMAGE_COLUMNS",
     "PAPER_TASKS",
+    "PARSERS",
     "SYNTHETIC_TASKS",
     "DataError",
     "answer_letter",

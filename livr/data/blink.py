@@ -15,7 +15,9 @@ REQUIRED = ("idx", "question", "choices", "answer", "image_1")
 
 
 def _image_problem(value) -> str | None:
-    """None if `value` (PIL image, {'bytes', 'path'} dict, bytes or path) decodes, else the reason."""
+    """None if `value` (PIL image, {'bytes', 'path'} dict, bytes or path) is an image file PIL can open, else
+    the reason. Only the header is read (`verify`), so checking 6,000 rows of 1000-px images is cheap; a file
+    that is damaged past its header is reported, with its row, when the row is first encoded."""
     from PIL import Image
 
     if isinstance(value, Image.Image):
@@ -29,7 +31,7 @@ def _image_problem(value) -> str | None:
         else:
             src = value
         with Image.open(src) as im:
-            im.load()
+            im.verify()
         return None
     except Exception as e:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, OSError, ...)
         return f"{type(e).__name__}: {e}".splitlines()[0]

@@ -8,6 +8,7 @@ import os
 import datasets
 
 from livr.data.blink import load_blink
+from livr.data.loader import Rows
 from livr.data.synthetic import make_synthetic
 
 
@@ -17,13 +18,14 @@ def synthetic_dir(cfg) -> str:
     return os.path.join(os.path.expanduser(d.cache_dir), "synthetic-" + hashlib.sha1(key.encode()).hexdigest()[:10])
 
 
-def load_splits(cfg, progress: bool = False, only: list[str] | None = None) -> dict[str, list[dict]]:
+def load_splits(cfg, progress: bool = False, only: list[str] | None = None) -> dict[str, Rows]:
     """{"train"|"val"|"test": rows}; splits named in cfg.data map onto these keys, tasks concatenated.
-    The test split loads from cfg.data.test_source when set (e.g. train on a local dir, test on hub BLINK val)."""
+    The test split loads from cfg.data.test_source when set (e.g. train on a local dir, test on hub BLINK val).
+    Rows stay in their memory-mapped Arrow tables (`Rows`): an image is decoded only when its row is read."""
     d = cfg.data
     names = {"train": d.train_split, "val": d.val_split, "test": d.test_split}
     sizes = {"train": d.train_size, "val": d.val_size, "test": d.test_size}
-    out: dict[str, list[dict]] = {k: [] for k in names}
+    out: dict[str, list] = {k: [] for k in names}
     source_of = {k: (d.test_source or d.source) if k == "test" else d.source for k in names}
     by_source: dict[str, list[str]] = {}
     for key in only or list(names):
@@ -37,9 +39,9 @@ def load_splits(cfg, progress: bool = False, only: list[str] | None = None) -> d
             for task in d.tasks:
                 dd = datasets.load_from_disk(paths[task])
                 for key in keys:
-                    out[key].extend(dd[names[key]])
+                    out[key].append(dd[names[key]])
             continue
         for task in d.tasks:
             for key in keys:
-                out[key].extend(load_blink(task, names[key], source, limit=sizes[key] or None))
-    return out
+                out[key].append(load_blink(task, names[key], source, limit=sizes[key] or None))
+    return {k: Rows(parts) for k, parts in out.items()}

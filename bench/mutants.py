@@ -1,0 +1,426 @@
+"""The mutation catalogue: realistic bugs in the LIVR method modules, each a one-place source edit.
+
+Each `Mutant(name, file, find, replace, tests, why, equivalent=None, stale_ok=False)`:
+- `find` must occur exactly once in `file` (else the runner reports the mutant "stale": the code moved on and
+  the catalogue must follow); `replace` is the buggy version of that snippet.
+- `tests`: the pytest selection (files, node ids, globs like "tests/test_spec*.py" expanded at run time),
+  most likely killer first (the run stops at the first failure, -x); empty = the module's default
+  (`tests_for`).
+- `why`: the real-world bug it models. `equivalent`: why no test can kill it (behaviour unchanged), or None.
+- `stale_ok`: the code under the mutant was still being rewritten when it was written; a stale report is
+  expected there and means "re-target", not "the catalogue is dishonest".
+
+See docs/testing.md for how to run it and how to add a mutant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    find: str
+    replace: str
+    tests: list[str] = field(default_factory=list)
+    why: str = ""
+    equivalent: str | None = None
+    stale_ok: bool = False
+
+
+SPEC = "tests/test_spec.py"
+SPEC_TRAIN = "tests/test_spec_train.py"
+SPEC_ALL = "tests/test_spec*.py"  # new spec files are picked up when they appear
+METHOD = "tests/test_method.py"
+TRAIN = "tests/test_train.py"
+SCORING = "tests/test_scoring.py"
+DATA = "tests/test_data.py"
+VERIFY = ["tests/test_insight.py::test_verify_passes_on_every_family",
+          "tests/test_insight.py::test_verify_fails_on_a_leaking_mask"]
+GEN = "tests/test_method.py::test_cached_generation_matches_full_recompute"
+# test_spec_train's expensive tests (≈ 25 s and 16 s): only for mutants they are about
+TWO_RANKS = "tests/test_spec_train.py::test_gradient_is_the_global_token_mean_for_any_batching"
+RESUME_EQ = "tests/test_spec_train.py::test_resume_mid_stage_equals_an_uninterrupted_run"
+LOOP = "tests/test_spec_train.py::test_train_worker_optimizer_schedule_and_stage_masks"
+
+NOT_SLOW_SPEC = ["-" + TWO_RANKS, "-" + RESUME_EQ]  # a "-node" entry deselects it (from the glob)
+SCORING_FAST = [SCORING, "-tests/test_scoring.py::test_two_process_eval_gathers_every_prediction",
+                "-tests/test_scoring.py::test_training_and_cli_write_a_blink_submission"]
+
+DEFAULT_TESTS = {
+    "livr/latents.py": [SPEC, METHOD, *VERIFY, SPEC_ALL, *NOT_SLOW_SPEC],
+    "livr/sequence.py": [SPEC, METHOD, *VERIFY, SPEC_ALL, *NOT_SLOW_SPEC],
+    "livr/mask.py": [METHOD, SPEC, *VERIFY, SPEC_ALL, *NOT_SLOW_SPEC],
+    "livr/model.py": [SPEC, METHOD, *VERIFY, SPEC_ALL, *NOT_SLOW_SPEC],
+    "livr/train.py": [LOOP, TRAIN, RESUME_EQ, SPEC],
+    "livr/engine.py": [LOOP, TRAIN, RESUME_EQ, TWO_RANKS],
+    "livr/checkpoint.py": [TRAIN, RESUME_EQ, LOOP],
+    "livr/data/loader.py": ["tests/test_loader.py", TWO_RANKS, RESUME_EQ],
+    "livr/evaluate.py": [GEN, SCORING, TRAIN, "tests/test_insight.py"],
+    "livr/data/prompts.py": [*SCORING_FAST, DATA],
+}
+
+
+def tests_for(file: str) -> list[str]:
+    """The default selection of a module: the spec tests plus the suite file that exercises it."""
+    return DEFAULT_TESTS.get(file, [METHOD, SPEC_ALL])
+
+
+M = Mutant
+CATALOGUE: list[Mutant] = [
+    # ------------------------------------------------------------------ latents.py (LIVR_SPEC §1)
+    M("latents_share_one_row", "livr/latents.py",
+      'return [f"<livr_latent_{i}>" for i in range(k)]',
+      'return [f"<livr_latent_0>" for i in range(k)]',
+      why="all K latents are the same token, so they share one embedding row (unshared rows: 83.61 vs 81.15)"),
+    M("untied_head_rows_not_initialised", "livr/latents.py",
+      "        _init_rows(head.weight, ids, init, gen)  # untied head: deterministic, never trained",
+      "        pass",
+      why="untied output head: the latent rows keep resize_token_embeddings' random init (seed-dependent)"),
+
+    # ------------------------------------------------------------------ sequence.py (§1–2 layout, labels)
+    M("bottleneck_leaks_later_images", "livr/sequence.py",
+      "    groups[is_img] = IMAGE\n",
+      "    run = is_img.clone()\n"
+      "    run[first_img:] = is_img[first_img:].int().cumprod(0).bool()\n"
+      "    groups[run] = IMAGE\n",
+      why="multi-image example: only the first image's tokens are IMAGE; images 2.. are PROMPT and visible to "
+          "the answer"),
+    M("text_group_until_last_image", "livr/sequence.py",
+      "first_img = int(is_img.nonzero()[0]) if is_img.any() else n",
+      "first_img = int(is_img.nonzero()[-1]) if is_img.any() else n",
+      why="TEXT (image-blind by causality only) runs up to the LAST image: text between images sees image 1"),
+    M("text_boundary_one_short", "livr/sequence.py",
+      "groups[pos < first_img] = TEXT",
+      "groups[pos < first_img - 1] = TEXT",
+      why="TEXT/PROMPT boundary off by one: the vision-start token before the first image is labelled PROMPT"),
+    M("text_boundary_one_long", "livr/sequence.py",
+      "groups[pos < first_img] = TEXT",
+      "groups[pos <= first_img] = TEXT",
+      tests=[SPEC + "::test_groups_labels_and_mask_from_raw_ids", METHOD],
+      equivalent="position first_img is an image token, relabelled IMAGE on the next line: groups unchanged",
+      why="TEXT/PROMPT boundary off by one in the other direction"),
+    M("delimiter_in_latent_group", "livr/sequence.py",
+      "        groups[torch.isin(ids, torch.tensor(latent_ids[:-1]))] = LATENT\n"
+      "        ends = (ids == latent_ids[-1]).nonzero()\n"
+      "        answer_start = int(ends[0]) if len(ends) else prompt_len\n",
+      "        groups[torch.isin(ids, torch.tensor(latent_ids))] = LATENT\n"
+      "        ends = (ids == latent_ids[-1]).nonzero()\n"
+      "        answer_start = int(ends[0]) + 1 if len(ends) else prompt_len\n",
+      why="the delimiter counted as a latent: it sees the image and predicts the first answer token (no bottleneck "
+          "for one-token answers)"),
+    M("delimiter_in_prompt_group", "livr/sequence.py",
+      "answer_start = int(ends[0]) if len(ends) else prompt_len",
+      "answer_start = prompt_len",
+      why="the delimiter labelled PROMPT, not ANSWER (same mask under the default block_prompt, wrong groups)"),
+    M("delimiter_not_inserted", "livr/sequence.py",
+      'self.latent_text = "".join(tokenizer.convert_ids_to_tokens(self.latent_ids))',
+      'self.latent_text = "".join(tokenizer.convert_ids_to_tokens(self.latent_ids[:-1]))',
+      why="no delimiter after the latents: the first answer token is predicted at the last latent, which sees "
+          "the image"),
+    M("end_of_turn_not_in_labels", "livr/sequence.py",
+      "text = target_text(row, self.answer_format) + self.family.end_of_turn",
+      "text = target_text(row, self.answer_format)",
+      why="the end-of-turn token dropped from the target: the model never learns to stop"),
+    M("labels_include_delimiter", "livr/sequence.py",
+      "labels[prompt_len:] = ids[prompt_len:]",
+      "labels[prompt_len - 1:] = ids[prompt_len - 1:]",
+      why="the delimiter carries loss: it is predicted at the last latent (an image-seeing position)"),
+    M("collate_labels_padded_with_pad_id", "livr/sequence.py",
+      'fill = {"input_ids": pad_id, "labels": IGNORE, "groups": PAD}',
+      'fill = {"input_ids": pad_id, "labels": pad_id, "groups": PAD}',
+      why="labels padded with the pad id instead of -100: padding carries loss"),
+    M("collate_ignores_padding_side", "livr/sequence.py",
+      'padded.append(torch.cat([v, pad] if padding_side == "right" else [pad, v]))',
+      "padded.append(torch.cat([v, pad]))",
+      why="always right-padded: batched generation reads the next token at a pad position"),
+
+    # ------------------------------------------------------------------ mask.py (§2 Stage-1 rules)
+    M("mask_prompt_rows_see_image", "livr/mask.py",
+      "blind_row = blind_row | (groups == PROMPT)",
+      "blind_row = blind_row | (groups == ANSWER)",
+      why="prompt rows not blocked from the image (the 'answer only' ablation, 77.87 vs 83.61)"),
+    M("mask_latent_rows_blind", "livr/mask.py",
+      "blind_row = groups == ANSWER",
+      "blind_row = (groups == ANSWER) | (groups == 3)  # LATENT",
+      why="latent rows blocked from the image too: nothing carries the pixels to the answer"),
+    M("mask_pad_columns_visible", "livr/mask.py",
+      "allowed = causal[None] & valid[:, None, :] & ~(blind_row[:, :, None] & image_col)",
+      "allowed = causal[None] & ~(blind_row[:, :, None] & image_col)",
+      why="pad columns not masked (right padding hides it: pads come after every real token)"),
+    M("mask_not_causal", "livr/mask.py",
+      "causal = pos[None, :] <= pos[:, None]",
+      "causal = torch.ones(n, n, dtype=torch.bool, device=groups.device)",
+      why="causality dropped from the 4-D mask"),
+    M("mask_pad_row_diagonal_removed", "livr/mask.py",
+      "    return allowed | (torch.eye(n, dtype=torch.bool, device=groups.device)[None] & ~valid[:, :, None])",
+      "    return allowed",
+      why="pad rows fully masked: NaN under some kernels"),
+    M("mask_boolean", "livr/mask.py",
+      "    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]",
+      "    return allowed[:, None]",
+      why="a boolean 4-D mask instead of the additive float one (silently wrong under eager)"),
+
+    # ------------------------------------------------------------------ model.py (§1–3: forward, loss, trainables)
+    M("position_ids_not_passed_4d", "livr/model.py",
+      '            inputs["position_ids"] = pos if pos is not None else self.family.position_ids(self.model, ids, attn, mm)',
+      "            pass",
+      why="4-D mask without explicit positions: the model derives (m)RoPE positions from a mask it cannot read"),
+    M("loss_no_shift", "livr/model.py",  # answer_loss: `livr verify` (d), warm-up bench, tests
+      "logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)",
+      "logits, labels = logits.float(), labels.to(logits.device)",
+      why="loss without the next-token shift: each answer position 'predicts' itself"),
+    M("train_nll_no_shift", "livr/model.py",
+      "        keep[:, :-1] = labels[:, 1:] != IGNORE  # the logits at t - 1 predict the token at t\n"
+      "        inputs = self.model_inputs(batch, bottleneck)\n"
+      "        logits = (module or self.model)(**inputs, logits_to_keep=keep, use_cache=False).logits\n"
+      "        targets = labels[:, 1:][keep[:, :-1]]\n",
+      "        keep = labels != IGNORE\n"
+      "        inputs = self.model_inputs(batch, bottleneck)\n"
+      "        logits = (module or self.model)(**inputs, logits_to_keep=keep, use_cache=False).logits\n"
+      "        targets = labels[keep]\n",
+      why="the training loss (answer_nll) without the next-token shift: each answer position 'predicts' itself"),
+    M("loss_summed", "livr/model.py",
+      "    return (nll * mask).sum() / mask.sum().clamp(min=1)",
+      "    return (nll * mask).sum()",
+      why="loss summed over answer tokens instead of averaged"),
+    M("loss_per_example_batch_denominator", "livr/model.py",
+      "return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)",
+      "return (nll * mask).sum(1) / mask.sum().clamp(min=1)",
+      why="per-example loss divided by the batch's token count"),
+    M("lora_reaches_vision_tower", "livr/model.py",
+      'return rf"(?=(?:{family_regex})$).*\\.(?:{names})"',
+      'return rf".*\\.(?:{names})"',
+      why="LoRA target regex without the language-model restriction: the vision tower's projections train"),
+    M("frozen_guard_disabled", "livr/model.py",
+      "    if leaks:\n",
+      "    if False:\n",
+      why="the 'vision/projector parameters would train' guard never fires"),
+    M("vision_not_frozen_before_peft", "livr/model.py",
+      "    for p in bb.model.parameters():\n        p.requires_grad_(False)\n",
+      "    pass\n",
+      tests=[METHOD, "tests/test_spec_train.py::test_train_worker_optimizer_schedule_and_stage_masks"],
+      equivalent="get_peft_model itself marks every non-adapter parameter requires_grad=False "
+                 "(_mark_only_adapters_as_trainable), so the explicit freeze is redundant",
+      why="vision tower / projector not frozen before PEFT"),
+    M("whole_embedding_trains", "livr/model.py",
+      'trainable_token_indices={"embed_tokens": ids} if ids else None,',
+      'modules_to_save=["embed_tokens"] if ids else None,',
+      why="the whole embedding table trains (optimizer state and updates on the base rows)"),
+    M("delimiter_row_frozen", "livr/model.py",
+      'trainable_token_indices={"embed_tokens": ids} if ids else None,',
+      'trainable_token_indices={"embed_tokens": ids[:-1]} if ids else None,',
+      why="only the K latent rows train; the delimiter's row stays random"),
+    M("weight_decay_on_latent_rows", "livr/model.py",
+      '(no_decay if "trainable_tokens" in name else decay).append(p)',
+      '(no_decay if "trainable_token_indices" in name else decay).append(p)',
+      why="param_groups matches the wrong name: the latent rows get weight decay"),
+
+    # ------------------------------------------------------------------ train.py (§3 schedule, stages, selection)
+    M("stage2_keeps_bottleneck", "livr/train.py",
+      'Stage("stage2", False,',
+      'Stage("stage2", True,',
+      why="Stage 2 trains under the bottleneck mask instead of the plain causal one"),
+    M("stage1_without_bottleneck", "livr/train.py",
+      'Stage("stage1", True,',
+      'Stage("stage1", False,',
+      why="Stage 1 trains with the plain causal mask: no visual bottleneck at all"),
+    M("stage1_uses_stage2_epochs", "livr/train.py",
+      "steps(t.stage1_epochs, t.stage1_steps)",
+      "steps(t.stage2_epochs, t.stage1_steps)",
+      why="Stage 1's length read from the Stage-2 epochs (4+6 becomes 6+6)"),
+    M("no_warmup", "livr/train.py",
+      "warm = math.ceil(o.warmup_ratio * total)",
+      "warm = 0",
+      why="no linear warm-up: each stage starts at the peak learning rate"),
+    M("warmup_off_by_one", "livr/train.py",
+      "return o.lr * step / max(1, warm)",
+      "return o.lr * (step + 1) / max(1, warm)",
+      why="warm-up one step ahead of transformers' get_cosine_schedule_with_warmup"),
+    M("lr_not_restarted_per_stage", "livr/train.py",
+      'lr = lr_at(state["step"], stage.steps, cfg)',
+      'lr = lr_at(state["global_step"], stage.steps, cfg)',
+      why="the schedule runs on the global step: Stage 2 does not restart warm-up + cosine"),
+    M("train_loss_summed", "livr/train.py",
+      "engine.micro_step(nll / max(1.0, tokens), boundary, lr)",
+      "engine.micro_step(nll, boundary, lr)",
+      tests=[LOOP, TWO_RANKS, TRAIN],
+      why="the training loss is the summed answer NLL, not the per-token mean (lr effectively scaled by length)"),
+    M("train_loss_microbatch_mean", "livr/train.py",
+      "            nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)\n"
+      "            engine.micro_step(nll / max(1.0, tokens), boundary, lr)\n",
+      "            nll, n = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)\n"
+      "            engine.micro_step(nll / max(1, n), boundary, lr)\n",
+      tests=[TWO_RANKS, LOOP, TRAIN],
+      why="each micro-batch's own token mean, summed over accumulation and ranks: A x N times the gradient, "
+          "micro-batches weighted equally whatever their answer lengths"),
+    M("adamw_without_no_decay_group", "livr/train.py",
+      "opt = torch.optim.AdamW(param_groups(lm.model, cfg.optim.weight_decay), lr=cfg.optim.lr,",
+      "opt = torch.optim.AdamW([p for p in lm.model.parameters() if p.requires_grad],\n"
+      "                            weight_decay=cfg.optim.weight_decay, lr=cfg.optim.lr,",
+      why="train_worker builds AdamW over all trainables with one weight decay: the latent rows decay"),
+    M("resume_resets_stage_step", "livr/train.py",
+      "        lm.set_attn_implementation(stage.attn)\n",
+      '        state["step"] = 0  # "start of the stage"\n        lm.set_attn_implementation(stage.attn)\n',
+      why="entering a stage resets its step counter: a mid-stage resume redoes the stage from its start"),
+    M("resume_replays_stage_data", "livr/train.py",
+      'start_step=state["step"],',
+      "start_step=0,",
+      tests=[RESUME_EQ, TRAIN],
+      why="a mid-stage resume restarts the stage's data order from its first batch (rows seen twice, others never)"),
+    M("resume_epoch_bookkeeping", "livr/train.py",
+      'epoch, start = divmod(state["step"], steps_per_epoch)',
+      'epoch, start = state["step"] // steps_per_epoch, 0',
+      tests=[RESUME_EQ, TRAIN],
+      why="after a mid-epoch resume the epoch is counted from its start: its end (validation, checkpoint) comes late"),
+    M("stage_end_checkpoint_unfinished", "livr/train.py",
+      "            if done:\n                state[\"stage\"], state[\"step\"] = si + 1, 0\n"
+      "            _save(engine, state, ctx, last, report, metrics)\n",
+      "            _save(engine, state, ctx, last, report, metrics)\n"
+      "            if done:\n                state[\"stage\"], state[\"step\"] = si + 1, 0\n",
+      why="the end-of-stage checkpoint is written before the stage is marked done"),
+    M("best_selection_inverted", "livr/train.py",
+      'if acc > state["best"]:',
+      'if acc < state["best"]:',
+      why="best-checkpoint selection keeps the worst validation accuracy"),
+    M("select_last_ignored", "livr/train.py",
+      'if cfg.train.select == "best" and os.path.exists(best):',
+      "if os.path.exists(best):",
+      why="train.select=last (multi-task) still restores the best checkpoint"),
+    M("microbatch_rank_layout", "livr/data/loader.py",
+      "j = a * world + rank",
+      "j = rank * accum + a",
+      tests=["tests/test_loader.py", TWO_RANKS],
+      why="rank r takes a contiguous block of micro-batches: N ranks no longer equal one rank accumulating N"),
+
+    # ------------------------------------------------------------------ engine.py (TorchEngine)
+    M("ddp_average_not_compensated", "livr/engine.py",
+      "        (loss * self.world).backward()\n",
+      "        loss.backward()\n",
+      tests=[TWO_RANKS, LOOP],
+      why="gradient reduction vs loss normalisation mismatch: DDP averages over ranks while each micro-batch's loss "
+          "is a share of the GLOBAL mean, so without x world N ranks get 1/N of the gradient (the class of "
+          "'all-reduce sums instead of averaging', the other way round)"),
+    M("grad_accum_scaled_twice", "livr/engine.py",
+      "        (loss * self.world).backward()\n",
+      "        (loss * self.world / self.cfg.train.grad_accum).backward()\n",
+      tests=[TWO_RANKS, LOOP, TRAIN],
+      why="a leftover 1/accumulation scaling on a loss that is already a share of the global-batch mean"),
+    M("schedule_not_applied", "livr/engine.py",
+      '        for g in self.opt.param_groups:\n            g["lr"] = lr\n',
+      "",
+      why="the scheduled lr never reaches the optimizer: constant lr"),
+
+    # ------------------------------------------------------------------ checkpoint.py (resume)
+    M("resume_without_optimizer_state", "livr/checkpoint.py",
+      '            opt.load_state_dict({"state": st, "param_groups": meta["param_groups"]})',
+      "            pass",
+      why="resume restores the weights but not AdamW's moments"),
+    M("resume_without_weights", "livr/checkpoint.py",
+      '        load_trainable_state(model, load_file(os.path.join(path, "trainable.safetensors")), path)',
+      "        pass",
+      why="resume restores the optimizer and counters but not the trained LoRA/latent weights"),
+    M("resume_forgets_best", "livr/checkpoint.py",
+      "            state = json.load(f)\n",
+      '            state = {**json.load(f), "best": -1.0, "best_at": None}\n',
+      why="the best validation accuracy so far is not restored: a worse epoch after resume becomes 'best'"),
+    M("optimizer_step_count_not_saved", "livr/checkpoint.py",
+      "            if torch.is_tensor(v):\n",
+      '            if torch.is_tensor(v) and k != "step":\n',
+      why="the checkpoint misses AdamW's per-parameter `step` (bias correction) field"),
+    M("completeness_check_misses_optimizer", "livr/checkpoint.py",
+      'CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")',
+      'CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.json", "state.json")',
+      why="an incomplete checkpoint (no optimizer tensors) is not reported as incomplete"),
+
+    # ------------------------------------------------------------------ evaluate.py (generation, aggregation)
+    M("every_rank_evaluates_every_row", "livr/evaluate.py",
+      "mine = list(range(rank, len(rows), world))",
+      "mine = list(range(len(rows)))",
+      tests=["tests/test_scoring.py::test_two_process_eval_gathers_every_prediction", SCORING, TRAIN],
+      why="evaluation not sharded: every rank scores every row, counts are multiplied by the world size"),
+    M("eval_counts_not_reduced", "livr/evaluate.py",
+      "        dist.all_reduce(t)\n",
+      "",
+      tests=["tests/test_scoring.py::test_two_process_eval_gathers_every_prediction", SCORING, TRAIN],
+      stale_ok=True,
+      why="sharded evaluation reports rank 0's shard only"),
+    M("decode_steps_use_2d_mask", "livr/evaluate.py",
+      "step_mask = bottleneck_mask(groups, lm.dtype)[:, :, -1:] if bottleneck else attn",
+      "step_mask = attn",
+      why="bottleneck generation: the decode steps use the 2-D mask, so generated tokens see the image"),
+    M("eos_not_sticky", "livr/evaluate.py",
+      "        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)\n",
+      "",
+      why="a finished row keeps generating: text after end-of-turn is appended to its output"),
+    M("eos_filter_removed", "livr/evaluate.py",
+      "[t for t in row if t != eos]",
+      "row",
+      tests=[GEN, SCORING],
+      equivalent="decode(skip_special_tokens=True) drops the end-of-turn token anyway (it is a special token in "
+                 "every family), and after eos a row only holds eos",
+      why="end-of-turn tokens not filtered before decoding"),
+    M("task_mean_weighted_by_rows", "livr/evaluate.py",
+      '"mean": None if acc is None else sum(acc.values()) / max(1, len(acc)),',
+      '"mean": None if acc is None else sum(acc[k] * counts[k][2] for k in acc) / max(1, sum(counts[k][2] for k in acc)),',
+      stale_ok=True,
+      tests=[SCORING, TRAIN, "tests/test_insight.py"],
+      why="the overall score is the row-weighted (micro) mean, not BLINK's unweighted mean of per-task accuracies"),
+    M("table1_mean_counts_missing_tasks", "livr/evaluate.py",
+      'mean = f"{100 * sum(vals) / len(vals):.2f}" if vals else "–"',
+      'mean = f"{100 * sum(vals) / len(tasks):.2f}" if vals else "–"',
+      tests=["tests/test_insight.py", SCORING, TRAIN],
+      why="Table 1's mean divides by every column, counting a method's missing tasks as 0"),
+    M("eval_parser_ignored", "livr/evaluate.py",
+      "acc = by_parser[parser]",
+      'acc = by_parser["blink"]',
+      tests=[SCORING, TRAIN],
+      stale_ok=True,
+      why="eval.parser=lenient still reports BLINK's accuracy"),
+
+    # ------------------------------------------------------------------ data/prompts.py (§4 BLINK scoring)
+    M("prompt_choice_format", "livr/data/prompts.py",
+      'lines = [f"({l}) {c}" for l, c in zip(choice_letters(len(choices)), choices)]',
+      'lines = [f"{l}. {c}" for l, c in zip(choice_letters(len(choices)), choices)]',
+      why="choices written 'A. x' instead of BLINK's '(A) x'"),
+    M("gold_letter_out_of_range_accepted", "livr/data/prompts.py",
+      'if not m or m.group(1) not in choice_letters(len(row["choices"])):',
+      "if not m:",
+      why="a gold answer outside the choices (e.g. (F) of 4) is accepted as a training target"),
+    M("blink_output_stripped", "livr/data/prompts.py",
+      "    letters = choice_letters(num_choices)\n    bare = set(_BLINK_BARE) | set(letters)\n",
+      "    output = output.strip()\n    letters = choice_letters(num_choices)\n    bare = set(_BLINK_BARE) | set(letters)\n",
+      stale_ok=True,
+      why="BLINK's rule applied to the stripped output (BLINK does not strip: ' A' goes to its judge)"),
+    M("blink_case_insensitive", "livr/data/prompts.py",
+      "    if output in bare:\n        return output\n",
+      "    if output.upper() in bare:\n        return output.upper()\n",
+      stale_ok=True,
+      why="a lower-case 'a' accepted as A (BLINK is case-sensitive)"),
+    M("blink_paren_glued_accepted", "livr/data/prompts.py",
+      "anywhere = valid & set(output.split())",
+      'anywhere = valid & {f"({x})" for x in _PAREN.findall(output)}',
+      stale_ok=True,
+      why="'(X)' accepted inside other text ('**(A)**', '(A),'): BLINK needs a whitespace-separated token"),
+    M("blink_last_paragraph_ignored", "livr/data/prompts.py",
+      'last = valid & set(output.split("\\n\\n")[-1].split())',
+      "last = set()",
+      stale_ok=True,
+      why="the last-paragraph rule dropped: several (X) overall but one in the last paragraph gives no answer"),
+    M("blink_several_letters_pick_one", "livr/data/prompts.py",
+      "if (len(anywhere) != 1 and len(last) != 1) or len(anywhere) < 1:",
+      "if len(anywhere) < 1:",
+      stale_ok=True,
+      why="several different (X) in the output: one is picked instead of 'no answer'"),
+    M("blink_open_ended_first_integer", "livr/data/prompts.py",
+      '    if parser == "blink":\n        return normalise_number(output)\n',
+      "",
+      stale_ok=True,
+      why="BLINK open-ended scoring takes the first integer anywhere ('3 or 4' scores 3)"),
+    M("number_words_not_accepted", "livr/data/prompts.py",
+      'return NUMBER_WORDS.get(" ".join(t.split()))',
+      "return None",
+      stale_ok=True,
+      why="an open-ended answer written as a word ('three') is not accepted"),
+]

@@ -1,0 +1,185 @@
+"""The streaming data path: rows stay in memory-mapped Arrow tables, each rank encodes only its own micro-batches.
+
+- `Rows`: a split as a lazy sequence over one `datasets.Dataset` per task. `rows[i]` decodes one row (its
+  images included); `rows.column(name)` reads a text column without touching an image. The Arrow files are
+  memory-mapped, so every rank of a node shares them through the page cache.
+- `EncodedRows`: a torch `Dataset` that encodes row i on demand (`SequenceBuilder.encode`), in DataLoader
+  worker processes. A bad row becomes the same one-line `DataError` in the main process (never a worker
+  traceback).
+- `micro_batches`: the exact sequence of this rank's micro-batches for one stage, from any step on: epoch e's
+  order is `randperm(n, seed*1000 + stage*100 + e)` on every rank, global batch k is order[k*G:(k+1)*G], and
+  micro-batch a of rank r is its slice (a*world + r)*mb … — so N ranks × micro-batch b see exactly what one
+  rank with accumulation N sees, and a resume continues at the same row.
+- `make_loader`: a DataLoader with `collate` as collate_fn, `data.num_workers` workers (-1: one per spare
+  core), prefetching, persistent workers and pinned memory on GPU.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from livr.data.tasks import DataError
+from livr.sequence import collate
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # worker processes fork after the tokenizer ran
+
+
+class Rows(Sequence):
+    """Rows of several `datasets.Dataset`s (or lists) as one sequence, decoded only when indexed."""
+
+    def __init__(self, parts: list | None = None):
+        self.parts = [p for p in parts or [] if len(p)]
+        self._ends = []
+        n = 0
+        for p in self.parts:
+            n += len(p)
+            self._ends.append(n)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Rows([self[j] for j in range(*i.indices(len(self)))]) if i.step not in (None, 1) else \
+                self._range(*i.indices(len(self))[:2])
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        p = bisect.bisect_right(self._ends, i)
+        return self.parts[p][i - (self._ends[p - 1] if p else 0)]
+
+    def _range(self, start: int, stop: int) -> Rows:
+        out, offset = [], 0
+        for p in self.parts:
+            lo, hi = max(start - offset, 0), min(stop - offset, len(p))
+            if lo < hi:
+                out.append(p.select(range(lo, hi)) if hasattr(p, "select") else p[lo:hi])
+            offset += len(p)
+        return Rows(out)
+
+    def describe(self, i: int) -> str:
+        """"<task> idx=<idx>" of row i, read without decoding its images (for error messages)."""
+        p = bisect.bisect_right(self._ends, i)
+        part, j = self.parts[p], i - (self._ends[p - 1] if p else 0)
+        meta = part.select_columns([c for c in ("sub_task", "idx") if c in part.column_names])[j] \
+            if hasattr(part, "select_columns") else part[j]
+        return f"{meta.get('sub_task', '?')} idx={meta.get('idx')}"
+
+    def column(self, name: str) -> list:
+        """A text column for every row, without decoding any image."""
+        out = []
+        for p in self.parts:
+            out.extend(p[name] if hasattr(p, "column_names") else [r.get(name) for r in p])
+        return out
+
+
+def column(rows, name: str) -> list:
+    """`rows.column(name)` for `Rows`, else read from each row (plain lists of dicts)."""
+    return rows.column(name) if hasattr(rows, "column") else [r.get(name) for r in rows]
+
+
+META = ("idx", "sub_task", "answer", "choices")  # what scoring needs of a row, without its images
+
+
+class EncodedRows(Dataset):
+    """Row i encoded by `builder` on demand (answers included for training, prompts only for generation).
+
+    Encoded rows are kept, first come first kept, up to `cache_bytes` per process (each loader worker has its
+    own): small data (the demo's 56-px rows) is encoded once per worker and reused every epoch, while 1000-px
+    rows (~18 MiB of pixel_values per image) quickly exhaust the budget and are simply encoded again."""
+
+    def __init__(self, rows, builder, with_answer: bool = True, cache_bytes: int = 0):
+        self.rows, self.builder, self.with_answer = rows, builder, with_answer
+        self.cache_bytes, self._cache, self._cached = cache_bytes, {}, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self._cache:
+            item = self._cache[i]
+            return {**item, "meta": dict(item["meta"])}  # collate_rows pops "meta": never hand out the cached dict
+        item = self._encode(i)
+        size = sum(v.numel() * v.element_size() for v in item.values() if torch.is_tensor(v))
+        if "_error" not in item and self._cached + size <= self.cache_bytes:
+            self._cache[i], self._cached = item, self._cached + size
+            return {**item, "meta": dict(item["meta"])}
+        return item
+
+    def _encode(self, i: int) -> dict:
+        try:
+            try:
+                row = self.rows[i]  # decodes the row's images
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for a truncated or corrupt file
+                where = self.rows.describe(i) if hasattr(self.rows, "describe") else f"row {i}"
+                raise DataError(f"{where}: its image(s) cannot be decoded: {type(e).__name__}: {e}".splitlines()[0]) from None
+            item = self.builder.encode(row, with_answer=self.with_answer)
+        except DataError as e:  # carried to the main process as a value: one line there, not a worker traceback
+            return {"_error": str(e)}
+        item["meta"] = {k: row.get(k) for k in META}
+        return item
+
+
+def collate_rows(items: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+    """`collate` for `EncodedRows` items; row metadata rides along as a list; a bad row's error is kept."""
+    errors = [it["_error"] for it in items if "_error" in it]
+    if errors:
+        return {"_error": errors[0]}
+    meta = [it.pop("meta") for it in items]
+    batch = collate(items, pad_id, padding_side)
+    batch["meta"] = meta
+    return batch
+
+
+def checked(batch: dict) -> dict:
+    """Raise a bad row's DataError in the calling (main) process."""
+    if "_error" in batch:
+        raise DataError(batch["_error"])
+    return batch
+
+
+def micro_batches(n_rows: int, *, seed: int, stage: int, start_step: int, steps: int, micro_batch: int,
+                  accum: int, world: int, rank: int) -> Iterator[list[int]]:
+    """This rank's micro-batches (row indices) for optimizer steps start_step … steps-1 of a stage."""
+    global_batch = micro_batch * accum * world
+    per_epoch = max(1, n_rows // global_batch)
+    order, order_epoch = None, None
+    for step in range(start_step, steps):
+        epoch, k = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            gen = torch.Generator().manual_seed(seed * 1000 + stage * 100 + epoch)
+            order, order_epoch = torch.randperm(n_rows, generator=gen).tolist(), epoch  # the same on every rank
+        chunk = order[k * global_batch : (k + 1) * global_batch]
+        for a in range(accum):
+            j = a * world + rank
+            yield chunk[j * micro_batch : (j + 1) * micro_batch]
+
+
+def auto_workers(configured: int, local_world: int = 1) -> int:
+    """-1: one loader process per core this rank can spare (at most 4), 0 on a single core."""
+    if configured >= 0:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, local_world) - 1))
+
+
+def make_loader(dataset: EncodedRows, batches, pad_id: int, *, num_workers: int, pin_memory: bool = False,
+                padding_side: str = "right", prefetch_factor: int = 2, persistent: bool = False) -> DataLoader:
+    """A DataLoader over `batches` (an iterable of index lists) of `dataset`, collated with `collate_rows`.
+    `persistent`: the workers (and their encoded-row caches) live as long as the loader, over many passes."""
+    kw = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=list(batches) if not isinstance(batches, list) else batches,
+                      num_workers=num_workers, collate_fn=_Collate(pad_id, padding_side), pin_memory=pin_memory, **kw)
+
+
+class _Collate:  # a picklable collate_fn (spawned workers)
+    def __init__(self, pad_id: int, padding_side: str):
+        self.pad_id, self.padding_side = pad_id, padding_side
+
+    def __call__(self, items: list[dict]) -> dict:
+        return collate_rows(items, self.pad_id, self.padding_side)
