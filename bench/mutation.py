@@ -175,7 +175,7 @@ def run_pytest(copy: str, args: list[str], timeout: float) -> tuple[int | None, 
         return rc, log.read(), time.perf_counter() - t0
 
 
-_FAIL = re.compile(r"^(FAILED|ERROR) (\S+?)(?: - .*)?$", re.MULTILINE)
+_FAIL = re.compile(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)  # (parametrized ids may hold spaces)
 
 
 def failing_ids(output: str) -> list[str]:

@@ -6,7 +6,8 @@ A real-size preset (the published architecture, random weights, the checkpoint's
 depth --num-layers trains through the real loop: rows in BLINK's schema on disk (save_to_disk, JPEG bytes),
 loaded by the local BLINK loader, encoded by DataLoader workers. Each configuration runs in its own
 subprocess so that peaks do not mix. Measured per configuration: peak RSS of the rank (and of its largest
-loader worker), the time from the start of `train_worker` to the first optimizer step, step times and the
+loader worker), the time from the start of `train_worker` to its first batch and to its first optimizer step,
+step times and the
 time the loop waited for data. Then the loss step alone: LM head + NLL over a sequence of the same length
 with full logits vs only the labelled positions (peak RSS growth). Prints a table and a last line
 `rss_mib_n100=… rss_mib_n1000=… rss_growth_mib_per_1000_rows=… first_step_s_n100=… first_step_s_n1000=…
@@ -80,7 +81,7 @@ def child(spec: dict) -> None:
     from livr.config import load_config
 
     t0 = time.perf_counter()
-    steps, waits = [], []
+    steps, waits, first_batch = [], [], []
 
     class Timed:
         def __init__(self, loader):
@@ -93,6 +94,8 @@ def child(spec: dict) -> None:
             s = time.perf_counter()
             out = next(self.it)
             waits.append(time.perf_counter() - s)
+            if not first_batch:
+                first_batch.append(time.perf_counter())
             return out
 
     real_make = T.make_loader
@@ -116,6 +119,7 @@ def child(spec: dict) -> None:
     steady = steps[-1] - steps[0] if len(steps) > 1 else float("nan")
     print("RESULT " + json.dumps({
         "rss_mib": _maxrss_mib(), "worker_rss_mib": _maxrss_mib(resource.RUSAGE_CHILDREN),
+        "first_batch_s": first_batch[0] - t0 if first_batch else float("nan"),
         "first_step_s": steps[0] - t0, "step_s": sum(per_step) / max(1, len(per_step)),
         "data_wait_share": steady_wait / steady if len(steps) > 1 and steady > 0 else float("nan")}), flush=True)
 
@@ -180,6 +184,12 @@ def main() -> None:
             "train.stage2_steps=1", "train.resume=false", "tracking.enabled=false", "latents.num_latents=16",
             "model.dtype=float32"]}
 
+    from livr.backbones import resolve_backbone_path
+
+    t = time.perf_counter()
+    preset = resolve_backbone_path(a.backbone, os.path.join(work, "backbones"), a.num_layers)  # once, not timed below
+    print(f"[scale] backbone {a.backbone} (depth {a.num_layers or 'full'}) at {preset}: {time.perf_counter() - t:.0f} s",
+          flush=True)
     runs = {}
     for n in a.ns:
         runs[(n, 2)] = run_child("child", spec(n, 2))
@@ -187,28 +197,27 @@ def main() -> None:
     runs[(a.ns[0], 0)] = run_child("child", spec(a.ns[0], 0))
     print(f"[scale] n={a.ns[0]} workers=0: {runs[(a.ns[0], 0)]}", flush=True)
 
-    from livr.backbones import resolve_backbone_path
-
-    with open(os.path.join(resolve_backbone_path(a.backbone, os.path.join(work, "backbones"), a.num_layers),
-                           "config.json")) as f:
+    with open(os.path.join(preset, "config.json")) as f:
         conf = json.load(f)
     text = conf.get("text_config", conf)
     L = 4203  # a 4-image 1024x768 Qwen2.5-VL example (STACK.md)
     loss = {full: run_child("loss-child", {"L": L, "H": text["hidden_size"], "V": text["vocab_size"], "full": full})
             for full in (True, False)}
     n0, n1 = a.ns[0], a.ns[-1]
-    print("\n| rows | loader workers | peak RSS rank (MiB) | largest worker (MiB) | first step (s) | step (s) | data wait share |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| rows | loader workers | peak RSS rank (MiB) | largest worker (MiB) | first batch (s) | first step (s) "
+          "| step (s) | data wait share |")
+    print("|---|---|---|---|---|---|---|---|")
     for (n, w), r in sorted(runs.items()):
-        print(f"| {n} | {w} | {r['rss_mib']:.0f} | {r['worker_rss_mib']:.0f} | {r['first_step_s']:.1f} | "
-              f"{r['step_s']:.1f} | {r['data_wait_share']:.3f} |")
+        print(f"| {n} | {w} | {r['rss_mib']:.0f} | {r['worker_rss_mib']:.0f} | {r['first_batch_s']:.1f} | {r['first_step_s']:.1f} | "
+              f"{r['step_s']:.1f} | {r['data_wait_share']:.2e} |")
     print(f"\nloss step at L={L}, vocab {text['vocab_size']}, hidden {text['hidden_size']} (fp32): full logits "
           f"{loss[True]['peak_mib']:.0f} MiB, labelled positions only {loss[False]['peak_mib']:.0f} MiB")
     growth = (runs[(n1, 2)]["rss_mib"] - runs[(n0, 2)]["rss_mib"]) / max(1, n1 - n0) * 1000
     print(f"rss_mib_n{n0}={runs[(n0, 2)]['rss_mib']:.0f} rss_mib_n{n1}={runs[(n1, 2)]['rss_mib']:.0f} "
           f"rss_growth_mib_per_1000_rows={growth:.0f} first_step_s_n{n0}={runs[(n0, 2)]['first_step_s']:.1f} "
-          f"first_step_s_n{n1}={runs[(n1, 2)]['first_step_s']:.1f} "
-          f"data_wait_share_w0={runs[(n0, 0)]['data_wait_share']:.3f} data_wait_share_w2={runs[(n0, 2)]['data_wait_share']:.3f} "
+          f"first_step_s_n{n1}={runs[(n1, 2)]['first_step_s']:.1f} first_batch_s_n{n0}={runs[(n0, 2)]['first_batch_s']:.1f} "
+          f"first_batch_s_n{n1}={runs[(n1, 2)]['first_batch_s']:.1f} "
+          f"data_wait_share_w0={runs[(n0, 0)]['data_wait_share']:.2e} data_wait_share_w2={runs[(n0, 2)]['data_wait_share']:.2e} "
           f"loss_peak_ratio={loss[False]['peak_mib'] / max(1e-9, loss[True]['peak_mib']):.4f}")
 
 

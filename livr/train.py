@@ -162,7 +162,8 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                                 steps=stage.steps, micro_batch=cfg.train.micro_batch_size, accum=cfg.train.grad_accum,
                                 world=ctx.world, rank=ctx.rank)
         loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20), batches,
-                                  pad_id, num_workers=workers, pin_memory=lm.device.type == "cuda"))
+                                  pad_id, num_workers=workers if stage.steps > state["step"] else 0,
+                                  pin_memory=lm.device.type == "cuda"))
         t_last = time.perf_counter()
         while state["step"] < stage.steps:
             epoch, start = divmod(state["step"], steps_per_epoch)

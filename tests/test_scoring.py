@@ -273,3 +273,40 @@ def test_training_and_cli_write_a_blink_submission(backbone_cache, data_cache, t
     assert "n/a" in printed and "blink_submission_test.json" in printed
     with open(path) as f:
         assert json.load(f) == sub
+
+
+def test_table1_mean_is_over_the_tasks_a_method_has():
+    table = ev.table1([("A", {"Counting": 0.5, "Jigsaw": 1.0}), ("B", {"Counting": 0.25})])
+    lines = table.splitlines()
+    assert lines[0] == "| method | Count | Jigsaw | mean |"
+    assert lines[2] == "| A | 50.00 | 100.00 | 75.00 |"
+    assert lines[3] == "| B | 25.00 | – | 25.00 |"  # a missing task is not counted as 0
+
+
+def test_generation_stops_at_end_of_turn_for_each_row(backbone_cache, data_cache, tmp_path):
+    """A row that emitted end-of-turn is finished: whatever the model would say next is not appended, while
+    the other rows of the batch keep decoding."""
+    from livr.model import build_model
+
+    lm = build_model(load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path)))
+    lm.model.eval()
+    eos = lm.tokenizer.convert_tokens_to_ids(lm.family.end_of_turn)
+    word = lm.tokenizer("7", add_special_tokens=False)["input_ids"][0]
+    calls = []
+
+    def steer(module, args, kwargs, out):  # row 0: end-of-turn first, then "7"; row 1: always "7"
+        logits = torch.full_like(out.logits[:, -1:], -1e4)
+        logits[:, :, word] = 0
+        if not calls:
+            logits[0, :, eos], logits[0, :, word] = 0, -1e4
+        calls.append(1)
+        out.logits[:, -1:] = logits
+        return out
+
+    handle = lm.model.register_forward_hook(steer, with_kwargs=True)
+    try:
+        rows = generate_task("Counting", 2, seed=3)
+        outs = ev.generate(lm, [lm.builder.encode(r, with_answer=False) for r in rows], max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert outs == ["", "777"]

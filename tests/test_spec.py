@@ -14,6 +14,7 @@ from conftest import tiny_overrides
 from livr.config import load_config
 from livr.data.synthetic import generate_task
 from livr.model import answer_loss, build_model
+from livr.sequence import GROUP_NAMES
 from livr.sequence import IMAGE as GROUP_IMAGE
 from livr.sequence import PAD as GROUP_PAD
 from livr.sequence import collate
@@ -23,6 +24,8 @@ IMAGE_TOKEN = {"tiny-qwen2.5-vl": "<|image_pad|>", "tiny-qwen3-vl": "<|image_pad
 END_OF_TURN = "<|im_end|>"  # ChatML: all three families
 MULTI_IMAGE = "Visual_Similarity"  # three images per example
 TEXT, IMAGE, PROMPT, LATENT, ANSWER, PAD = "text", "image", "prompt", "latent", "answer", "pad"
+NAME_OF = {TEXT: "text_before_image", IMAGE: "image", PROMPT: "prompt", LATENT: "latent", ANSWER: "answer",
+           PAD: "pad"}  # LIVR_SPEC §2's names
 
 
 def _cfg(backbone_cache, data_cache, tmp_path, backbone, **extra):
@@ -111,6 +114,8 @@ def test_groups_labels_and_mask_from_raw_ids(backbone, backbone_cache, data_cach
     assert set(mask.unique().tolist()) <= {0.0, torch.finfo(lm.dtype).min}  # additive, never boolean
     for b, item in enumerate(items):
         groups = expected_groups(item["input_ids"].tolist(), tok, backbone, k)
+        # the group ids livr records (what `livr inspect` and the block_prompt ablation read) name the same groups
+        assert [GROUP_NAMES[g] for g in item["groups"].tolist()] == [NAME_OF[g] for g in groups]
         groups += [PAD] * (batch["input_ids"].shape[1] - len(groups))
         real = torch.tensor([g != PAD for g in groups])
         got = mask[b, 0] == 0
@@ -292,3 +297,12 @@ def test_verify_passes_on_a_multi_image_task_and_catches_a_later_image_leak(back
 
     leaky = {c.name[:3]: c for c in verify(cfg, mask_fn=first_image_only)}
     assert not leaky["(a)"].passed and not leaky["(c)"].passed
+
+
+def test_a_lora_pattern_reaching_the_vision_tower_is_refused(backbone_cache, data_cache, tmp_path, monkeypatch):
+    """The vision encoder and projector stay frozen: a LoRA pattern that would adapt them is an error."""
+    import livr.model
+
+    monkeypatch.setattr(livr.model, "lora_regex", lambda family_regex, targets: r".*\.(qkv|q_proj|k_proj|v_proj|o_proj)")
+    with pytest.raises(RuntimeError, match="vision/projector parameters would train"):
+        build_model(_cfg(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl"))

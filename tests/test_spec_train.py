@@ -5,6 +5,7 @@ of every step), the masks by a forward hook on the backbone; the schedule is com
 `get_cosine_schedule_with_warmup`, resume with an uninterrupted run, and N-rank gradients with one rank's
 accumulation over a real gloo process group.
 """
+import json
 import math
 import os
 
@@ -136,6 +137,54 @@ def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the same validations at the same steps, the same best selection, the same selected weights
+    assert got["best_val_accuracy"] == ref["best_val_accuracy"]
+    state = {d: json.load(open(os.path.join(d, "checkpoints", "last", "state.json"))) for d in (whole.run_dir, cut.run_dir)}
+    assert state[whole.run_dir]["history"] == state[cut.run_dir]["history"] and len(state[cut.run_dir]["history"]) == 2
+    assert state[whole.run_dir]["best_at"] == state[cut.run_dir]["best_at"]
+    best = [load_file(os.path.join(d, "checkpoints", "best.safetensors")) for d in (whole.run_dir, cut.run_dir)]
+    assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
+
+
+def test_plan_stages_from_epochs():
+    """Stage lengths: epochs x steps per epoch, per stage (explicit *_steps override them)."""
+    from livr.train import plan_stages
+
+    cfg = load_config(None, ["train.stage1_epochs=2", "train.stage2_epochs=3", "train.sft_epochs=4"])
+    assert [(s.name, s.bottleneck, s.steps) for s in plan_stages(cfg, 5)] == [("stage1", True, 10), ("stage2", False, 15)]
+    cfg = load_config(None, ["train.stage1_epochs=2", "train.stage2_epochs=3", "train.stage2_steps=7"])
+    assert [s.steps for s in plan_stages(cfg, 5)] == [10, 7]
+    cfg = load_config(None, ["train.mode=sft", "train.sft_epochs=4"])
+    assert [(s.name, s.bottleneck, s.steps) for s in plan_stages(cfg, 5)] == [("sft", False, 20)]
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_model_selection(select, backbone_cache, data_cache, tmp_path, monkeypatch):
+    """train.select=best restores the weights of the best validation (here the first: the second is worse);
+    train.select=last keeps the final weights. What the run saves and tests is the selected model."""
+    from livr.checkpoint import trainable_state
+
+    scores = iter([0.9, 0.1, 0.5])  # val after Stage 1, val after Stage 2, then the test evaluation
+
+    def fake_evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders):
+        acc = next(scores)
+        return {n: {"accuracy": {"Counting": acc}, "mean": acc, "predictions": []} for n in names}
+
+    saved = {}
+    real_save = livr.train.save_run_artifacts
+    monkeypatch.setattr(livr.train, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(livr.train, "save_run_artifacts",
+                        lambda lm, run_dir: (saved.update(trainable_state(lm.model)), real_save(lm, run_dir)))
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=f"select-{select}", **{
+        "train.stage1_steps": 2, "train.stage2_steps": 2, "optim.lr": 1e-2, "train.select": select,
+        "eval.splits": "[val]"})
+    result = livr.train.train_worker(cfg)
+    assert result["best_val_accuracy"] == 0.9
+    ckpt = os.path.join(cfg.run_dir, "checkpoints")
+    want = load_file(os.path.join(ckpt, "best.safetensors") if select == "best" else os.path.join(ckpt, "last", "trainable.safetensors"))
+    other = load_file(os.path.join(ckpt, "last", "trainable.safetensors") if select == "best" else os.path.join(ckpt, "best.safetensors"))
+    assert any(not torch.equal(want[k], other[k]) for k in want), "best and last must differ for this test to mean anything"
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
 
 
 # ----------------------------------------------------------------------------- N ranks = 1 rank x accumulation
