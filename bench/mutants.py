@@ -43,6 +43,8 @@ GEN = "tests/test_method.py::test_cached_generation_matches_full_recompute"
 TWO_RANKS = "tests/test_spec_train.py::test_gradient_is_the_global_token_mean_for_any_batching"
 RESUME_EQ = "tests/test_spec_train.py::test_resume_mid_stage_equals_an_uninterrupted_run"
 LOOP = "tests/test_spec_train.py::test_train_worker_optimizer_schedule_and_stage_masks"
+SELECTION = "tests/test_spec_train.py::test_model_selection"
+PLAN_STAGES = "tests/test_spec_train.py::test_plan_stages_from_epochs"
 
 NOT_SLOW_SPEC = ["-" + TWO_RANKS, "-" + RESUME_EQ]  # a "-node" entry deselects it (from the glob)
 SCORING_FAST = [SCORING, "-tests/test_scoring.py::test_two_process_eval_gathers_every_prediction",
@@ -53,7 +55,7 @@ DEFAULT_TESTS = {
     "livr/sequence.py": [SPEC, METHOD, *VERIFY, SPEC_ALL, *NOT_SLOW_SPEC],
     "livr/mask.py": [METHOD, SPEC, *VERIFY, SPEC_ALL, *NOT_SLOW_SPEC],
     "livr/model.py": [SPEC, METHOD, *VERIFY, SPEC_ALL, *NOT_SLOW_SPEC],
-    "livr/train.py": [LOOP, TRAIN, RESUME_EQ, SPEC],
+    "livr/train.py": [PLAN_STAGES, LOOP, SELECTION, TRAIN, RESUME_EQ, SPEC],
     "livr/engine.py": [LOOP, TRAIN, RESUME_EQ, TWO_RANKS],
     "livr/checkpoint.py": [TRAIN, RESUME_EQ, LOOP],
     "livr/data/loader.py": ["tests/test_loader.py", TWO_RANKS, RESUME_EQ],

@@ -7,8 +7,7 @@ depth --num-layers trains through the real loop: rows in BLINK's schema on disk 
 loaded by the local BLINK loader, encoded by DataLoader workers. Each configuration runs in its own
 subprocess so that peaks do not mix. Measured per configuration: peak RSS of the rank (and of its largest
 loader worker), the time from the start of `train_worker` to its first batch and to its first optimizer step,
-step times and the
-time the loop waited for data. Then the loss step alone: LM head + NLL over a sequence of the same length
+step times and the time the loop waited for data. Then the loss step alone: LM head + NLL over a sequence of the same length
 with full logits vs only the labelled positions (peak RSS growth). Prints a table and a last line
 `rss_mib_n100=… rss_mib_n1000=… rss_growth_mib_per_1000_rows=… first_step_s_n100=… first_step_s_n1000=…
 data_wait_share_w0=… data_wait_share_w2=… loss_peak_ratio=…`.

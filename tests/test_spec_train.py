@@ -121,18 +121,19 @@ def _final(run_dir):
 def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache, tmp_path, monkeypatch):
     """Killed mid-epoch in Stage 1 and again mid-Stage 2, resumed each time: the same weights, bit for bit,
     as the run that was never interrupted (dropout 0: issue 12 adds the RNG state for dropout > 0)."""
-    extra = {"train.stage1_steps": 3, "train.stage2_steps": 3, "lora.dropout": 0.0, "distributed.checkpoint_every": 1,
+    # 16 rows / batch 4 = 4 steps per epoch: Stage 1 = 1.5 epochs (validations at steps 4 and 6), Stage 2 = 3 steps
+    extra = {"train.stage1_steps": 6, "train.stage2_steps": 3, "lora.dropout": 0.0, "distributed.checkpoint_every": 1,
              "optim.lr": 1e-2, "eval.splits": "[val]"}
     whole = _cfg(backbone_cache, data_cache, tmp_path, name="whole", **extra)
     cut = _cfg(backbone_cache, data_cache, tmp_path, name="cut", **extra)
     ref = livr.train.train_worker(whole)
-    for at in ("2", "5"):  # step 2 = mid-epoch of Stage 1; step 5 = the middle of Stage 2
+    for at in ("2", "7"):  # step 2 = mid-epoch of Stage 1; step 7 = the middle of Stage 2
         monkeypatch.setenv("LIVR_FAIL_AT_STEP", at)
         with pytest.raises(RuntimeError, match=f"injected failure at step {at}"):
             livr.train.train_worker(cut)
     monkeypatch.delenv("LIVR_FAIL_AT_STEP")
     got = livr.train.train_worker(cut)
-    assert got["resumed_from"] == [1, 4] and got["global_step"] == ref["global_step"] == 6
+    assert got["resumed_from"] == [1, 6] and got["global_step"] == ref["global_step"] == 9
     a, b = _final(whole.run_dir), _final(cut.run_dir)
     assert a.keys() == b.keys()
     for k in a:
@@ -140,7 +141,8 @@ def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache
     # the same validations at the same steps, the same best selection, the same selected weights
     assert got["best_val_accuracy"] == ref["best_val_accuracy"]
     state = {d: json.load(open(os.path.join(d, "checkpoints", "last", "state.json"))) for d in (whole.run_dir, cut.run_dir)}
-    assert state[whole.run_dir]["history"] == state[cut.run_dir]["history"] and len(state[cut.run_dir]["history"]) == 2
+    assert state[whole.run_dir]["history"] == state[cut.run_dir]["history"]
+    assert [h["step"] for h in state[cut.run_dir]["history"]] == [4, 6, 9]  # each epoch's end, then each stage's
     assert state[whole.run_dir]["best_at"] == state[cut.run_dir]["best_at"]
     best = [load_file(os.path.join(d, "checkpoints", "best.safetensors")) for d in (whole.run_dir, cut.run_dir)]
     assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
