@@ -173,8 +173,11 @@ def make_loader(dataset: EncodedRows, batches, pad_id: int, *, num_workers: int,
     """A DataLoader over `batches` (an iterable of index lists) of `dataset`, collated with `collate_rows`.
     `persistent`: the workers (and their encoded-row caches) live as long as the loader, over many passes."""
     kw = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent} if num_workers > 0 else {}
+    # its own generator: making an iterator then draws no number from the global torch RNG (dropout's), so
+    # the number of loaders created (e.g. once more after a resume) never shifts the training randomness
     return DataLoader(dataset, batch_sampler=list(batches) if not isinstance(batches, list) else batches,
-                      num_workers=num_workers, collate_fn=_Collate(pad_id, padding_side), pin_memory=pin_memory, **kw)
+                      num_workers=num_workers, collate_fn=_Collate(pad_id, padding_side), pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0), **kw)
 
 
 class _Collate:  # a picklable collate_fn (spawned workers)
