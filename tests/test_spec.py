@@ -14,10 +14,9 @@ from conftest import tiny_overrides
 from livr.config import load_config
 from livr.data.synthetic import generate_task
 from livr.model import answer_loss, build_model
-from livr.sequence import GROUP_NAMES
+from livr.sequence import GROUP_NAMES, collate
 from livr.sequence import IMAGE as GROUP_IMAGE
 from livr.sequence import PAD as GROUP_PAD
-from livr.sequence import collate
 
 FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision"]
 IMAGE_TOKEN = {"tiny-qwen2.5-vl": "<|image_pad|>", "tiny-qwen3-vl": "<|image_pad|>", "tiny-llava-onevision": "<image>"}

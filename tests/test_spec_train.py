@@ -140,7 +140,10 @@ def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache
         assert torch.equal(a[k], b[k]), k
     # the same validations at the same steps, the same best selection, the same selected weights
     assert got["best_val_accuracy"] == ref["best_val_accuracy"]
-    state = {d: json.load(open(os.path.join(d, "checkpoints", "last", "state.json"))) for d in (whole.run_dir, cut.run_dir)}
+    state = {}
+    for d in (whole.run_dir, cut.run_dir):
+        with open(os.path.join(d, "checkpoints", "last", "state.json")) as f:
+            state[d] = json.load(f)
     assert state[whole.run_dir]["history"] == state[cut.run_dir]["history"]
     assert [h["step"] for h in state[cut.run_dir]["history"]] == [4, 6, 9]  # each epoch's end, then each stage's
     assert state[whole.run_dir]["best_at"] == state[cut.run_dir]["best_at"]
