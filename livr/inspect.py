@@ -138,6 +138,12 @@ def inspect_run(run_dir: str, *, split: str = "val", limit: int = 64, heatmaps: 
 
     cfg, lm = load_run(run_dir, overrides)
     rows = load_splits(cfg, only=[split])[split][: limit or None]
+    from livr.data.tasks import DataError
+    from livr.evaluate import hidden_answers
+
+    if hidden_answers(rows, split):
+        raise DataError(f"livr inspect: split {split!r} has hidden answers (BLINK test): accuracy and ablations need "
+                        "public answers; use --split val")
     out_dir = os.path.join(run_dir, "inspect")
     os.makedirs(out_dir, exist_ok=True)
     for stale in os.listdir(out_dir):  # heatmaps of an earlier inspect of this run

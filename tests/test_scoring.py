@@ -273,6 +273,11 @@ def test_training_and_cli_write_a_blink_submission(backbone_cache, data_cache, t
     assert "n/a" in printed and "blink_submission_test.json" in printed
     with open(path) as f:
         assert json.load(f) == sub
+    # livr inspect needs public answers: a one-line error, not a crash on the missing accuracy
+    assert main(["inspect", "--run", cfg.run_dir, "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    msg = err[err.index("livr: error:"):].strip()  # after the weight-loading progress bar
+    assert msg.startswith("livr: error: livr inspect: split 'test' has hidden answers") and "\n" not in msg
 
 
 def test_table1_mean_is_over_the_tasks_a_method_has():
