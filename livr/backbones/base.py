@@ -73,6 +73,24 @@ class Family:
         return position_ids.amax(dim=-1, keepdim=True) + step  # [B, L] -> [B, n]
 
 
+def set_generation_ids(model, tok) -> None:
+    """The tokenizer's pad / end ids in the model's generation config (no BOS: ChatML)."""
+    g = model.generation_config
+    g.pad_token_id = tok.pad_token_id
+    g.eos_token_id = [tok.eos_token_id, tok.pad_token_id]
+    g.bos_token_id = None
+
+
+def random_model(family: Family, cfg, tok, seed: int = 0, attn_implementation: str = "sdpa", dtype=None):
+    """A random-init model of `cfg` (seeded) of the family's class, with the tokenizer's generation ids (the
+    tiny and real-size presets). dtype None = torch's default."""
+    torch.manual_seed(seed)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = family.model_class._from_config(cfg, attn_implementation=attn_implementation, **kw)
+    set_generation_ids(model, tok)
+    return model
+
+
 @dataclass
 class Backbone:
     model: PreTrainedModel

@@ -6,7 +6,6 @@ unpadded high-res grid picked from image_grid_pinpoints (downsampled when larger
 + one newline token per grid row. With several images in one example every image gets only the base view + 1
 newline token. The processor and the model compute the same count when built from the same config.
 """
-import torch
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -16,8 +15,8 @@ from transformers import (
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from .base import Family
-from .qwen2_5_vl import TINY_TEXT, set_generation_ids, set_token_ids, shipped_config, truncate_text
+from .base import Family, random_model
+from .qwen2_5_vl import TINY_TEXT, set_token_ids, shipped_config, truncate_text
 from .tokenizer import IM_END, IM_START, LLAVA_TEMPLATE, PAD, build_tokenizer
 
 FAMILY = Family(
@@ -63,19 +62,10 @@ def tiny_parts():
     return cfg, tok, ip
 
 
-def build_from_parts(cfg, tok, seed: int = 0, attn_implementation: str = "sdpa", dtype=None):
-    """Random-init model of `cfg` (seeded) with the tokenizer's generation ids. dtype None = torch's default."""
-    torch.manual_seed(seed)
-    kw = {"dtype": dtype} if dtype is not None else {}
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation, **kw)
-    set_generation_ids(model, tok)
-    return model
-
-
 def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
     """(model, tokenizer, image_processor) of the tiny preset (see tiny_parts)."""
     cfg, tok, ip = tiny_parts()
-    return build_from_parts(cfg, tok, seed, attn_implementation), tok, ip
+    return random_model(FAMILY, cfg, tok, seed, attn_implementation), tok, ip
 
 
 # ----------------------------------------------------------------------------- the real-size preset

@@ -2,11 +2,10 @@
 import json
 import os
 
-import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .base import Family
+from .base import Family, random_model
 from .tokenizer import IM_END, IM_START, PAD, build_tokenizer, qwen_template
 
 # LM projections only: vision blocks are `model.visual.blocks.N.attn.qkv/proj`, `mlp.gate_proj/up_proj/down_proj`
@@ -41,13 +40,6 @@ def qwen_token_ids(tok) -> dict:
             "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
 
-def set_generation_ids(model, tok):
-    g = model.generation_config
-    g.pad_token_id = tok.pad_token_id
-    g.eos_token_id = [tok.eos_token_id, tok.pad_token_id]
-    g.bos_token_id = None
-
-
 def tiny_parts():
     """(config, tokenizer, image_processor) of the tiny preset. patch 14, merge 2 -> a 56x56 image is 4 tokens,
     112x112 is 16; min_pixels 56*56 and max_pixels 224*224 keep 112x112 unresized and cap larger images near
@@ -66,19 +58,10 @@ def tiny_parts():
     return cfg, tok, ip
 
 
-def build_from_parts(cfg, tok, seed: int = 0, attn_implementation: str = "sdpa", dtype=None):
-    """Random-init model of `cfg` (seeded) with the tokenizer's generation ids. dtype None = torch's default."""
-    torch.manual_seed(seed)
-    kw = {"dtype": dtype} if dtype is not None else {}
-    model = FAMILY.model_class._from_config(cfg, attn_implementation=attn_implementation, **kw)
-    set_generation_ids(model, tok)
-    return model
-
-
 def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
     """(model, tokenizer, image_processor) of the tiny preset (see tiny_parts)."""
     cfg, tok, ip = tiny_parts()
-    return build_from_parts(cfg, tok, seed, attn_implementation), tok, ip
+    return random_model(FAMILY, cfg, tok, seed, attn_implementation), tok, ip
 
 
 # ----------------------------------------------------------------------------- the real-size preset

@@ -1,9 +1,8 @@
 """Qwen3-VL (e.g. Qwen/Qwen3-VL-4B-Instruct): facts, the tiny preset and the real-size preset."""
-import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .base import Family
+from .base import Family, random_model
 from .qwen2_5_vl import (
     QWEN_FROZEN_REGEX,
     QWEN_LORA_REGEX,
@@ -11,7 +10,6 @@ from .qwen2_5_vl import (
     TINY_TEXT,
     depth,
     qwen_token_ids,
-    set_generation_ids,
     set_token_ids,
     shipped_config,
     truncate_text,
@@ -54,19 +52,10 @@ def tiny_parts():
     return cfg, tok, ip
 
 
-def build_from_parts(cfg, tok, seed: int = 0, attn_implementation: str = "sdpa", dtype=None):
-    """Random-init model of `cfg` (seeded) with the tokenizer's generation ids. dtype None = torch's default."""
-    torch.manual_seed(seed)
-    kw = {"dtype": dtype} if dtype is not None else {}
-    model = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation, **kw)
-    set_generation_ids(model, tok)
-    return model
-
-
 def build_tiny(seed: int = 0, attn_implementation: str = "sdpa"):
     """(model, tokenizer, image_processor) of the tiny preset (see tiny_parts)."""
     cfg, tok, ip = tiny_parts()
-    return build_from_parts(cfg, tok, seed, attn_implementation), tok, ip
+    return random_model(FAMILY, cfg, tok, seed, attn_implementation), tok, ip
 
 
 # ----------------------------------------------------------------------------- the real-size preset
@@ -100,5 +89,5 @@ def size_parts(num_layers: int = 0):
     return cfg, tok, Qwen2VLImageProcessorPil(**IMAGE_PROCESSOR)
 
 
-__all__ = ["FAMILY", "HUB_ID", "IMAGE_PROCESSOR", "build_from_parts", "build_tiny", "depth", "size_parts",
+__all__ = ["FAMILY", "HUB_ID", "IMAGE_PROCESSOR", "build_tiny", "depth", "size_parts",
            "tiny_parts", "truncate_depth"]

@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import cached_file
 
 from . import llava_onevision, qwen2_5_vl, qwen3_vl
-from .base import Backbone, Family, make_processor
+from .base import Backbone, Family, make_processor, random_model
 
 _MODULES = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_onevision": llava_onevision}
 FAMILIES: dict[str, Family] = {name: mod.FAMILY for name, mod in _MODULES.items()}
@@ -134,7 +134,7 @@ def build_preset(name: str, seed: int = 0, attn_implementation: str = "sdpa", nu
     cfg, tok, ip = preset_parts(name, num_layers)
     mod = _MODULES[_PRESET_FAMILY[name]]
     dtype = getattr(torch, SIZE_DTYPE) if name in _SIZE_FAMILY else None
-    return mod.build_from_parts(cfg, tok, seed, attn_implementation, dtype=dtype), tok, ip
+    return random_model(mod.FAMILY, cfg, tok, seed, attn_implementation, dtype=dtype), tok, ip
 
 
 def build_tiny(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
