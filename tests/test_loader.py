@@ -32,6 +32,7 @@ def test_splits_stay_in_memory_mapped_arrow(lm_rows):
     assert train.column("sub_task") == ["Counting"] * 10 + ["Jigsaw"] * 10
     assert train[12]["idx"] == train.parts[1][2]["idx"] and train[-1]["idx"] == train.parts[1][9]["idx"]
     assert [r["idx"] for r in train[8:13]] == [train[i]["idx"] for i in range(8, 13)]
+    assert [r["idx"] for r in train[1:18:4]] == [train[i]["idx"] for i in range(1, 18, 4)]
 
 
 def _expected_micro(n, seed, stage, step, mb, accum, world, rank):

@@ -106,16 +106,21 @@ def depth(cfg) -> int:
     return cfg.get_text_config().num_hidden_layers
 
 
-def truncate_depth(cfg, n: int):
-    """The first n decoder layers and the first min(n, depth) vision blocks (in place; returns cfg). Vision blocks
-    that use full attention stay where < n; if none is left, the last block gets it (so the full-attention path
-    runs, as in the real tower whose last block is full attention)."""
+def truncate_qwen(cfg, n: int, special_blocks: str):
+    """The first n decoder layers and the first min(n, depth) vision blocks (in place; returns cfg). The vision
+    blocks listed in `special_blocks` (a vision-config attribute) stay where < n; if none is left, the last
+    block gets the role, so that code path still runs at any depth."""
     truncate_text(cfg.get_text_config(), n)
     v = cfg.vision_config
     if n < v.depth:
-        v.fullatt_block_indexes = [i for i in v.fullatt_block_indexes if i < n] or [n - 1]
+        setattr(v, special_blocks, [i for i in getattr(v, special_blocks) if i < n] or [n - 1])
         v.depth = n
     return cfg
+
+
+def truncate_depth(cfg, n: int):
+    """Qwen2.5-VL: the full-attention vision blocks (the real tower's last block is one) are the special ones."""
+    return truncate_qwen(cfg, n, "fullatt_block_indexes")
 
 
 def size_parts(num_layers: int = 0):

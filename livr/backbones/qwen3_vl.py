@@ -12,7 +12,7 @@ from .qwen2_5_vl import (
     qwen_token_ids,
     set_token_ids,
     shipped_config,
-    truncate_text,
+    truncate_qwen,
 )
 from .tokenizer import build_tokenizer, qwen_template
 
@@ -67,14 +67,8 @@ IMAGE_PROCESSOR = {"min_pixels": 65536, "max_pixels": 16777216, "patch_size": 16
 
 
 def truncate_depth(cfg, n: int):
-    """The first n decoder layers and the first min(n, depth) vision blocks (in place; returns cfg). DeepStack taps
-    stay where < n; if none is left, the last block feeds one (so the DeepStack path still runs)."""
-    truncate_text(cfg.get_text_config(), n)
-    v = cfg.vision_config
-    if n < v.depth:
-        v.deepstack_visual_indexes = [i for i in v.deepstack_visual_indexes if i < n] or [n - 1]
-        v.depth = n
-    return cfg
+    """Qwen3-VL: the DeepStack taps are the special vision blocks (see truncate_qwen)."""
+    return truncate_qwen(cfg, n, "deepstack_visual_indexes")
 
 
 def size_parts(num_layers: int = 0):

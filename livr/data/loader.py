@@ -44,8 +44,9 @@ class Rows(Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Rows([self[j] for j in range(*i.indices(len(self)))]) if i.step not in (None, 1) else \
-                self._range(*i.indices(len(self))[:2])
+            if i.step not in (None, 1):
+                return Rows([[self[j] for j in range(*i.indices(len(self)))]])
+            return self._range(*i.indices(len(self))[:2])
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
