@@ -15,6 +15,7 @@ setup(
         "deepspeed>=0.17",
         "ray[default,train,tune]>=2.50",
         "mlflow>=3.0",
+        "filelock",
         "datasets>=4.0",
         "accelerate>=1.0",
         "safetensors",

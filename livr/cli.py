@@ -231,12 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     from livr.checkpoint import CheckpointError
     from livr.config import ConfigError
     from livr.data.tasks import DataError
+    from livr.lifecycle import RunStopped
 
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"livr: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # a signal: the checkpoint is written and the resume command printed
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("livr: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

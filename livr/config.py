@@ -8,8 +8,11 @@ config (`save_config`) and that file alone reproduces the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +27,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "tiny-qwen2.5-vl"  # tiny preset name, hub id or local directory
     cache_dir: str = "~/.cache/livr/backbones"  # where tiny presets are materialised
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # Stage 1 (4-D mask): sdpa or eager
     attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1
@@ -121,8 +124,8 @@ class DistributedConfig:
     deepspeed: str = ""  # path to a ZeRO JSON (deepspeed_configs/zero2.json); "" = plain torch
     address: str = ""  # Ray cluster address; "" = RAY_ADDRESS or a local cluster
     storage_path: str = ""  # shared storage for checkpoints (NFS path or s3://, gs://)
-    placement_strategy: str = "PACK"
-    max_failures: int = 0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    max_failures: int = 0  # worker-group restarts after a failure; -1 = unlimited
     num_to_keep: int = 2
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = every epoch
 
@@ -265,6 +268,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(data: dict) -> Config:
+    """A validated Config from a (partial) dict. Touches no file: Ray workers and Tune trials build theirs here."""
     cfg = _build(Config, _merge(to_dict(Config()), data))
     return validate(cfg)
 
@@ -281,7 +285,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping at the top level")
-    return from_dict(_merge(data, parse_overrides(overrides or [])))
+    return check_paths(from_dict(_merge(data, parse_overrides(overrides or []))))
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -317,11 +321,90 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
         _fail(key, value, f"must be one of {', '.join(map(str, allowed))}")
 
 
+def _check_name(name: str) -> None:
+    """The run's directory name: one safe path segment (unicode letters allowed; Ray uses runlock.ray_safe_name)."""
+    bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")]
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name or bad:
+        _fail("name", name, "must be one directory name: not empty, no '/' or '\\', not starting with '.', "
+              "no control characters")
+    if len(name.encode("utf-8")) > 200:
+        _fail("name", name, "is longer than 200 bytes")
+
+
+def _non_finite(value: Any, key: str) -> tuple[str, float] | None:
+    """(dotted key, value) of the first nan/inf float in a config subtree, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key.lstrip("."), value)
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{key}.{k}" if isinstance(k, str) else f"{key}[{k}]")
+        if found:
+            return found
+    return None
+
+
+def _check_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
+        _fail("model.device", device, "must be auto, cpu, cuda, cuda:N or mps")
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_built():
+            _fail("model.device", device, "this torch build has no MPS support")
+
+
+def _check_distributed(d: DistributedConfig) -> None:
+    for key, low in (("num_workers", 0), ("cpus_per_worker", 1), ("gpus_per_worker", 0), ("max_failures", -1),
+                     ("num_to_keep", 1), ("checkpoint_every", 0)):
+        if getattr(d, key) < low:
+            _fail(f"distributed.{key}", getattr(d, key), f"must be >= {low}" + (" (-1 = unlimited)" if low == -1 else ""))
+    _one_of("distributed.placement_strategy", d.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+def _check_optim(o: OptimConfig) -> None:
+    if o.lr <= 0:
+        _fail("optim.lr", o.lr, "must be > 0")
+    if o.eps <= 0:
+        _fail("optim.eps", o.eps, "must be > 0")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    for key in ("beta1", "beta2", "warmup_ratio"):
+        if not 0 <= getattr(o, key) < 1:
+            _fail(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        _fail("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+
+
+def looks_like_path(backbone: str) -> bool:
+    """A local path rather than a preset name or hub id (`org/name`, one '/'): starts with '/', '.' or '~', holds a
+    backslash, or has more than one '/'."""
+    return backbone.startswith(("/", ".", "~")) or "\\" in backbone or backbone.count("/") > 1
+
+
+def check_paths(cfg: Config) -> Config:
+    """Local paths the run needs, checked where the config is loaded (`load_config`, i.e. the launching process),
+    never in `from_dict` (Ray workers, Tune trials): a `model.backbone` that looks like a path must be a directory."""
+    b = cfg.model.backbone
+    if looks_like_path(b) and not os.path.isdir(os.path.expanduser(b)):
+        _fail("model.backbone", b, "no such directory (give a model directory, a preset name such as "
+              "tiny-qwen2.5-vl, or a hub id org/name)")
+    return cfg
+
+
 def validate(cfg: Config) -> Config:
+    """Every value checked, cheaply and without touching the filesystem (see `check_paths` for that); the
+    first problem is a one-line ConfigError naming the key."""
     from livr.data.tasks import BLINK_TASKS, SYNTHETIC_TASKS
 
-    if not cfg.name or "/" in cfg.name:
-        _fail("name", cfg.name, "must be a non-empty name without '/'")
+    _check_name(cfg.name)
+    bad = _non_finite(cfg, "")
+    if bad:
+        _fail(*bad, "must be a finite number (not nan or inf)")
+    if not cfg.model.backbone.strip():
+        _fail("model.backbone", cfg.model.backbone, "must name a preset, a hub id or a model directory")
+    _check_device(cfg.model.device)
     _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager"))
     if cfg.model.num_layers < 0:
@@ -338,12 +421,12 @@ def validate(cfg: Config) -> Config:
     for key in ("micro_batch_size", "grad_accum", "log_every"):
         if getattr(cfg.train, key) < 1:
             _fail(f"train.{key}", getattr(cfg.train, key), "must be >= 1")
-    if cfg.optim.lr <= 0:
-        _fail("optim.lr", cfg.optim.lr, "must be > 0")
-    if not 0 <= cfg.optim.warmup_ratio < 1:
-        _fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "must be in [0, 1)")
-    if cfg.lora.r < 1:
-        _fail("lora.r", cfg.lora.r, "must be >= 1")
+    if cfg.train.max_grad_norm <= 0:
+        _fail("train.max_grad_norm", cfg.train.max_grad_norm, "must be > 0")
+    _check_optim(cfg.optim)
+    for key in ("r", "alpha"):
+        if getattr(cfg.lora, key) < 1:
+            _fail(f"lora.{key}", getattr(cfg.lora, key), "must be >= 1")
     if not 0 <= cfg.lora.dropout < 1:
         _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
     if not cfg.data.tasks:
@@ -371,8 +454,7 @@ def validate(cfg: Config) -> Config:
     for split in cfg.eval.splits:
         _one_of("eval.splits", split, ("train", "val", "test"))
     _one_of("eval.parser", cfg.eval.parser, ("blink", "lenient"))
-    if cfg.distributed.num_workers < 0:
-        _fail("distributed.num_workers", cfg.distributed.num_workers, "must be >= 0")
+    _check_distributed(cfg.distributed)
     _one_of("tune.mode", cfg.tune.mode, ("max", "min"))
     _one_of("tune.scheduler", cfg.tune.scheduler, ("asha", "fifo"))
     _one_of("tune.searcher", cfg.tune.searcher, ("random", "optuna"))

@@ -1,7 +1,7 @@
 """Ray Train around the one training function: N workers each run `train_worker(cfg)`.
 
 gloo on CPU, nccl on GPU; DeepSpeed (when `distributed.deepspeed` names a ZeRO JSON) reuses Ray's
-process group. Checkpoints are reported with `ray.train.report` (every rank its shard); after a worker
+process group. Checkpoints are reported with `ray.train.report` (rank 0 writes the gathered safetensors checkpoint); after a worker
 dies Ray restarts the group (`FailureConfig(max_failures)`) and `train_worker` continues from
 `ray.train.get_checkpoint()`; re-running the same command (same run name and storage) resumes a stopped
 run. Config errors are raised before any worker starts.
@@ -9,12 +9,15 @@ run. Config errors are raised before any worker starts.
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 from livr.config import Config, ConfigError, from_dict, to_dict
+from livr.runlock import ray_safe_name
 
 _WORKER_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LIVR_QUIET", "DS_ACCELERATOR",
-               "LIVR_FAIL_AT_STEP", "LIVR_FAIL_RANK", "LIVR_FAIL_MODE", "LIVR_FAIL_MARKER", "TORCH_EXTENSIONS_DIR")
+               "LIVR_FAIL_AT_STEP", "LIVR_FAIL_RANK", "LIVR_FAIL_MODE", "LIVR_FAIL_MARKER", "TORCH_EXTENSIONS_DIR",
+               "LIVR_RUN_LOCK_HELD", "LIVR_TUNE_INTERRUPT_AT_REPORT")
 
 
 def check_config(cfg: Config) -> None:
@@ -79,12 +82,45 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
+def drop_unregistered_checkpoints(storage) -> list[str]:
+    """Delete the `checkpoint_*` dirs in the run's Ray storage that Ray's checkpoint manager does not list.
+
+    A checkpoint is uploaded by the workers before the controller registers it; when a worker dies with a
+    report in flight (or the driver is killed), the upload stays in the storage but is never registered, so
+    Ray never counts it against `num_to_keep` nor deletes it. Called on rank 0 when a worker group starts
+    (after a restart or on a resume no report is in flight then); returns the deleted names."""
+    import pyarrow.fs
+
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    keep = set()
+    try:
+        with fs.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+            snap = json.loads(f.readall())
+        results = [*snap.get("checkpoint_results", []), *snap.get("pending_training_results", []),
+                   snap.get("latest_checkpoint_result") or {}]
+        keep = {r.get("checkpoint_dir_name") for r in results}
+    except FileNotFoundError:
+        pass  # nothing registered yet: every checkpoint dir here is an orphan
+    dropped = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.base_name not in keep:
+            fs.delete_dir(info.path)
+            dropped.append(info.base_name)
+    if dropped:
+        print(f"[livr] removed {len(dropped)} unregistered Ray checkpoint(s) left by a failure: {', '.join(dropped)}",
+              flush=True)
+    return dropped
+
+
 def _worker_loop(config: dict) -> None:
     import ray.train
 
     from livr.train import train_worker
 
     cfg = from_dict(config)
+    if ray.train.get_context().get_world_rank() == 0:
+        drop_unregistered_checkpoints(ray.train.get_context().get_storage())
     ckpt = ray.train.get_checkpoint()
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -117,7 +153,7 @@ def make_trainer(cfg: Config, *, name: str | None = None, storage_path: str | No
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources,
                                      placement_strategy=d.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-        run_config=RunConfig(name=name or cfg.name, storage_path=storage, callbacks=callbacks,
+        run_config=RunConfig(name=ray_safe_name(name or cfg.name), storage_path=storage, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
                              failure_config=FailureConfig(max_failures=d.max_failures)),
     )
@@ -125,17 +161,19 @@ def make_trainer(cfg: Config, *, name: str | None = None, storage_path: str | No
 
 def run_distributed(cfg: Config) -> dict:
     """`livr train` with distributed.num_workers > 0: fit the trainer, return the run's final metrics."""
-    import json
-
     check_config(cfg)
     absolute_paths(cfg)
     if cfg.distributed.deepspeed and not cfg.distributed.use_gpu:
         from livr.engine import prebuild_cpu_comm_op
 
         prebuild_cpu_comm_op()
-    init_ray(cfg)
-    check_capacity(cfg)
-    result = make_trainer(cfg).fit()
+    from livr.runlock import check_resume, run_lock
+
+    with run_lock(cfg.run_dir):  # the driver owns the run; the workers get LIVR_RUN_LOCK_HELD (livr.runlock)
+        check_resume(cfg)
+        init_ray(cfg)
+        check_capacity(cfg)
+        result = make_trainer(cfg).fit()
     path = os.path.join(cfg.run_dir, "final_metrics.json")
     final = {}
     if os.path.exists(path):

@@ -13,7 +13,19 @@ import os
 import torch
 import torch.distributed as dist
 
-from livr.checkpoint import load_checkpoint, save_checkpoint
+from livr.checkpoint import (
+    CheckpointError,
+    check_batch,
+    gather_rng,
+    load_optimizer,
+    load_trainable_state,
+    optimizer_tensors,
+    read_checkpoint,
+    restore_rng,
+    select_best,
+    trainable_state,
+    write_checkpoint,
+)
 from livr.config import Config, ConfigError
 
 
@@ -74,6 +86,7 @@ class TorchEngine:
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, rank: int, world: int):
         self.model, self.opt, self.cfg, self.rank, self.world = model, opt, cfg, rank, world
+        self.micro, self.accum = cfg.train.micro_batch_size, cfg.train.grad_accum
         self.forward_module = model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -105,11 +118,27 @@ class TorchEngine:
         return self.opt.param_groups[0]["lr"]
 
     def save(self, path: str, state: dict) -> None:
+        """Every rank: its RNG state goes to rank 0, which writes the checkpoint into `path`."""
+        rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
-            save_checkpoint(path, self.model, self.opt, state)
+            tensors, meta = optimizer_tensors(self.model, self.opt)
+            write_checkpoint(path, trainable_state(self.model), tensors, meta, _with_batch(state, self), rngs)
 
     def load(self, path: str) -> dict:
-        return load_checkpoint(path, self.model, self.opt)
+        ck = read_checkpoint(path)
+        check_batch(ck["state"], path, self.micro, self.accum, self.world)
+        load_trainable_state(self.model, ck["trainable"], path)
+        load_optimizer(self.model, self.opt, ck["optimizer"], path)
+        restore_rng(ck["rng"], self.rank, self.world)
+        return ck["state"]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters() if p.requires_grad)
+
+
+def _with_batch(state: dict, engine) -> dict:
+    return {**state, "world_size": engine.world, "global_batch": engine.micro * engine.accum * engine.world}
 
 
 class DeepSpeedEngine:
@@ -122,6 +151,7 @@ class DeepSpeedEngine:
                                                            dist_init_required=False)
         self.rank, self.world = rank, world
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.micro, self.accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
         lm.model = self.engine  # forward goes through the engine (ZeRO-3 gathers parameters there)
         self.model = self.engine.module
         self.forward_module = self.engine
@@ -155,20 +185,72 @@ class DeepSpeedEngine:
             state += sum(nbytes(t) for t in getattr(opt, name, []) or [] if torch.is_tensor(t))
         return {"zero_stage": self.stage, "param_bytes": params, "optimizer_bytes": state}
 
+    def _named(self):
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _inner(self):
+        """(the client AdamW inside the ZeRO optimizer, its flat fp32 partitions)."""
+        z = self.engine.optimizer
+        flats = getattr(z, "fp32_partitioned_groups_flat", None) or getattr(z, "single_partition_of_fp32_groups", None)
+        return getattr(z, "optimizer", z), flats
+
+    def _link_moments(self) -> None:
+        """ZeRO-1/2 links each parameter to its slice of AdamW's moments once, after the first step of the first
+        param group, when the other groups have no state yet (their slices stay empty): link them again."""
+        z = self.engine.optimizer
+        if hasattr(z, "_lazy_init_hp_params_optimizer_state"):
+            z._hp_optimizer_states_linked = False
+            z._lazy_init_hp_params_optimizer_state()
+
     def save(self, path: str, state: dict) -> None:
-        """Every rank writes its shard of the optimizer state (DeepSpeed's own format) into `path`."""
-        self.engine.save_checkpoint(path, tag="livr", client_state={"livr_state": state}, save_latest=False)
+        """Every rank takes part in gathering the whole fp32 weights and AdamW moments from the ZeRO partitions
+        (collectives, the same order on every rank) and its RNG state; rank 0 writes them into `path`."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        inner, flats = self._inner()
+        if not flats:  # no ZeRO partitions (stage 0, fp32): the client optimizer holds whole tensors
+            return TorchEngine.save(self, path, state)
+        self._link_moments()
+        step = inner.state[flats[0]]["step"]
+        weights, moments = {}, {}
+        for n, p in self._named():
+            weights[n] = safe_get_full_fp32_param(p).cpu()
+            for k in ("exp_avg", "exp_avg_sq"):
+                moments[f"{n}.{k}"] = safe_get_full_optimizer_state(p, k).cpu()
+            moments[f"{n}.step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+        rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
-            with open(os.path.join(path, "state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+            meta = {"zero_stage": self.stage, "engine_global_steps": self.engine.global_steps}
+            write_checkpoint(path, weights, moments, meta, _with_batch(state, self), rngs)
 
     def load(self, path: str) -> dict:
-        _, client = self.engine.load_checkpoint(path, tag="livr", load_module_strict=False)
-        if client is None:
-            from livr.checkpoint import CheckpointError
+        """Every rank reads the verified checkpoint and keeps its own partitions of it (re-sharding)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-            raise CheckpointError(f"checkpoint {path} has no DeepSpeed state (tag 'livr')")
-        return client["livr_state"]
+        inner, flats = self._inner()
+        if not flats:
+            return TorchEngine.load(self, path)
+        ck = read_checkpoint(path)
+        check_batch(ck["state"], path, self.micro, self.accum, self.world)
+        with gathered(self, modifier_rank=0):  # the module's (bf16/fp32) weights; ZeRO-3 re-partitions rank 0's
+            load_trainable_state(self.model, ck["trainable"], path)
+        opt = ck["optimizer"]
+        named = self._named()
+        if not named or f"{named[0][0]}.step" not in opt:
+            raise CheckpointError(f"checkpoint {path} has no optimizer state for {named[0][0] if named else '?'}")
+        step = opt[f"{named[0][0]}.step"]
+        for flat in flats:  # AdamW's state is created at its first step: create it, then fill it
+            inner.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        self._link_moments()
+        dev = _device(self.model)
+        for n, p in named:
+            safe_set_full_fp32_param(p, ck["trainable"][n].to(dev, torch.float32))
+            for k in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, opt[f"{n}.{k}"].to(dev, torch.float32), k)
+        self.engine.global_steps = ck["opt_meta"].get("engine_global_steps", ck["state"]["global_step"])
+        self.engine.global_samples = self.engine.global_steps * self.micro * self.accum * self.world
+        restore_rng(ck["rng"], self.rank, self.world)
+        return ck["state"]
 
 
 class Zero3Loading:
@@ -226,3 +308,17 @@ def gathered(engine, modifier_rank: int | None = None, with_embeddings: bool = F
     if with_embeddings:
         params += [p for p in engine.model.get_input_embeddings().parameters() if not p.requires_grad]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def restore_best(engine, ckpt_dir: str, state: dict, rank: int, world: int) -> None:
+    """train.select=best: rank 0 picks the selection (`select_best`: the verified best, or its fallback with a
+    warning) and loads it; every rank then holds those weights (ZeRO-3 re-partitions, others get a broadcast)."""
+    tensors = select_best(ckpt_dir, state) if rank == 0 else None
+    with gathered(engine, modifier_rank=0):
+        if tensors is not None:
+            load_trainable_state(engine.model, tensors, os.path.join(ckpt_dir, "best.safetensors"))
+    if world > 1 and getattr(engine, "stage", 0) != 3:
+        with torch.no_grad():
+            for p in engine.model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, 0)

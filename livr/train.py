@@ -18,20 +18,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from livr.backbones import resolve_backbone_path
-from livr.checkpoint import load_trainable_state, save_run_artifacts, trainable_state
+from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
-from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches
+from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
-from livr.engine import gathered, make_engine, zero3_loading
+from livr.engine import gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, evaluate_rows, hidden_answers, write_eval
+from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model, param_groups
+from livr.runlock import check_same_run, lock_held, run_lock
 from livr.sequence import IGNORE
-from livr.tracking import Tracker
+from livr.tracking import Tracker, preflight
 
 
 @dataclass
@@ -100,9 +101,29 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
 
     `report(metrics, checkpoint_dir)` is called after every saved checkpoint (Ray Train reports it);
     `resume_from` is a checkpoint directory to continue from (Ray's latest), else `<run>/checkpoints/last`.
+    SIGINT / SIGTERM: the step finishes, a checkpoint is written, the MLflow run ends KILLED and `RunStopped`
+    is raised; a crash ends it FAILED (`livr.lifecycle`).
     """
-    # ---------------------------------------------------------------- setup
     cfg = cfg if isinstance(cfg, Config) else from_dict(cfg)
+    if report is None and os.environ.get("RANK", "0") == "0" and not lock_held(cfg.run_dir):
+        with run_lock(cfg.run_dir):  # running alone, this process owns the run: one live run per directory
+            return train_worker(cfg, resume_from=resume_from)
+    life = Lifecycle(cfg.run_dir)
+    try:
+        return _train(cfg, report, resume_from, life)
+    except RunStopped:
+        shutdown_loaders()
+        raise
+    except BaseException as e:
+        shutdown_loaders()
+        life.failed(e)
+        raise
+    finally:
+        life.restore()
+
+
+def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dict:
+    # ---------------------------------------------------------------- setup
     ctx = setup_distributed(cfg)
     quiet = ctx.rank != 0 or os.environ.get("LIVR_QUIET") == "1"
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
@@ -110,6 +131,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     if cfg.train.resume and resume_from is None and os.path.exists(last):
         check_same_run(cfg, os.path.join(run_dir, "config.yaml"))
     if ctx.rank == 0:
+        preflight(cfg)  # an unreachable tracking server: one line now, not a hang after the model loaded
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     needed = list(dict.fromkeys(["train", "val", *cfg.eval.splits]))  # a test split is loaded only if evaluated
     if ctx.world > 1:  # one process per node materialises presets and synthetic data, the others wait
@@ -135,15 +157,26 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     plan = {"planned_steps": sum(s.steps for s in stages),  # what a full run uses (Tune budget accounting)
             "planned_epochs": sum(math.ceil(s.steps / steps_per_epoch) for s in stages)}
     state = {"stage": 0, "step": 0, "global_step": 0, "best": -1.0, "best_at": None, "history": []}
-    source = resume_from or (last if cfg.train.resume and os.path.exists(last) else None)
-    if source:
+    source = resume_from
+    if source is None and cfg.train.resume:
+        if ctx.rank == 0:
+            recover_last(last)  # a crash between the two renames of a checkpoint swap
+        _barrier(ctx)
+        source = last if os.path.exists(last) else None
+    if source:  # verified against its manifest; every rank restores its own RNG state
         state = engine.load(source)
         state.setdefault("resumed_from", []).append(state["global_step"])
         if ctx.rank == 0:
             print(f"[livr] resumed from {source}: stage {state['stage'] + 1} step {state['step']} "
                   f"(global step {state['global_step']})", flush=True)
+    else:  # the training RNG starts from the seed alone (building a preset or data above may have drawn from it)
+        seed_rng(cfg.train.seed)
     tracker = Tracker(cfg, ctx.rank, run_dir, run_id=state.get("mlflow_run_id"))
+    if not source:
+        tracker.forget_logged_steps()
     state["mlflow_run_id"] = tracker.run_id
+    life.tracker, life.rank = tracker, ctx.rank
+    life.install()  # from here a signal ends the step, saves and stops
     pad_id = lm.tokenizer.pad_token_id
     eval_loaders: dict = {}  # per split: a persistent evaluation loader
     if cfg.eval.zero_shot and state["global_step"] == 0 and cfg.latents.num_latents == 0:
@@ -191,8 +224,12 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
                     _save(engine, state, ctx, last, report, {})
+                if state["step"] < stage.steps and life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
+                    _save(engine, state, ctx, last, report, {})  # (the last step of a stage ends its epoch first)
+                    raise life.stopped(state["global_step"])
             # end of an epoch (or of the stage)
-            metrics = {"epoch": epoch + 1, "stage": si + 1, **plan}
+            done_before = sum(math.ceil(s.steps / steps_per_epoch) for s in stages[:si])  # earlier stages' epochs
+            metrics = {"epoch": epoch + 1, "stage": si + 1, "epochs_done": done_before + epoch + 1, **plan}
             if epoch_loss:  # this epoch's (or its resumed part's) mean of the global-batch answer NLLs
                 metrics["train_loss"] = sum(epoch_loss) / len(epoch_loss)
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
@@ -203,13 +240,15 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
                                          "val_accuracy": acc})
                 if acc > state["best"]:
                     state["best"], state["best_at"] = acc, {"stage": stage.name, "epoch": epoch + 1}
-                    _save_best(engine, ckpt_dir, ctx.rank)
+                    _save_best(engine, ckpt_dir, ctx.rank, state)
                 lm.model.train()
             tracker.log_metrics(metrics, state["global_step"])
             done = state["step"] >= stage.steps
             if done:
                 state["stage"], state["step"] = si + 1, 0
             _save(engine, state, ctx, last, report, metrics)
+            if life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
+                raise life.stopped(state["global_step"])
             if done:
                 break
         if stage.steps == 0:
@@ -218,22 +257,6 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
 
     # ---------------------------------------------------------------- save + evaluate
     return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders)
-
-
-def check_same_run(cfg: Config, saved_path: str) -> None:
-    """Resuming a run directory with a different config would mix two runs: a clear error instead."""
-    if not os.path.exists(saved_path):
-        return
-    from livr.config import ConfigError, flatten, load_config, to_dict
-
-    saved = flatten(to_dict(load_config(saved_path)))
-    now = flatten(to_dict(cfg))
-    ignore = ("tracking.", "train.resume", "distributed.", "eval.")
-    diff = [k for k in now if not k.startswith(ignore) and saved.get(k) != now[k]]
-    if diff:
-        k = diff[0]
-        raise ConfigError(f"config: {cfg.run_dir} holds a run with a different config ({k}: {saved.get(k)!r} there, "
-                          f"{now[k]!r} now); use another name=, or train.resume=false to start it again from zero")
 
 
 def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> float:
@@ -286,20 +309,16 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> 
 
 
 def _save(engine, state, ctx, last, report, metrics) -> None:
-    """Write the resumable checkpoint atomically (every rank its shard under DeepSpeed), then report it."""
+    """Write the resumable checkpoint into `last.tmp-N` (every rank takes part in the gathers, rank 0 writes,
+    manifest last), swap it into place as `last` (`recover_last` repairs a crash mid-swap), then report it."""
     tmp = f"{last}.tmp-{state['global_step']}"
     if ctx.rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
     _barrier(ctx)
-    os.makedirs(tmp, exist_ok=True)
     engine.save(tmp, state)
     _barrier(ctx)
     if ctx.rank == 0:
-        old = f"{last}.old"
-        if os.path.exists(last):
-            os.replace(last, old)
-        os.replace(tmp, last)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, last)
     _barrier(ctx)
     if report is not None:
         report({**metrics, "global_step": state["global_step"], "stage_index": state["stage"]}, last)
@@ -310,22 +329,18 @@ def _barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def _save_best(engine, ckpt_dir: str, rank: int) -> None:
+def _save_best(engine, ckpt_dir: str, rank: int, state: dict) -> None:
+    """best.safetensors + best.json (sha256, val accuracy, where); the previous best is kept as best.prev.*"""
     with gathered(engine):
         tensors = trainable_state(engine.model)
     if rank == 0:
-        path = os.path.join(ckpt_dir, "best.safetensors")
-        os.makedirs(ckpt_dir, exist_ok=True)
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_best(ckpt_dir, tensors, {"val_accuracy": state["best"], **state["best_at"], "global_step": state["global_step"]})
 
 
 def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders: dict) -> dict:
     """Restore the selected weights, write the run's artifacts, evaluate the test splits."""
-    best = os.path.join(cfg.run_dir, "checkpoints", "best.safetensors")
-    if cfg.train.select == "best" and os.path.exists(best):
-        with gathered(engine, modifier_rank=0):
-            load_trainable_state(engine.model, load_file(best), best)
+    if cfg.train.select == "best":  # verified; an unusable best falls back (one-line warning), see select_best
+        restore_best(engine, os.path.join(cfg.run_dir, "checkpoints"), state, ctx.rank, ctx.world)
     lm.model.eval()
     results = _evaluate(lm, cfg, splits, cfg.eval.splits, cfg.eval.bottleneck, ctx, quiet, eval_loaders)
     final = {"best_val_accuracy": state["best"], "global_step": state["global_step"],

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 from ray import tune
 
+from livr import tune_trust
 from livr.config import Config, ConfigError, flatten, from_dict, save_config, to_dict
+from livr.runlock import ray_safe_name
 
 KINDS = ("grid", "choice", "loguniform", "uniform", "randint")
 NOT_SEARCHABLE = ("name", "output_dir")  # and everything under tune.
@@ -233,7 +235,8 @@ def run_sweep(cfg: Config) -> dict:
     cfg = absolute_paths(copy.deepcopy(cfg))  # trials run in Ray's working directories
     sweep_dir = cfg.run_dir
     storage = cfg.distributed.storage_path or cfg.output_dir
-    exp_path = posixpath.join(storage, cfg.name) if "://" in storage else os.path.join(storage, cfg.name)
+    ray_name = ray_safe_name(cfg.name)  # Ray's experiment and trial paths: ASCII (the sweep dir keeps the name)
+    exp_path = posixpath.join(storage, ray_name) if "://" in storage else os.path.join(storage, ray_name)
     saved = os.path.join(sweep_dir, "sweep_config.yaml")
     if os.path.exists(saved):
         from livr.config import load_config
@@ -242,6 +245,7 @@ def run_sweep(cfg: Config) -> dict:
             raise ConfigError(f"config: a sweep named '{cfg.name}' with a different config exists in {sweep_dir}: "
                               "re-run it with the same config to resume, or choose a new name=")
     save_config(cfg, saved)
+    tune_trust.verify(exp_path)  # before Ray starts and Tune unpickles anything from the sweep's storage
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a trial that just finished is not rerun after a kill
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # forced by num_to_keep: wanted
@@ -265,11 +269,15 @@ def run_sweep(cfg: Config) -> dict:
     from livr.tune_trial import RunStatus, make_trainable
 
     trainable = make_trainable(setup)
+    tune_trust.SIGNERS.clear()
     if tune.Tuner.can_restore(exp_path):
         print(f"[livr tune] resuming the sweep in {exp_path} (finished trials are kept)", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
+        signer = next(iter(tune_trust.SIGNERS.values()), None) or tune_trust.Signer(exp_path)
+        signer.exp_path = exp_path  # (the restored callback may name the directory's old place)
     else:
+        signer = tune_trust.Signer(exp_path)
         scheduler = None
         if t.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -285,11 +293,13 @@ def run_sweep(cfg: Config) -> dict:
             trainable, param_space=param_space(dims, t.searcher),
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, search_alg=search_alg,
                                         num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials or None),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1,
-                                      callbacks=[RunStatus(sweep_dir, tracking_uri(cfg))],
+            run_config=tune.RunConfig(name=ray_name, storage_path=storage, verbose=1,
+                                      callbacks=[RunStatus(sweep_dir, tracking_uri(cfg)), signer],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       failure_config=tune.FailureConfig(max_failures=d.max_failures)))
+        signer.sign_storage("tuner.pkl")  # Tune wrote it straight to the storage, just now
     grid = tuner.fit()
+    signer.sign()  # the final state (also after SIGINT: Tune saves it before fit() returns)
     from livr.sweep_report import summarise
 
     summary = summarise(cfg, dims, grid, expected_trials(cfg, dims), parent, time.time() - t0)

@@ -27,14 +27,18 @@ def run_trial(params: dict, setup: dict) -> None:
     if setup["workers"] == 0:
         from livr.train import train_worker
 
-        held = []
+        held, sent = [], []
+        held_file = os.path.join(cfg.run_dir, "tune_last_report.json")
 
         def report(metrics: dict, checkpoint_dir: str | None) -> None:
             if metric not in metrics:  # step checkpoints between epochs: train_worker keeps them itself
                 return
+            _interrupt_hook(setup["sweep_dir"])
             if _is_last(metrics):  # held until the run is written: ASHA stopping it now would lose the adapter
                 held.append((metrics, checkpoint_dir))
+                _write_json(held_file, metrics)  # a driver stopped before it was sent: sent on resume
                 return
+            sent.append(metrics)
             _report(metrics, checkpoint_dir)
 
         last = os.path.join(cfg.run_dir, "checkpoints", "last")
@@ -44,6 +48,9 @@ def run_trial(params: dict, setup: dict) -> None:
                 train_worker(cfg, report=report, resume_from=path)
         else:
             train_worker(cfg, report=report)
+        if not held and not sent and os.path.exists(held_file):  # trained to the end before: its last report
+            with open(held_file) as f:
+                held.append((json.load(f), last))
         for metrics, checkpoint_dir in held:
             _report(metrics, checkpoint_dir)
     else:
@@ -52,7 +59,23 @@ def run_trial(params: dict, setup: dict) -> None:
         result = make_trainer(cfg, name=f"trial_{trial_id}", storage_path=setup["train_storage"],
                               callbacks=[EpochReportCallback(metric)]).fit()
         if result.metrics and metric in result.metrics and _is_last(result.metrics):  # held by the callback
-            tune.report(dict(result.metrics))
+            tune.report(_for_tune(result.metrics))
+
+
+def _for_tune(metrics: dict) -> dict:
+    """Tune's `training_iteration` (ASHA's time unit, the sweep table's epochs) is the run's cumulative epoch
+    count, which train_worker reports as `epochs_done`: Tune's own counter restarts when a trial is restored
+    without (or from an older) checkpoint, while the run resumes from its own `last` checkpoint."""
+    out = dict(metrics)
+    if "epochs_done" in out:
+        out["training_iteration"] = out["epochs_done"]
+    return out
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 def _is_last(metrics: dict) -> bool:
@@ -60,9 +83,28 @@ def _is_last(metrics: dict) -> bool:
     return metrics.get("global_step", 0) >= metrics.get("planned_steps", float("inf"))
 
 
+INTERRUPT_MARKER = ".interrupt_requested"
+
+
+def _interrupt_hook(sweep_dir: str) -> None:
+    """Test hook: with LIVR_TUNE_INTERRUPT_AT_REPORT=N the sweep's N-th epoch report (counted over all trials)
+    is not sent: the trial asks the driver to stop (RunStatus sends it SIGINT) and waits to be stopped, so that
+    the trial resumes from its own checkpoint while Tune holds no result of it."""
+    at = int(os.environ.get("LIVR_TUNE_INTERRUPT_AT_REPORT", "0"))
+    if not at:
+        return
+    with open(os.path.join(sweep_dir, ".interrupt_reports"), "a+") as f:
+        f.write("report\n")
+        f.seek(0)
+        count = len(f.read().splitlines())
+    if count == at:
+        open(os.path.join(sweep_dir, INTERRUPT_MARKER), "w").close()
+        time.sleep(600)
+
+
 def _report(metrics: dict, checkpoint_dir: str | None) -> None:
     has = checkpoint_dir and os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir)
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if has else None)
+    tune.report(_for_tune(metrics), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if has else None)
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -76,7 +118,7 @@ class EpochReportCallback(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and self.metric in metrics[0] and not _is_last(metrics[0]):  # the last one: after fit()
-            super().after_report(run_context, metrics, checkpoint)
+            super().after_report(run_context, [_for_tune(metrics[0])], checkpoint)
 
 
 def make_trainable(setup: dict):
@@ -91,7 +133,8 @@ def make_trainable(setup: dict):
 class RunStatus(tune.Callback):
     """Driver-side: a trial stopped by ASHA ends its MLflow run as KILLED (tag livr.early_stopped=true), an
     errored one as FAILED (a trial that finished has already ended its run as FINISHED).
-    Test hook: LIVR_TUNE_INTERRUPT_AFTER=N sends SIGINT to the driver once N trials have completed."""
+    Test hooks: LIVR_TUNE_INTERRUPT_AFTER=N sends SIGINT to the driver once N trials have completed; a trial
+    that wrote <sweep_dir>/.interrupt_requested (LIVR_TUNE_INTERRUPT_AT_REPORT, see `_interrupt_hook`) too."""
 
     def __init__(self, sweep_dir: str, uri: str):
         self.sweep_dir, self.uri = sweep_dir, uri
@@ -105,10 +148,17 @@ class RunStatus(tune.Callback):
         client = MlflowClient(self.uri)
         with open(id_file) as f:
             run_id = f.read().strip()
-        if client.get_run(run_id).info.status == "RUNNING":
-            if status == "KILLED":
-                client.set_tag(run_id, "livr.early_stopped", "true")
+        now = client.get_run(run_id).info.status
+        if status == "KILLED" and now != "FINISHED":  # the trial may have ended it KILLED itself (Tune's sys.exit(0))
+            client.set_tag(run_id, "livr.early_stopped", "true")
+        if now == "RUNNING":
             client.set_terminated(run_id, status=status)
+
+    def on_step_begin(self, iteration, trials, **info):
+        marker = os.path.join(self.sweep_dir, INTERRUPT_MARKER)
+        if os.environ.get("LIVR_TUNE_INTERRUPT_AT_REPORT") and os.path.exists(marker):  # the trial-side hook asked
+            os.remove(marker)
+            os.kill(os.getpid(), signal.SIGINT)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, "KILLED")
@@ -121,4 +171,4 @@ class RunStatus(tune.Callback):
         self._close(trial, "FAILED")
 
 
-_COMPLETED: list[str] = []  # trials completed in this process (the interrupt test hook)
+_COMPLETED: list[str] = []  # trials completed in this process (the interrupt test hooks)

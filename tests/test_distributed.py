@@ -53,7 +53,13 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     result = run_distributed(cfg)
     assert result["global_step"] == 4 and result["ray_checkpoint"]
     ckpt = result["ray_checkpoint"]
-    assert os.path.exists(os.path.join(ckpt, "livr", "zero_pp_rank_1_mp_rank_00_optim_states.pt")), "rank 1's shard"
+    # rank 0 wrote the gathered checkpoint: safetensors + JSON with a manifest, both ranks' RNG, no pickles
+    from livr.checkpoint import read_checkpoint
+    files = sorted(os.listdir(ckpt))
+    assert not [f for f in files if f.endswith((".pt", ".pkl", ".bin"))], files
+    ck = read_checkpoint(ckpt)
+    assert len(ck["rng"]["ranks"]) == 2 and ck["opt_meta"]["zero_stage"] == int(zero[-1])
+    assert any(k.endswith(".exp_avg_sq") and v.abs().sum() > 0 for k, v in ck["optimizer"].items()), "AdamW moments"
     # the adapter was gathered: whole tensors that load with PEFT, latent rows trained, other rows untouched
     run = os.path.join(str(tmp_path / "runs"), f"ds-{zero}")
     for rank in (0, 1):
@@ -99,6 +105,24 @@ def test_two_workers_equal_one_worker_with_accumulation(ray_local, backbone_cach
         assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
 
 
+def test_unicode_run_name_trains_under_ray(ray_local, backbone_cache, data_cache, tmp_path):
+    """Ray needs ASCII run names ('ascii' codec can't encode): Ray gets ray_safe_name(name), the livr run
+    directory keeps the name as given."""
+    from livr.distributed import run_distributed
+    from livr.runlock import ray_safe_name
+
+    name = "résumé-ü"
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.num_workers": 1,
+                                                                   "train.stage1_steps": 1, "train.stage2_steps": 1})
+    result = run_distributed(cfg)
+    assert result["global_step"] == 2 and result["ray_checkpoint"]
+    assert (tmp_path / "runs" / name / "final_metrics.json").exists()  # the run directory keeps the name
+    ray_name = ray_safe_name(name)
+    assert ray_name.isascii() and ray_name != name
+    assert os.listdir(tmp_path / "runs" / "ray") == [ray_name]
+    assert result["ray_checkpoint"].startswith(str(tmp_path / "runs" / "ray" / ray_name))
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cache, tmp_path):
     import time
 
@@ -113,16 +137,26 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cach
     try:
         cfg = _cfg(backbone_cache, data_cache, tmp_path, name="fault", **{
             "train.stage1_steps": 4, "train.stage2_steps": 4, "distributed.checkpoint_every": 2,
-            "distributed.max_failures": 3})  # the gloo peer of the killed rank may fail too
+            "distributed.max_failures": 3, "distributed.num_to_keep": 1})  # the gloo peer may fail too
         t0 = time.time()
         result = run_distributed(cfg)
         wall = time.time() - t0
+        ray_dir = tmp_path / "runs" / "ray" / "fault"
+        after_restart = sorted(p.name for p in ray_dir.glob("checkpoint_*") if p.is_dir())
+        # a driver killed after an upload, before Ray registered it, leaves such a dir: the re-run resumes and drops it
+        (ray_dir / "checkpoint_2000-01-01_00-00-00.000000").mkdir()
+        again = run_distributed(cfg)
+        after_rerun = sorted(p.name for p in ray_dir.glob("checkpoint_*") if p.is_dir())
     finally:
         ray.shutdown()
     assert (tmp_path / "failed-once").exists(), "the injected failure happened"
     assert result["global_step"] == 8, result
     assert result["resumed_from"] and all(s > 0 for s in result["resumed_from"]), result  # never from zero
     assert result["resumed_from"][0] in (2, 4)  # the last registered checkpoint before step 5
+    # num_to_keep=1 holds after the restart (the report in flight when rank 1 died left an unregistered upload)
+    assert len(after_restart) == 1 and result["ray_checkpoint"].endswith(after_restart[0]), (after_restart, result)
+    assert again["global_step"] == 8 and again["resumed_from"][-1] == 8, again  # resumed at the end, nothing retrained
+    assert after_rerun == after_restart, after_rerun
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id])

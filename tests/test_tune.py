@@ -16,6 +16,7 @@ from conftest import tiny_overrides
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test clusters only
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("LIVR_TUNE_SECRET", "livr-test-key")  # sweeps' signing key (never the user's key file)
 
 from livr.config import ConfigError, load_config, to_dict
 
@@ -167,6 +168,7 @@ def test_asha_sweep_mlflow_best_config(ray_cluster, backbone_cache, data_cache, 
     for r in rows:
         c = by_trial[r["trial"]]
         assert c.info.status == ("FINISHED" if r["status"] == "completed" else "KILLED")
+        assert (c.data.tags.get("livr.early_stopped") == "true") == (r["status"] != "completed"), c.data.tags
         curve = client.get_metric_history(c.info.run_id, "train_loss")
         assert len(curve) == r["epochs"]  # logged as it went, also for a stopped trial
         assert len(client.get_metric_history(c.info.run_id, "stage1/val_accuracy")) >= 1
@@ -191,16 +193,35 @@ def test_asha_sweep_mlflow_best_config(ray_cluster, backbone_cache, data_cache, 
     assert os.path.exists(os.path.join(bc.run_dir, "adapter", "adapter_model.safetensors"))
 
 
-def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cache, data_cache, tmp_path):
-    """The driver (the real CLI, in a subprocess) gets SIGINT after its first trial completed; the same
-    command again finishes the sweep without rerunning that trial."""
-    space = {"latents.num_latents": {"grid": [2, 4]}}
+class _Payload:
+    """A pickle that creates `path` when unpickled (os.mkdir runs at load time)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cache, data_cache, tmp_path, monkeypatch):
+    """The driver (the real CLI, in a subprocess) is stopped (SIGINT) while its second trial has written its
+    first epoch's checkpoint but Tune holds no result of it; a planted pickle in Tune's state is refused; the
+    same command again finishes the sweep without rerunning the finished trial, and the resumed trial reports
+    its true epoch count (2 of 2, not Tune's restarted 1)."""
+    import pickle
+    import stat
+
+    from livr import tune_trust
+
+    space = {"latents.num_latents": {"grid": [2, 4, 8]}}
     ov = _overrides(backbone_cache, data_cache, tmp_path, space, name="resume",
                     **{"tune.max_concurrent_trials": 1, "tune.scheduler": "fifo", "train.stage1_epochs": 1,
                        "train.stage2_epochs": 1})
     (tmp_path / "sweep.yaml").write_text("name: resume\n")
     cmd = [sys.executable, "-m", "livr.cli", "tune", "--config", str(tmp_path / "sweep.yaml"), *ov]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "LIVR_TUNE_INTERRUPT_AFTER": "1"}
+    xdg = tmp_path / "xdg"  # the signing key lives here, outside the sweep's storage
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "XDG_CONFIG_HOME": str(xdg), "LIVR_TUNE_INTERRUPT_AT_REPORT": "3"}
+    env.pop("LIVR_TUNE_SECRET", None)
     first = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
     assert first.returncode == 130, first.stdout[-3000:] + first.stderr[-3000:]
     assert "interrupted: run the same command again" in first.stdout
@@ -211,19 +232,54 @@ def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cach
     _, runs = _mlflow_runs(uri)
     assert not [r for r in runs if r.info.status == "RUNNING"]  # the interrupted ones are closed (KILLED)
 
-    env.pop("LIVR_TUNE_INTERRUPT_AFTER")
+    # Tune's pickled state is signed with a key outside the storage; a planted pickle is refused unread
+    key = xdg / "livr" / "tune_secret"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and (sweep / "livr_trust.json").exists()
+    marker = tmp_path / "payload-ran"
+    original = (sweep / "tuner.pkl").read_bytes()
+    (sweep / "tuner.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
+    env.pop("LIVR_TUNE_INTERRUPT_AT_REPORT")
+    refused = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len([e for e in err if e.startswith("livr: error:")]) == 1, refused.stderr[-3000:]
+    assert f"{sweep}/tuner.pkl is not signed by this machine's livr key" in err[-1], err[-1]
+    assert not marker.exists()
+    (sweep / "tuner.pkl").write_bytes(original)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.delenv("LIVR_TUNE_SECRET", raising=False)
+    tune_trust.verify(str(sweep))  # as signed
+    newer = sweep / "experiment_state-2999-01-01_00-00-00.json"  # Tune would load the newest: an added one too
+    newer.write_text("{}")
+    with pytest.raises(ConfigError, match="experiment_state-2999.* is not signed"):
+        tune_trust.verify(str(sweep))
+    newer.unlink()
+
     second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the sweep" in second.stdout and "best config:" in second.stdout
+    assert not marker.exists()
     trials = sorted(d for d in os.listdir(sweep) if d.startswith("trial_"))
-    assert len(trials) == 2 and all((sweep / d / "final_metrics.json").exists() for d in trials)
+    assert len(trials) == 3 and all((sweep / d / "final_metrics.json").exists() for d in trials)
+    tune_trust.verify(str(sweep))  # the resumed session's state is signed too (a third run would resume)
     with open(sweep / done[0] / "trial_starts.log") as f:
         assert len(f.read().splitlines()) == 1  # the finished trial was not started again
+    resumed = [d for d in trials if len(_read(str(sweep / d / "trial_starts.log")).splitlines()) == 2]
+    assert len(resumed) == 1  # the interrupted one
+    with open(sweep / resumed[0] / "final_metrics.json") as f:
+        assert json.load(f)["resumed_from"] == [8]  # from its own checkpoint after epoch 1, Tune knowing nothing
+    import csv
+
+    with open(sweep / "results.csv") as f:
+        rows = {r["trial"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 3
+    for r in rows.values():  # the resumed trial too: 2 of 2 epochs (not Tune's restarted count), 16 of 16 steps
+        assert (r["epochs"], r["planned_epochs"], r["steps"], r["planned_steps"], r["status"]) == \
+            ("2", "2", "16", "16", "completed"), r
     client, runs = _mlflow_runs(uri)
     parent = [r for r in runs if r.data.tags.get("livr.sweep") == "true"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     first_child = next(c for c in children if c.data.params["name"] == done[0])
     assert len(client.get_metric_history(first_child.info.run_id, "stage2/val_accuracy")) == 1
 

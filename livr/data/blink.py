@@ -8,10 +8,13 @@ import os
 import re
 
 from livr.data.prompts import choice_letters
-from livr.data.tasks import BLINK_TASKS, COLUMNS, IMAGE_COLUMNS, DataError, check_task
+from livr.data.tasks import BLINK_TASKS, COLUMNS, IMAGE_COLUMNS, OPEN_ENDED_TASKS, DataError, check_task
 
 HIDDEN_ANSWER = "hidden"  # BLINK's test split hides its answers behind this value
 REQUIRED = ("idx", "question", "choices", "answer", "image_1")
+# How BLINK's texts name an image slot: "the second image" (its prompts and choices), "Image 2", "image_2".
+_ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6}
+_IMAGE_REF = re.compile(r"\b(?:image[ _#-]?([1-9])|(first|second|third|fourth|fifth|sixth) image)\b", re.IGNORECASE)
 
 
 def _image_problem(value) -> str | None:
@@ -65,6 +68,8 @@ def validate_row(row: dict, task: str, split: str, *, position: int | None = Non
     answer = row.get("answer")
     if not isinstance(answer, str):
         fail(f"answer must be a string, got {answer!r}")
+    if not choices and task not in OPEN_ENDED_TASKS:
+        fail(f"no choices, but {task} is a multiple-choice task")
     if choices:
         letters = choice_letters(len(choices))
         m = re.fullmatch(r"\(([A-Z])\)", answer.strip())
@@ -73,6 +78,8 @@ def validate_row(row: dict, task: str, split: str, *, position: int | None = Non
             fail(f"answer {answer!r} is not among the {len(choices)} choices ({letters[0]})-({letters[-1]})")
     elif not answer.strip():
         fail("empty answer (open-ended row: no choices)")
+    elif re.fullmatch(r"\([A-Z]\)", answer.strip()):
+        fail(f"answer {answer!r} is a choice letter, but the row has no choices")
     present = [_present(row.get(c)) for c in IMAGE_COLUMNS]
     if not present[0]:
         fail("image_1 is missing")
@@ -80,6 +87,7 @@ def validate_row(row: dict, task: str, split: str, *, position: int | None = Non
         if present[k] and not all(present[:k]):
             gap = IMAGE_COLUMNS[present[:k].index(False)]
             fail(f"{IMAGE_COLUMNS[k]} is present but {gap} is missing")
+    _check_image_refs(row, sum(present), fail)
     for c, p in zip(IMAGE_COLUMNS, present):
         if p:
             problem = _image_problem(row[c])
@@ -87,13 +95,36 @@ def validate_row(row: dict, task: str, split: str, *, position: int | None = Non
                 fail(f"{c} cannot be decoded ({problem})")
 
 
+def _check_image_refs(row: dict, images: int, fail) -> None:
+    """A question, prompt or choice that names an image slot the row leaves empty ("the second image" in a
+    one-image row) asks about a picture the model never sees."""
+    texts = [("question", row.get("question")), ("prompt", row.get("prompt"))]
+    texts += [(f"choices[{i}]", c) for i, c in enumerate(row.get("choices") or [])]
+    for field, text in texts:
+        for m in _IMAGE_REF.finditer(text or ""):
+            k = int(m.group(1)) if m.group(1) else _ORDINALS[m.group(2).lower()]
+            if k > images:
+                fail(f"{field} refers to {m.group(0)!r}, but image_{k} is empty (the row has {images} image(s))")
+
+
+def check_unique_idx(ds, task: str, split: str) -> None:
+    """A duplicate idx in one split (two rows scored, submitted and reported as one) is a DataError naming it.
+    Reads the idx column only: no image is decoded."""
+    seen: dict = {}
+    for i, idx in enumerate(ds["idx"]):
+        if idx in seen and idx not in (None, ""):
+            raise DataError(f"{task}/{split} idx={idx}: duplicate idx (rows {seen[idx]} and {i})")
+        seen.setdefault(idx, i)
+
+
 def validate_dataset(ds, task: str, split: str) -> None:
-    """Validate every row of a `datasets.Dataset` (images checked from their raw bytes)."""
+    """Validate a `datasets.Dataset`: idx unique, then every row (images checked from their raw bytes)."""
     from datasets import Image
 
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:
         raise DataError(f"{task}/{split}: missing column(s) {', '.join(missing)} (BLINK columns: {', '.join(COLUMNS)})")
+    check_unique_idx(ds, task, split)
     raw = ds
     for c in IMAGE_COLUMNS:
         if c in raw.column_names and isinstance(raw.features[c], Image):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -176,9 +177,40 @@ def make_loader(dataset: EncodedRows, batches, pad_id: int, *, num_workers: int,
     kw = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent} if num_workers > 0 else {}
     # its own generator: making an iterator then draws no number from the global torch RNG (dropout's), so
     # the number of loaders created (e.g. once more after a resume) never shifts the training randomness
-    return DataLoader(dataset, batch_sampler=list(batches) if not isinstance(batches, list) else batches,
-                      num_workers=num_workers, collate_fn=_Collate(pad_id, padding_side), pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(0), **kw)
+    return _Loader(dataset, batch_sampler=list(batches) if not isinstance(batches, list) else batches,
+                   num_workers=num_workers, collate_fn=_Collate(pad_id, padding_side), pin_memory=pin_memory,
+                   generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_signals_to_main, **kw)
+
+
+_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # live multi-process iterators of this process
+
+
+class _Loader(DataLoader):
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if self.num_workers > 0:
+            _ITERATORS.add(it)
+        return it
+
+
+def shutdown_loaders() -> None:
+    """Stop the workers of every live loader of this process. They ignore SIGINT/SIGTERM, so a run that
+    ends by an exception (whose traceback keeps its loaders alive past interpreter exit, where
+    multiprocessing joins its children) must stop them itself."""
+    for it in list(_ITERATORS):
+        it._shutdown_workers()  # tells them to exit and joins them (torch terminates a stuck one)
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():
+                w.kill()
+
+
+def _leave_signals_to_main(_worker_id: int) -> None:
+    """Ctrl-C and a scheduler's SIGTERM reach the whole process group: the workers ignore them and the main
+    process stops the run cleanly (`livr.lifecycle`); they still exit when the main process dies."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _Collate:  # a picklable collate_fn (spawned workers)

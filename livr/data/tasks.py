@@ -33,6 +33,11 @@ SYNTHETIC_TASKS: tuple[str, ...] = (
     "Visual_Similarity",
 )
 
+# Tasks whose rows may be open-ended (no choices, a number as the answer): livr's synthetic Counting has an
+# open mode (data.options mode=open). BLINK's own rows are all multiple choice, Counting included; a row of any
+# other task without choices is an error (livr.data.blink.validate_row).
+OPEN_ENDED_TASKS: tuple[str, ...] = ("Counting",)
+
 # BLINK's columns, in order.
 COLUMNS: tuple[str, ...] = (
     "idx", "question", "sub_task", "image_1", "image_2", "image_3", "image_4",
