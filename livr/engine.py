@@ -305,8 +305,9 @@ def gathered(engine, modifier_rank: int | None = None, with_embeddings: bool = F
     import deepspeed
 
     params = [p for p in engine.model.parameters() if p.requires_grad]
-    if with_embeddings:
-        params += [p for p in engine.model.get_input_embeddings().parameters() if not p.requires_grad]
+    if with_embeddings:  # the input table and the output head (an untied head's latent rows are saved)
+        tables = [engine.model.get_input_embeddings(), engine.model.get_output_embeddings()]
+        params += [p for t in tables if t is not None for p in t.parameters() if not p.requires_grad]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 

@@ -154,17 +154,39 @@ def set_pixel_limits(image_processor, min_pixels: int, max_pixels: int) -> None:
         if hasattr(size, "items") else {"shortest_edge": lo, "longest_edge": hi}
 
 
+def untied_head_name(model) -> str | None:
+    """Module name of the output head when it does not share the embedding's weight (None when tied or absent)."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return None
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def _freeze_head_rows(model, head: str | None) -> None:
+    """The untied head's latent rows ride in the adapter (so that stock PEFT reloads them exactly) but never train."""
+    if head:
+        for name, p in model.named_parameters():
+            if f"{head}.token_adapter." in name:
+                p.requires_grad_(False)
+
+
 def _peft(cfg: Config, bb: Backbone, ids: list[int], adapter_dir: str | None, trainable: bool):
+    head = untied_head_name(bb.model) if ids else None
     if adapter_dir:
-        return PeftModel.from_pretrained(bb.model, adapter_dir, is_trainable=trainable)
+        model = PeftModel.from_pretrained(bb.model, adapter_dir, is_trainable=trainable)
+        _freeze_head_rows(model, head)
+        return model
+    tokens = {"embed_tokens": ids, **({head: ids} if head else {})} if ids else None
     lcfg = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=lora_regex(bb.family.lora_target_regex, cfg.lora.targets),
-        trainable_token_indices={"embed_tokens": ids} if ids else None,
+        trainable_token_indices=tokens,  # the untied head's rows: saved, frozen (see _freeze_head_rows)
     )
     with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only (not on whether a
         torch.manual_seed(cfg.train.seed)     # preset was just materialised, which consumes RNG)
-        return get_peft_model(bb.model, lcfg)
+        model = get_peft_model(bb.model, lcfg)
+    _freeze_head_rows(model, head)
+    return model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -46,13 +46,18 @@ def _zero3_json(tmp_path):
 def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, data_cache, tmp_path):
     from livr.backbones import load_backbone
     from livr.distributed import run_distributed
+    from livr.runlock import ray_safe_name
     from livr.runs import load_run
 
     ds = "deepspeed_configs/zero2.json" if zero == "zero2" else _zero3_json(tmp_path)
-    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=f"ds-{zero}", **{"distributed.deepspeed": ds})
+    name = f"ds-{zero}-résumé"  # Ray needs ASCII names ('ascii' codec can't encode): it gets ray_safe_name(name)
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.deepspeed": ds})
     result = run_distributed(cfg)
     assert result["global_step"] == 4 and result["ray_checkpoint"]
     ckpt = result["ray_checkpoint"]
+    ray_name = ray_safe_name(name)
+    assert ray_name.isascii() and ray_name != name and os.listdir(tmp_path / "runs" / "ray") == [ray_name]
+    assert ckpt.startswith(str(tmp_path / "runs" / "ray" / ray_name))
     # rank 0 wrote the gathered checkpoint: safetensors + JSON with a manifest, both ranks' RNG, no pickles
     from livr.checkpoint import read_checkpoint
     files = sorted(os.listdir(ckpt))
@@ -61,7 +66,8 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     assert len(ck["rng"]["ranks"]) == 2 and ck["opt_meta"]["zero_stage"] == int(zero[-1])
     assert any(k.endswith(".exp_avg_sq") and v.abs().sum() > 0 for k, v in ck["optimizer"].items()), "AdamW moments"
     # the adapter was gathered: whole tensors that load with PEFT, latent rows trained, other rows untouched
-    run = os.path.join(str(tmp_path / "runs"), f"ds-{zero}")
+    run = os.path.join(str(tmp_path / "runs"), name)  # the livr run directory keeps the name as given
+    assert os.path.exists(os.path.join(run, "final_metrics.json"))
     for rank in (0, 1):
         with open(os.path.join(run, f"memory_rank{rank}.json")) as f:
             mem = json.load(f)
@@ -80,47 +86,11 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
         assert emb(lat).abs().sum() > 0
     lora_b = [p for n, p in lm.model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA trained"
-
-
-def test_two_workers_equal_one_worker_with_accumulation(ray_local, backbone_cache, data_cache, tmp_path):
-    """2 workers × micro-batch b == 1 worker × accumulation 2 over the same global batches."""
-    from mlflow.tracking import MlflowClient
-
-    from livr.distributed import run_distributed
-    from livr.train import train_worker
-
-    common = {"lora.dropout": 0.0, "train.stage1_steps": 3, "train.stage2_steps": 3}
-    two = _cfg(backbone_cache, data_cache, tmp_path, name="two", **common)
-    one = _cfg(backbone_cache, data_cache, tmp_path, name="one", **common,
-               **{"distributed.num_workers": 0, "train.grad_accum": 2})
-    run_distributed(two)
-    train_worker(one)
-    client = MlflowClient(two.tracking.uri)
-    exp = client.get_experiment_by_name(two.tracking.experiment)
-    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp.experiment_id])}
-    for key in ("stage1/loss", "stage2/loss"):
-        a = sorted((m.step, m.value) for m in client.get_metric_history(runs["two"], key))
-        b = sorted((m.step, m.value) for m in client.get_metric_history(runs["one"], key))
-        assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 3
-        assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
-
-
-def test_unicode_run_name_trains_under_ray(ray_local, backbone_cache, data_cache, tmp_path):
-    """Ray needs ASCII run names ('ascii' codec can't encode): Ray gets ray_safe_name(name), the livr run
-    directory keeps the name as given."""
-    from livr.distributed import run_distributed
-    from livr.runlock import ray_safe_name
-
-    name = "résumé-ü"
-    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.num_workers": 1,
-                                                                   "train.stage1_steps": 1, "train.stage2_steps": 1})
-    result = run_distributed(cfg)
-    assert result["global_step"] == 2 and result["ray_checkpoint"]
-    assert (tmp_path / "runs" / name / "final_metrics.json").exists()  # the run directory keeps the name
-    ray_name = ray_safe_name(name)
-    assert ray_name.isascii() and ray_name != name
-    assert os.listdir(tmp_path / "runs" / "ray") == [ray_name]
-    assert result["ray_checkpoint"].startswith(str(tmp_path / "runs" / "ray" / ray_name))
+    # the untied head's latent rows were gathered into the adapter too (whole, equal to their seeded init)
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(run, "adapter", "adapter_model.safetensors"))
+    (head_key,) = [k for k in saved if "lm_head" in k]
+    assert torch.equal(saved[head_key], lm.model.get_base_model().lm_head.weight[lat])
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cache, tmp_path):
@@ -164,11 +134,14 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cach
     print(f"fault test: wall {wall:.1f} s, resumed from {result['resumed_from']}")
 
 
-def test_two_nodes_one_worker_each(backbone_cache, data_cache, tmp_path):
+def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_cache, data_cache, tmp_path):
+    """2 workers on 2 nodes (one each) × micro-batch b == 1 process × accumulation 2, over the same global batches."""
     import ray
+    from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
 
     from livr.distributed import run_distributed
+    from livr.train import train_worker
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
                                                             "include_dashboard": False})
@@ -177,13 +150,25 @@ def test_two_nodes_one_worker_each(backbone_cache, data_cache, tmp_path):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = _cfg(backbone_cache, data_cache, tmp_path, name="two-nodes",
+        common = {"lora.dropout": 0.0, "train.stage1_steps": 3, "train.stage2_steps": 3}
+        two = _cfg(backbone_cache, data_cache, tmp_path, name="two", **common,
                    **{"distributed.placement_strategy": "STRICT_SPREAD"})
-        result = run_distributed(cfg)
-        assert result["global_step"] == 4
+        result = run_distributed(two)
+        assert result["global_step"] == 6
     finally:
         ray.shutdown()
         cluster.shutdown()
+    one = _cfg(backbone_cache, data_cache, tmp_path, name="one", **common,
+               **{"distributed.num_workers": 0, "train.grad_accum": 2})
+    train_worker(one)
+    client = MlflowClient(two.tracking.uri)
+    exp = client.get_experiment_by_name(two.tracking.experiment)
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    for key in ("stage1/loss", "stage2/loss"):
+        a = sorted((m.step, m.value) for m in client.get_metric_history(runs["two"], key))
+        b = sorted((m.step, m.value) for m in client.get_metric_history(runs["one"], key))
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 3
+        assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
 
 
 def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, tmp_path):

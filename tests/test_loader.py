@@ -146,3 +146,40 @@ def collate_meta(item):
     """What collate_rows does to an item: pop its meta (the cache must not lose it)."""
     meta = item.pop("meta")
     return item, meta
+
+
+_KEEP_A_LOADER_ALIVE_AT_EXIT = """
+import sys
+from livr.data.loader import make_loader
+class Rows:
+    def __len__(self): return 8
+    def __getitem__(self, i): return {"_error": f"row {i}"}
+loader = make_loader(Rows(), [[0, 1], [2, 3], [4, 5], [6, 7]], 0, num_workers=2, persistent=True)
+it = iter(loader)
+next(it)
+# and one whose iterator livr does not track (what CI hit: its workers outlived the suite)
+import torch
+from livr.data.loader import _leave_signals_to_main
+raw = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1, worker_init_fn=_leave_signals_to_main)
+raw_it = iter(raw)
+next(raw_it)
+sys.modules["__main__"].KEPT = (loader, it, raw, raw_it)  # still referenced when the interpreter exits
+print("exiting", flush=True)
+"""
+
+
+def test_the_interpreter_exits_with_a_live_loader(tmp_path):
+    """The workers ignore SIGTERM (the main process owns shutdown), so multiprocessing's exit hook, which SIGTERMs
+    and then joins its daemonic children, would wait forever on a loader still referenced at exit (seen in CI: the
+    suite passed, then pytest never exited)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "keep.py"
+    script.write_text(_KEEP_A_LOADER_ALIVE_AT_EXIT)
+    try:
+        done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter did not exit within 90 s with a live DataLoader")
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]

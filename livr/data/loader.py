@@ -15,8 +15,11 @@
 """
 from __future__ import annotations
 
+import atexit
 import bisect
+import multiprocessing.util  # noqa: F401  (registers its exit hook first: see _stop_workers_at_exit)
 import os
+import signal
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -202,6 +205,35 @@ def shutdown_loaders() -> None:
         for w in getattr(it, "_workers", []):
             if w.is_alive():
                 w.kill()
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+def _stop_workers_at_exit() -> None:
+    """Interpreter exit: multiprocessing's own exit hook SIGTERMs daemonic children and then joins them, but loader
+    workers ignore SIGTERM, so one still alive at exit (a loader kept by a fixture or a traceback, or one livr does
+    not track) would block the exit forever (seen in CI: the suite passed, then pytest never exited). This hook
+    runs before that one (atexit is LIFO: multiprocessing.util registers its hook when imported, above) and kills
+    the daemonic children that would not heed its SIGTERM."""
+    import multiprocessing
+
+    shutdown_loaders()
+    stuck = [p for p in multiprocessing.active_children() if p.daemon and _ignores_sigterm(p.pid)]
+    if stuck:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise "worker killed" at exit
+    for p in stuck:
+        p.kill()
+        p.join(5)
+
+
+atexit.register(_stop_workers_at_exit)
 
 
 def _leave_signals_to_main(_worker_id: int) -> None:
