@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import itertools
 import json
 import os
 
@@ -35,31 +34,12 @@ def without_latents(builder):
 
 
 def image_grids(lm, item: dict) -> list[tuple[torch.Tensor, int, int]]:
-    """Per image: (sequence positions of its grid tokens, rows, cols), row-major over the image.
-
-    Qwen2.5-VL / Qwen3-VL: the merged-patch grid, image_grid_thw[1]//m x image_grid_thw[2]//m tokens
-    (m = spatial_merge_size), in row-major order (frames of a video averaged by the caller: t = 1 here).
-    LLaVA-OneVision: the base view's (image_size/patch)^2 tokens that open each image's run of tokens
-    (the whole image resized to a square); the high-resolution tiles and newline tokens are not drawn."""
+    """Per image: (sequence positions of its grid tokens, rows, cols), row-major over the image (the family's
+    `image_grids`: Qwen's merged-patch grid; LLaVA-OneVision's base view)."""
     pos = (item["groups"] == IMAGE).nonzero().flatten()
-    vcfg = lm.model.get_base_model().config.vision_config
-    out = []
-    if lm.family.mrope:
-        merge, start = vcfg.spatial_merge_size, 0
-        for t, h, w in item["image_grid_thw"].tolist():
-            gh, gw = h // merge, w // merge
-            out.append((pos[start : start + gh * gw], gh, gw))
-            start += t * gh * gw
-        return out
-    side = vcfg.image_size // vcfg.patch_size
-    breaks = [0] + [i + 1 for i in range(len(pos) - 1) if pos[i + 1] != pos[i] + 1] + [len(pos)]
-    for s, e in itertools.pairwise(breaks):
-        if e - s >= side * side:
-            out.append((pos[s : s + side * side], side, side))
-    return out
+    return lm.family.image_grids(lm.model.get_base_model().config.vision_config, pos, item)
 
 
-@torch.no_grad()
 def attention_analysis(lm, rows: list[dict], *, bottleneck: bool = False, heatmap_rows: int = 4):
     """(per-layer mean mass [layers, len(MASS_GROUPS)], heatmap records) over `rows`."""
     lm.model.eval()

@@ -80,7 +80,8 @@ def count_parameters(cfg) -> dict:
     from livr.backbones import family_for
     from livr.model import lora_regex
 
-    config, source = backbone_config(cfg.model.backbone, cfg.model.cache_dir, getattr(cfg.model, "num_layers", 0))
+    config, source = backbone_config(cfg.model.backbone, cfg.model.cache_dir, getattr(cfg.model, "num_layers", 0),
+                                     cfg.model.trust_remote_code)
     family = family_for(config.model_type)
     with torch.device("meta"):
         model = family.model_class._from_config(config)

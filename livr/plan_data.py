@@ -15,13 +15,13 @@ DEFAULT_PROMPT = ("Given the images, which option best answers the question abou
 
 
 
-def backbone_config(name_or_path: str, cache_dir: str, num_layers: int = 0):
+def backbone_config(name_or_path: str, cache_dir: str, num_layers: int = 0, trust_remote_code: bool = False):
     """(transformers config, where it came from) for a preset (built in memory, never materialised), a local
     dir, a shipped copy, or a hub id; cut to `num_layers` decoder layers when > 0."""
     from transformers import AutoConfig
 
     from livr.backbones import preset_parts
-    from livr.backbones.qwen2_5_vl import shipped_config
+    from livr.backbones.base import shipped_config
     from livr.backbones.registry import SIZE_HUB_IDS, is_preset, truncate_config
 
     if is_preset(name_or_path):
@@ -30,12 +30,14 @@ def backbone_config(name_or_path: str, cache_dir: str, num_layers: int = 0):
         return config, f"preset {name_or_path}" + (f" = {hub}'s architecture" if hub else "")
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
-        config, source = AutoConfig.from_pretrained(path), os.path.join(os.path.abspath(path), "config.json")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        source = os.path.join(os.path.abspath(path), "config.json")
     elif (config := shipped_config(name_or_path)) is not None:
         source = os.path.join(SHIPPED, name_or_path.replace("/", "__") + ".json")
     else:
         try:
-            config, source = AutoConfig.from_pretrained(name_or_path), f"{name_or_path} (HF cache / hub)"
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            source = f"{name_or_path} (HF cache / hub)"
         except OSError as e:
             raise FileNotFoundError(
                 f"cannot read the config of {name_or_path!r} ({str(e).splitlines()[0]}): livr plan needs it from "
@@ -50,7 +52,7 @@ def backbone_io(cfg) -> dict:
     from transformers import AutoTokenizer
 
     from livr.backbones import family_for, preset_parts
-    from livr.backbones.registry import _MODULES, _chat_template, is_preset
+    from livr.backbones.registry import _chat_template, is_preset
 
     name, n = cfg.model.backbone, getattr(cfg.model, "num_layers", 0)
     if is_preset(name):
@@ -58,25 +60,26 @@ def backbone_io(cfg) -> dict:
         family = family_for(config.model_type)
         ip_src = tok_src = f"preset {name}"
     else:
-        config, _ = backbone_config(name, cfg.model.cache_dir, n)
+        remote = cfg.model.trust_remote_code
+        config, _ = backbone_config(name, cfg.model.cache_dir, n, remote)
         family = family_for(config.model_type)
-        mod = _MODULES[family.name]
         path = os.path.expanduser(name)
         where = os.path.abspath(path) if os.path.isdir(path) else name
         try:
             ip, ip_src = family.image_processor_class.from_pretrained(where), where
         except OSError:
-            if getattr(mod, "HUB_ID", None) == name:
-                ip, ip_src = family.image_processor_class(**mod.IMAGE_PROCESSOR), f"{name}'s preprocessor_config (shipped)"
+            if family.hub_id == name:
+                ip = family.image_processor_class(**family.image_processor_defaults)
+                ip_src = f"{name}'s preprocessor_config (shipped)"
             else:
                 ip, ip_src = family.image_processor_class(), f"{family.image_processor_class.__name__} defaults"
         try:
-            tok, tok_src = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.model.trust_remote_code), where
+            tok, tok_src = AutoTokenizer.from_pretrained(where, trust_remote_code=remote), where
             template = _chat_template(where, tok)
             if template and not tok.chat_template:
                 tok.chat_template = template
         except (OSError, ValueError):
-            tok = mod.size_parts()[1]
+            tok = family.size_parts()[1]
             tok_src = "the offline BPE of the family's size preset (over-counts text: the real tokenizer is denser)"
     lo, hi = getattr(cfg.data, "min_pixels", 0), getattr(cfg.data, "max_pixels", 0)
     if lo or hi:
@@ -97,26 +100,7 @@ def processor_summary(ip) -> str:
 
 def image_cost(io: dict, width: int, height: int, images_in_row: int) -> tuple[int, int]:
     """(image tokens, bytes of its fp32 pixel_values) of one width×height image, from the processor classes."""
-    family, ip, config = io["family"], io["image_processor"], io["config"]
-    if family.name == "llava_onevision":
-        from transformers.image_processing_utils import select_best_resolution
-
-        side = ip.size.height
-        bh, bw = select_best_resolution((height, width), ip.image_grid_pinpoints)
-        views = 1 if images_in_row > 1 else 1 + (bh // side) * (bw // side)  # several images: the base view only
-        pixel_bytes = views * 3 * side * side * 4
-        proc = io.get("processor")
-        if proc is None:
-            from livr.backbones.base import make_processor
-
-            proc = io["processor"] = make_processor(family, ip, io["tokenizer"], config)
-        if images_in_row > 1:  # several images in one example: the base view + 1 newline each
-            tokens = proc.num_image_tokens + 1
-        else:
-            tokens = proc._get_number_of_features(height, width, side, side)
-        return tokens - (config.vision_feature_select_strategy == "default"), pixel_bytes
-    patches = ip.get_number_of_image_patches(height, width, {})
-    return patches // ip.merge_size**2, patches * 3 * ip.temporal_patch_size * ip.patch_size**2 * 4
+    return io["family"].image_cost(io, width, height, images_in_row)
 
 
 def row_cost(io: dict, sizes: list[tuple[int, int]], prompt: str, answer: str, num_latents: int) -> dict:

@@ -16,7 +16,7 @@ from PIL import Image
 from livr.backbones import FAMILIES, TINY_PRESETS, Backbone, family_for, load_backbone, make_tiny, resolve_backbone_path
 from livr.backbones.registry import build_tiny
 
-FAMILY_OF = dict(zip(TINY_PRESETS, ("qwen2_5_vl", "qwen3_vl", "llava_onevision")))
+FAMILY_OF = {f.tiny_preset: f.name for f in FAMILIES.values()}  # every registered family, by its tiny preset
 
 
 @pytest.fixture(scope="session")
@@ -119,12 +119,12 @@ def test_forward_backward_one_image(bb):
 
 
 def _image_feature_lengths(bb, b):
+    import inspect
+
     inner = bb.model.model
+    takes = inspect.signature(inner.get_image_features).parameters
     with torch.no_grad():
-        if bb.family.name == "llava_onevision":
-            out = inner.get_image_features(b["pixel_values"], b["image_sizes"], batch_num_images=b["batch_num_images"])
-        else:
-            out = inner.get_image_features(b["pixel_values"], b["image_grid_thw"])
+        out = inner.get_image_features(**{k: b[k] for k in bb.family.forward_keys if k in takes})
     return [f.shape[0] for f in out.pooler_output]
 
 
@@ -260,3 +260,52 @@ def test_resolve_backbone_path_caches(name, tmp_path):
     assert family_for(make_tiny(name, str(tmp_path / "empty"), seed=1)).name == FAMILY_OF[name]
     if name == TINY_PRESETS[0]:  # load by preset name through the cache
         assert load_backbone(name, cache_dir=str(tmp_path)).path == path
+
+
+def test_every_family_is_registered_once_with_a_tiny_preset():
+    """The tests iterate TINY_PRESETS: every registered family must have one (and each preset one family)."""
+    assert set(FAMILY_OF.values()) == set(FAMILIES) and set(FAMILY_OF) == set(TINY_PRESETS)
+    types = [t for f in FAMILIES.values() for t in f.model_types]
+    assert len(types) == len(set(types))
+
+
+def test_unknown_and_refused_model_types_are_one_line_errors(tmp_path):
+    for model_type, words in (("bert", ["unsupported model_type 'bert'", "docs/backbones.md"]),
+                              ("qwen3_5", ["not supported", "Gated DeltaNet", "recurrent state"]),
+                              ("qwen3_5_moe", ["Gated DeltaNet"])):
+        d = tmp_path / model_type
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(ValueError) as e:
+            family_for(str(d))
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_family_is_one_registered_class():
+    """Adding a family is one class with @register: family_for finds it; an incomplete or clashing one is refused."""
+    from livr.backbones.base import Family
+    from livr.backbones.registry import register
+
+    base = FAMILIES["qwen2_5_vl"]
+    try:
+        @register
+        class Renamed(type(base)):
+            name = "test_family"
+            model_types = ("test_vlm",)
+
+        assert family_for("test_vlm") is FAMILIES["test_family"] and family_for("test_vlm").mrope
+        with pytest.raises(TypeError, match="does not define 'model_class'"):
+            @register
+            class Incomplete(Family):
+                name, model_types = "incomplete", ("incomplete_vlm",)
+        with pytest.raises(TypeError, match="model_type 'test_vlm' is already family test_family"):
+            @register
+            class Clash(type(base)):
+                name, model_types = "clash", ("test_vlm",)
+        with pytest.raises(TypeError, match="rope="):
+            @register
+            class BadRope(type(base)):
+                name, model_types, rope = "bad_rope", ("bad_rope_vlm",), "alibi"
+    finally:
+        for k in ("test_family", "incomplete", "clash", "bad_rope"):
+            FAMILIES.pop(k, None)

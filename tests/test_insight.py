@@ -8,13 +8,14 @@ import torch
 from conftest import tiny_overrides
 from PIL import Image
 
+from livr.backbones import TINY_PRESETS
 from livr.cli import main
 from livr.config import load_config
 from livr.mask import bottleneck_mask
 from livr.sequence import ANSWER, IMAGE
 from livr.verify import run_verify, verify
 
-FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision"]
+FAMILIES = list(TINY_PRESETS)  # one per registered family
 
 
 def _cfg(backbone_cache, data_cache, tmp_path, **extra):

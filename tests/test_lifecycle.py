@@ -98,7 +98,7 @@ def test_sigterm_sigint_and_crash_end_the_run_and_resume(backbone_cache, data_ca
     assert client.get_run(run_id).info.status == "KILLED"
 
     # 3. a crash: FAILED, with where the last checkpoint is
-    crash_at = second["global_step"] + 3
+    crash_at = second["global_step"] + 1  # before any epoch-end checkpoint (those come after the step's failure point)
     proc, log = _launch(over, tmp_path, {"LIVR_FAIL_AT_STEP": str(crash_at), "LIVR_FAIL_MODE": "raise"})
     rc, out = _finish(proc, log)
     assert rc != 0 and f"injected failure at step {crash_at}" in out, out

@@ -1,26 +1,35 @@
-"""Family (the facts livr needs about one VLM architecture), Backbone (a loaded model + tokenizer + processor)
-and the processor wrapper.
+"""The backbone-family interface (Family), a loaded backbone (Backbone), and helpers families share.
+
+A family is one module in livr/backbones/families/ holding a `Family` subclass decorated with
+`livr.backbones.registry.register`: everything livr needs from that VLM architecture is an attribute or a method
+of it (loading classes, image placeholder, where the latents go, end of turn, LoRA / frozen patterns, position ids
+for a 4-D-mask forward and for decoding, the processor's settings, the presets). Nothing outside the family's
+module names a family. docs/backbones.md shows how to add one.
 
 Position ids (what `Family.position_ids` returns and how decoding continues from it):
-- Qwen2.5-VL / Qwen3-VL (mRoPE): a LongTensor [3, B, L] (temporal, height, width axes), from the inner model's
-  `get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=..., attention_mask=<2-D mask>)`. Text tokens have
-  the same value on all 3 axes; an image's tokens get a (t, h, w) grid starting at the current text position, and
-  the text after it continues at (start + max(h, w) / merge). Pad positions get 0.
-- LLaVA-OneVision (plain 1-D RoPE in a Qwen2 LM): a LongTensor [B, L] = cumsum(mask) - 1, clamped at 0 (pads 0).
+- rope "mrope" (Qwen2.5-VL / Qwen3-VL): a LongTensor [3, B, L] (temporal, height, width axes), from the inner
+  model's `get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=..., attention_mask=<2-D mask>)`. Text tokens
+  have the same value on all 3 axes; an image's tokens get a (t, h, w) grid starting at the current text position,
+  and the text after it continues at (start + max(h, w) / merge). Pad positions get 0.
+- rope "1d" (LLaVA-OneVision's Qwen2 LM): a LongTensor [B, L] = cumsum(mask) - 1, clamped at 0 (pads 0).
 - `next_position_ids(pos, n)`: the positions of the next n tokens appended after the prefix:
   max(pos over the sequence [and the 3 axes]) + 1 .. + n per example, same value on every rope axis
-  ([3, B, n] for Qwen, [B, n] for LLaVA). Works for left-, right- and un-padded prefixes (pads are 0).
+  ([3, B, n] for mRoPE, [B, n] for 1-D). Works for left-, right- and un-padded prefixes (pads are 0).
 A KV-cache decode step is `model(input_ids=new[B, n], attention_mask=<2-D [B, L+n] or 4-D [B,1,n,L+n]>,
 position_ids=next_position_ids(pos, n), cache=out.cache, use_cache=True)`; the kwarg is `cache`
 (`past_key_values` is deprecated to `cache` in transformers 5.24), the prefix forward returns it as `out.cache`.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+SHIPPED = os.path.join(os.path.dirname(__file__), "configs")  # configs of the real checkpoints (offline)
 
 
 def _inner_with(model, attr):
@@ -31,25 +40,41 @@ def _inner_with(model, attr):
     raise ValueError(f"no submodule of {type(model).__name__} has {attr!r}")
 
 
-@dataclass(frozen=True)
 class Family:
-    """Facts about one VLM family. Regexes are for re.fullmatch on module / parameter names (peft uses fullmatch
-    for a string target_modules): lora_target_regex hits only the LM's q/k/v/o/gate/up/down projections;
-    frozen_module_regex hits the vision tower and projector modules and all their parameters."""
+    """What livr needs from one VLM family. Subclass it in one module of livr/backbones/families/ and decorate the
+    subclass with `@register`. Regexes are for re.fullmatch on module / parameter names (peft full-matches a string
+    target_modules): lora_target_regex hits only the LM's projections; frozen_module_regex hits the vision tower and
+    projector modules and all their parameters."""
 
-    name: str
-    model_types: tuple[str, ...]
-    model_class: type
-    image_token: str
-    assistant_header: str
-    end_of_turn: str
-    lora_target_regex: str
-    frozen_module_regex: str
-    forward_keys: tuple[str, ...]
-    processor_class: type = None  # the real transformers processor class (wrapped by make_processor)
-    image_processor_class: type = None  # the *ImageProcessorPil class (no torchvision needed)
-    mrope: bool = False  # Qwen-style 3-axis rope positions from get_rope_index
+    # --- identity and loading
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # HF config.model_type values this family loads
+    model_class: ClassVar[type]  # the *ForConditionalGeneration class (from_pretrained / _from_config)
+    processor_class: ClassVar[type]  # the real transformers processor class (wrapped by make_processor)
+    image_processor_class: ClassVar[type]  # the *ImageProcessorPil class (no torchvision needed)
+    # --- the sequence
+    image_token: ClassVar[str]  # the placeholder the processor expands into the image's tokens
+    assistant_header: ClassVar[str]  # the generation prompt: the K latents + delimiter go right after it
+    end_of_turn: ClassVar[str]  # appended to the answer (labelled)
+    forward_keys: ClassVar[tuple[str, ...]]  # processor outputs the model's forward takes
+    rope: ClassVar[str] = "1d"  # "1d" or "mrope" (see the module docstring)
+    # --- training
+    lora_target_regex: ClassVar[str]
+    frozen_module_regex: ClassVar[str]
+    # --- presets: a tiny random one (tests, demo) and the real architecture with random weights
+    tiny_preset: ClassVar[str | None] = None
+    size_preset: ClassVar[str | None] = None
+    hub_id: ClassVar[str | None] = None  # the real checkpoint the size preset copies
+    image_processor_defaults: ClassVar[dict] = {}  # that checkpoint's preprocessor settings
 
+    @property
+    def mrope(self) -> bool:
+        return self.rope == "mrope"
+
+    def __repr__(self) -> str:
+        return f"<livr family {self.name}>"
+
+    # --- positions
     def position_ids(self, model, input_ids, attention_mask_2d, mm: dict) -> torch.Tensor:
         """Explicit positions for a forward that gets a 4-D mask (see module docstring for shapes)."""
         mask = attention_mask_2d.to(input_ids.device).long()
@@ -71,6 +96,76 @@ class Family:
             last = position_ids.amax(dim=(0, 2))
             return (last[:, None] + step).unsqueeze(0).expand(position_ids.shape[0], -1, -1).contiguous()
         return position_ids.amax(dim=-1, keepdim=True) + step  # [B, L] -> [B, n]
+
+    # --- processor and images
+    def processor_kwargs(self, config) -> dict:
+        """Processor settings taken from the model config (so that its image-token count equals the model's)."""
+        return {}
+
+    def image_grids(self, vision_config, positions: torch.Tensor, item: dict) -> list[tuple[torch.Tensor, int, int]]:
+        """Per image of one encoded example: (sequence positions of its grid tokens, rows, cols), row-major.
+        `positions`: the example's image-token positions in order. Default: Qwen's merged-patch grid from
+        image_grid_thw (frames of a video: the first)."""
+        merge, start, out = vision_config.spatial_merge_size, 0, []
+        for t, h, w in item["image_grid_thw"].tolist():
+            gh, gw = h // merge, w // merge
+            out.append((positions[start : start + gh * gw], gh, gw))
+            start += t * gh * gw
+        return out
+
+    def image_cost(self, io: dict, width: int, height: int, images_in_row: int) -> tuple[int, int]:
+        """(image tokens, bytes of its fp32 pixel_values) of one width×height image, from the processor classes
+        (`livr plan`). Default: a Qwen-style patch/merge processor."""
+        ip = io["image_processor"]
+        patches = ip.get_number_of_image_patches(height, width, {})
+        return patches // ip.merge_size**2, patches * 3 * ip.temporal_patch_size * ip.patch_size**2 * 4
+
+    # --- depth (model.num_layers) and presets
+    def depth(self, config) -> int:
+        return config.get_text_config().num_hidden_layers
+
+    def truncate_depth(self, config, n: int):
+        """`config` cut to its first n decoder layers (and vision blocks), in place; returns it."""
+        truncate_text(config.get_text_config(), n)
+        return config
+
+    def tiny_parts(self):
+        """(config, tokenizer, image_processor) of the tiny preset."""
+        raise NotImplementedError(f"family {self.name} has no tiny preset")
+
+    def size_parts(self):
+        """(config, tokenizer, image_processor) of the real-size preset (hub_id's architecture)."""
+        raise NotImplementedError(f"family {self.name} has no size preset")
+
+
+# ----------------------------------------------------------------------------- helpers families share
+def truncate_text(text, n: int) -> None:
+    text.num_hidden_layers = n
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types[:n])
+    if getattr(text, "max_window_layers", None) is not None:
+        text.max_window_layers = min(text.max_window_layers, n)
+
+
+def shipped_config(hub_id: str):
+    """The transformers config of a hub checkpoint from the copy in livr/backbones/configs (None if not shipped)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = os.path.join(SHIPPED, hub_id.replace("/", "__") + ".json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+
+
+def set_token_ids(cfg, tok, top_level: dict) -> None:
+    """Point a real-size config at the offline tokenizer's special tokens (the vocab size stays the checkpoint's:
+    rows beyond len(tokenizer) are unused padding, as in the real checkpoints)."""
+    for k, v in top_level.items():
+        setattr(cfg, k, v)
+    text = cfg.get_text_config()
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = None, tok.eos_token_id, tok.pad_token_id
 
 
 def set_generation_ids(model, tok) -> None:
@@ -131,11 +226,5 @@ def make_processor(family: Family, image_processor, tokenizer, config, chat_temp
     """The family's processor around an image processor and tokenizer, with settings taken from the model config
     so that the processor's image-token count always equals the model's feature count."""
     cls = processor_class_for(family.processor_class)
-    kw = {}
-    if family.name == "llava_onevision":
-        v = config.vision_config
-        kw = {"num_image_tokens": (v.image_size // v.patch_size) ** 2, "image_token": family.image_token,
-              "vision_feature_select_strategy": config.vision_feature_select_strategy,
-              "vision_aspect_ratio": config.vision_aspect_ratio}
     return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-               chat_template=chat_template or tokenizer.chat_template, **kw)
+               chat_template=chat_template or tokenizer.chat_template, **family.processor_kwargs(config))

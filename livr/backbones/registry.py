@@ -1,4 +1,8 @@
-"""Finding, materialising and loading backbones.
+"""The family registry, and finding, materialising and loading backbones.
+
+Families register themselves: each module of livr/backbones/families/ (and each module named by an entry point
+of the `livr.backbones` group, for families that live in other packages) defines one `Family` subclass decorated
+with `@register`. Presets, `family_for` and `load_backbone` read only the registry.
 
 A preset is materialised once (random init, `save_pretrained`) and then loaded through exactly the same
 `from_pretrained` path as a real checkpoint. Real ids work by config alone (family from config.model_type):
@@ -27,8 +31,10 @@ its livr_preset.json records name, seed, depth and dtype.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
+import pkgutil
 import shutil
 import tempfile
 
@@ -36,18 +42,51 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import cached_file
 
-from . import llava_onevision, qwen2_5_vl, qwen3_vl
 from .base import Backbone, Family, make_processor, random_model
 
-_MODULES = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_onevision": llava_onevision}
-FAMILIES: dict[str, Family] = {name: mod.FAMILY for name, mod in _MODULES.items()}
-TINY_PRESETS = ("tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision")
-SIZE_PRESETS = ("size-qwen2.5-vl-3b", "size-qwen3-vl-4b", "size-llava-onevision-7b")
+FAMILIES: dict[str, Family] = {}
+# model types livr knows and refuses, with why (a faithful bottleneck for them does not exist yet)
+REFUSED: dict[str, str] = dict.fromkeys(
+    ("qwen3_5", "qwen3_5_moe", "qwen3_next"),
+    "its hybrid layers (Gated DeltaNet linear attention) carry image information forward in a recurrent state that "
+    "no attention mask reaches, so the Stage-1 visual bottleneck cannot be enforced")
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: add a Family subclass (one instance of it) to the registry."""
+    fam = cls()
+    for attr in ("name", "model_types", "model_class", "processor_class", "image_processor_class", "image_token",
+                 "assistant_header", "end_of_turn", "forward_keys", "lora_target_regex", "frozen_module_regex"):
+        if not hasattr(fam, attr):
+            raise TypeError(f"backbone family {cls.__name__} does not define {attr!r}")
+    if fam.rope not in ("1d", "mrope"):
+        raise TypeError(f"backbone family {fam.name}: rope={fam.rope!r} (choose '1d' or 'mrope')")
+    taken = {t: f.name for f in FAMILIES.values() if f.name != fam.name for t in f.model_types}
+    if clash := [t for t in fam.model_types if t in taken]:
+        raise TypeError(f"backbone family {fam.name}: model_type {clash[0]!r} is already family {taken[clash[0]]}")
+    FAMILIES[fam.name] = fam
+    return cls
+
+
+def _discover() -> None:
+    from importlib.metadata import entry_points
+
+    from . import families
+
+    for mod in pkgutil.iter_modules(families.__path__):
+        importlib.import_module(f"{families.__name__}.{mod.name}")
+    for ep in entry_points(group="livr.backbones"):
+        ep.load()
+
+
+_discover()
+_TINY_FAMILY = {f.tiny_preset: f.name for f in FAMILIES.values() if f.tiny_preset}
+_SIZE_FAMILY = {f.size_preset: f.name for f in FAMILIES.values() if f.size_preset}
+TINY_PRESETS = tuple(_TINY_FAMILY)
+SIZE_PRESETS = tuple(_SIZE_FAMILY)
 PRESETS = TINY_PRESETS + SIZE_PRESETS
-_TINY_FAMILY = dict(zip(TINY_PRESETS, ("qwen2_5_vl", "qwen3_vl", "llava_onevision")))
-_SIZE_FAMILY = dict(zip(SIZE_PRESETS, ("qwen2_5_vl", "qwen3_vl", "llava_onevision")))
 _PRESET_FAMILY = {**_TINY_FAMILY, **_SIZE_FAMILY}
-SIZE_HUB_IDS = {name: _MODULES[fam].HUB_ID for name, fam in _SIZE_FAMILY.items()}
+SIZE_HUB_IDS = {name: FAMILIES[fam].hub_id for name, fam in _SIZE_FAMILY.items()}
 SIZE_DTYPE = "bfloat16"  # how size presets are saved (the checkpoints' dtype); loading casts to model.dtype
 
 
@@ -60,7 +99,7 @@ def _check_preset(name: str) -> None:
         raise ValueError(f"unknown preset {name!r}; choose from {PRESETS}")
 
 
-def _model_type(model_type_or_path: str) -> str:
+def _model_type(model_type_or_path: str, trust_remote_code: bool = False) -> str:
     path = os.path.expanduser(model_type_or_path)
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
@@ -71,18 +110,21 @@ def _model_type(model_type_or_path: str) -> str:
     if model_type_or_path in _PRESET_FAMILY:
         return FAMILIES[_PRESET_FAMILY[model_type_or_path]].model_types[0]
     if "/" in model_type_or_path:  # a hub id: its config (from the local HF cache when offline)
-        return AutoConfig.from_pretrained(model_type_or_path).model_type
+        return AutoConfig.from_pretrained(model_type_or_path, trust_remote_code=trust_remote_code).model_type
     return model_type_or_path
 
 
-def family_for(model_type_or_path: str) -> Family:
+def family_for(model_type_or_path: str, trust_remote_code: bool = False) -> Family:
     """Family by HF config.model_type, given directly, or read from a local dir's config.json (or a preset name)."""
-    mt = _model_type(model_type_or_path)
+    mt = _model_type(model_type_or_path, trust_remote_code)
     for fam in FAMILIES.values():
         if mt in fam.model_types:
             return fam
+    if mt in REFUSED:
+        raise ValueError(f"model_type {mt!r} (from {model_type_or_path!r}) is not supported: {REFUSED[mt]}")
     supported = sorted(t for f in FAMILIES.values() for t in f.model_types)
-    raise ValueError(f"unsupported model_type {mt!r} (from {model_type_or_path!r}); supported: {supported}")
+    raise ValueError(f"unsupported model_type {mt!r} (from {model_type_or_path!r}); supported: {supported} "
+                     "(add a family: docs/backbones.md)")
 
 
 def _bad_depth(num_layers: int, what: str, have: int):
@@ -96,21 +138,18 @@ def truncate_config(config, num_layers: int, what: str = "the backbone"):
     in place. 0 = unchanged. More layers than the checkpoint has is an error."""
     if not num_layers:
         return config
-    mod = _MODULES[family_for(config.model_type).name]
-    have = mod.depth(config)
+    fam = family_for(config.model_type)
+    have = fam.depth(config)
     if num_layers < 0 or num_layers > have:
         _bad_depth(num_layers, what, have)
-    return mod.truncate_depth(config, num_layers)
+    return fam.truncate_depth(config, num_layers)
 
 
 def preset_parts(name: str, num_layers: int = 0):
     """(config, tokenizer, image_processor) of preset `name` at depth `num_layers` (0 = its own): no weights."""
     _check_preset(name)
-    mod = _MODULES[_PRESET_FAMILY[name]]
-    if name in _TINY_FAMILY:
-        cfg, tok, ip = mod.tiny_parts()
-    else:
-        cfg, tok, ip = mod.size_parts()
+    fam = FAMILIES[_PRESET_FAMILY[name]]
+    cfg, tok, ip = fam.tiny_parts() if name in _TINY_FAMILY else fam.size_parts()
     return truncate_config(cfg, num_layers, name), tok, ip
 
 
@@ -132,16 +171,15 @@ def build_preset(name: str, seed: int = 0, attn_implementation: str = "sdpa", nu
     """In-memory (model, tokenizer, image_processor) of preset `name` (what make_preset saves). Size presets are
     built straight in bfloat16 (RAM = the bf16 model); tiny presets in float32."""
     cfg, tok, ip = preset_parts(name, num_layers)
-    mod = _MODULES[_PRESET_FAMILY[name]]
     dtype = getattr(torch, SIZE_DTYPE) if name in _SIZE_FAMILY else None
-    return random_model(mod.FAMILY, cfg, tok, seed, attn_implementation, dtype=dtype), tok, ip
+    return random_model(FAMILIES[_PRESET_FAMILY[name]], cfg, tok, seed, attn_implementation, dtype=dtype), tok, ip
 
 
 def build_tiny(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     """In-memory (model, tokenizer, image_processor) of tiny preset `name` (what make_tiny saves)."""
     if name not in _TINY_FAMILY:
         raise ValueError(f"unknown tiny preset {name!r}; choose from {TINY_PRESETS}")
-    return _MODULES[_TINY_FAMILY[name]].build_tiny(seed=seed, attn_implementation=attn_implementation)
+    return build_preset(name, seed=seed, attn_implementation=attn_implementation)
 
 
 def _native(name: str, num_layers: int) -> bool:
@@ -256,7 +294,7 @@ def load_backbone(name_or_path: str, *, cache_dir: str = "~/.cache/livr/backbone
     num_layers > 0 (model.num_layers): a preset is materialised at that depth; a checkpoint loads only its first
     num_layers decoder layers (and vision blocks) into a config cut to that depth."""
     path = resolve_backbone_path(name_or_path, cache_dir, num_layers)
-    family = family_for(path)
+    family = family_for(path, trust_remote_code)
     kw = {}
     if num_layers and name_or_path not in _PRESET_FAMILY:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
