@@ -1,5 +1,5 @@
-"""`livr` command line: train, tune, eval, report, verify, inspect, demo, plan, config show, backbone make / make-tiny,
-data make-synthetic."""
+"""`livr` command line: train, tune, eval, export, report, verify, inspect, demo, plan, config show, backbone make /
+make-tiny, data make-synthetic."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,16 @@ def cmd_tune(args) -> int:
     from livr.tune import main_tune
 
     return main_tune(_config(args))
+
+
+def cmd_export(args) -> int:
+    from livr.export import export_run
+
+    info = export_run(args.run, args.out, adapter_only=args.adapter_only)
+    what = "adapter layout" if info["layout"] == "adapter" else \
+        f"merged {info['family']} checkpoint, {info['num_latents']} latents in its chat template"
+    print(f"exported {args.run} -> {args.out} ({what})")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -160,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bottleneck", action="store_true", help="evaluate under the Stage-1 mask")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.source=DIR)")
     sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("export", help="a saved run as a standalone Hugging Face checkpoint (LoRA merged, latents "
+                                       "in the embedding and the chat template) for stock transformers")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    sp.add_argument("--adapter-only", action="store_true", help="copy the adapter layout instead of merging")
+    sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("report", help="the paper's Table-1 layout from run directories or an MLflow experiment")
     sp.add_argument("runs", nargs="*", help="run directories (or use --experiment)")
     sp.add_argument("--experiment", help="MLflow experiment: its FINISHED runs, plus K / lr sweep plots")

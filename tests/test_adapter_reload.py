@@ -85,3 +85,69 @@ def test_stock_peft_reload_reproduces_every_logit(saved_run):
         out = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **mm).logits
     assert out.shape == logits.shape
     assert torch.equal(out, logits), f"max |Δ| {(out - logits).abs().max():.3g}"
+
+
+def _stock_processor(out_dir: str):
+    """AutoProcessor.from_pretrained(out_dir) where torchvision is installed. This CPU image has no torchvision, which
+    the stock video processors import, so the family's own processor class is built from the exported tokenizer
+    and image processor instead (livr's wrapper only lets video_processor be None; it changes no processing)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(out_dir)
+    except ImportError:
+        from livr.backbones import family_for
+        from livr.backbones.base import processor_class_for
+
+        fam = family_for(out_dir)
+        tok = AutoTokenizer.from_pretrained(out_dir)
+        ip = fam.image_processor_class.from_pretrained(out_dir)
+        from transformers import AutoConfig
+
+        return processor_class_for(fam.processor_class)(image_processor=ip, tokenizer=tok, video_processor=None,
+                                                       chat_template=tok.chat_template,
+                                                       **fam.processor_kwargs(AutoConfig.from_pretrained(out_dir)))
+
+
+def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp_path):
+    """`livr export`: stock AutoModelForImageTextToText + the exported chat template (which appends the latents)
+    + generate give livr eval's answers; the merged weights carry the latent rows; --adapter-only copies files."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from livr.cli import main
+    from livr.data.prompts import format_prompt
+    from livr.evaluate import evaluate_rows
+    from livr.sequence import images_of
+
+    cfg, lm, _, _ = saved_run
+    out = str(tmp_path / "export")
+    assert main(["export", "--run", cfg.run_dir, "--out", out]) == 0
+    rows = generate_task("Counting", 3, seed=4) + generate_task("Jigsaw", 2, seed=4)
+    want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
+
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = _stock_processor(out)
+    latent_text = "".join(lm.tokenizer.convert_ids_to_tokens(lm.latent_ids))
+    got = []
+    for row in rows:
+        images = images_of(row)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": format_prompt(row)}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        assert text.endswith("assistant\n" + latent_text), text[-80:]  # the latents right after the header
+        inputs = processor(text=[text], images=[images], return_tensors="pt")
+        with torch.no_grad():
+            seq = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        got.append(processor.tokenizer.decode(seq[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert got == want
+
+    merged = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(os.path.join(out, f)).items()}
+    emb = next(v for k, v in merged.items() if k.endswith("embed_tokens.weight"))
+    assert torch.equal(emb[lm.latent_ids], lm.model.get_input_embeddings()(torch.tensor(lm.latent_ids)).detach())
+    with open(os.path.join(out, "livr_export.json")) as f:
+        assert json.load(f)["num_latents"] == cfg.latents.num_latents
+
+    only = str(tmp_path / "adapter-only")
+    assert main(["export", "--run", cfg.run_dir, "--out", only, "--adapter-only"]) == 0
+    assert sorted(os.listdir(only)) == sorted(["adapter", "latents.safetensors", "tokenizer", "vocab.json", "config.yaml"])
