@@ -400,7 +400,9 @@ def save_run_artifacts(lm, run_dir: str) -> None:
     emb = lm.model.get_input_embeddings()
     if lm.latent_ids:
         ids = torch.tensor(lm.latent_ids)
-        rows = emb(ids.to(lm.device)).detach().float().cpu().contiguous()  # the trained rows
+        delta = getattr(getattr(emb, "token_adapter", None), "trainable_tokens_delta", {}).get("default")
+        rows = delta if delta is not None else emb(ids.to(lm.device))  # the trained rows (not Gemma's scaled output)
+        rows = rows.detach().float().cpu().contiguous()
         tmp = os.path.join(run_dir, "latents.safetensors.tmp")
         save_file({"latent_ids": ids, "rows": rows}, tmp)
         os.replace(tmp, os.path.join(run_dir, "latents.safetensors"))

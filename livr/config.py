@@ -34,6 +34,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     num_layers: int = 0  # keep the first N decoder layers and min(N, depth) vision blocks; 0 = the checkpoint's depth
+    family: dict = field(default_factory=dict)  # a family declared here for a VLM livr has no module for (docs/backbones.md)
 
 
 @dataclass
@@ -405,6 +406,10 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.backbone.strip():
         _fail("model.backbone", cfg.model.backbone, "must name a preset, a hub id or a model directory")
     _check_device(cfg.model.device)
+    if cfg.model.family:  # a declared family: checked before anything loads
+        from livr.backbones.declared import declared_family
+
+        declared_family(cfg.model.family)
     _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager"))
     if cfg.model.num_layers < 0:

@@ -19,7 +19,6 @@ from livr.data.blink import HIDDEN_ANSWER
 from livr.data.loader import EncodedRows, checked, column, make_loader
 from livr.data.prompts import FAILED, PARSERS, is_correct, predicted
 from livr.data.tasks import PAPER_TASKS, DataError
-from livr.mask import bottleneck_mask
 from livr.sequence import ANSWER, collate
 
 TASK_SHORT = {"Counting": "Count", "Jigsaw": "Jigsaw", "Object_Localization": "Loc", "Visual_Correspondence": "VisCorr",
@@ -39,7 +38,7 @@ def generate(lm, items: list[dict] | dict, *, bottleneck: bool = False, max_new_
     if "pixel_values" in mm:
         mm["pixel_values"] = mm["pixel_values"].to(lm.dtype)
     pos = batch["position_ids"] if "position_ids" in batch else fam.position_ids(model, ids, attn, mm)
-    mask = bottleneck_mask(groups, lm.dtype) if bottleneck else attn
+    mask = fam.stage1_mask(model, groups, lm.dtype) if bottleneck else attn
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **mm)
     eos = lm.tokenizer.convert_tokens_to_ids(fam.end_of_turn)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=lm.device)
@@ -54,7 +53,7 @@ def generate(lm, items: list[dict] | dict, *, bottleneck: bool = False, max_new_
         groups = torch.cat([groups, torch.full_like(groups[:, :1], ANSWER)], 1)
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
         pos = fam.next_position_ids(pos)
-        step_mask = bottleneck_mask(groups, lm.dtype)[:, :, -1:] if bottleneck else attn
+        step_mask = fam.stage1_mask(model, groups, lm.dtype, rows=1) if bottleneck else attn
         step = {k: torch.zeros_like(v[:, :1]) for k, v in mm.items() if k in ("mm_token_type_ids", "token_type_ids")}
         out = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=pos,
                     cache=out.cache, use_cache=True, **step)

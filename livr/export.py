@@ -68,6 +68,9 @@ def export_run(run_dir: str, out_dir: str, *, adapter_only: bool = False) -> dic
         processor.save_pretrained(tmp)  # tokenizer (+ latent tokens, + template) and image processor
         with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
             f.write(template)
+        with open(os.path.join(tmp, "processor_config.json"), "w") as f:  # what AutoProcessor passes to __init__
+            json.dump({"processor_class": lm.family.processor_class.__name__,
+                       **lm.family.processor_kwargs(model.config)}, f, indent=1)
         with open(os.path.join(tmp, "livr_export.json"), "w") as f:
             json.dump(info, f, indent=1)
     return info

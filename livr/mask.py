@@ -12,23 +12,38 @@ import torch
 from livr.sequence import ANSWER, IMAGE, PAD, PROMPT
 
 
-def bottleneck_allowed(groups: torch.Tensor, block_prompt: bool = True) -> torch.Tensor:
-    """Boolean `[B, L, L]`: may row i attend to column j under the Stage-1 bottleneck."""
+def causal_allowed(groups: torch.Tensor) -> torch.Tensor:
+    """Boolean `[B, L, L]`: a causal LM's own mask (causal, no PAD column; a pad row keeps its own diagonal, so no
+    row is ever fully masked: no NaN under any kernel)."""
     n = groups.shape[1]
     pos = torch.arange(n, device=groups.device)
-    causal = pos[None, :] <= pos[:, None]
     valid = groups != PAD
-    image_col = (groups == IMAGE)[:, None, :]
+    allowed = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]
+    return allowed | (torch.eye(n, dtype=torch.bool, device=groups.device)[None] & ~valid[:, :, None])
+
+
+def bottleneck_blocked(groups: torch.Tensor, block_prompt: bool = True) -> torch.Tensor:
+    """Boolean `[B, L, L]`: what the bottleneck forbids: PROMPT/ANSWER rows x IMAGE columns."""
     blind_row = groups == ANSWER
     if block_prompt:
         blind_row = blind_row | (groups == PROMPT)
-    allowed = causal[None] & valid[:, None, :] & ~(blind_row[:, :, None] & image_col)
-    # a pad row keeps its own diagonal, so no row is ever fully masked (no NaN under any kernel)
-    return allowed | (torch.eye(n, dtype=torch.bool, device=groups.device)[None] & ~valid[:, :, None])
+    return blind_row[:, :, None] & (groups == IMAGE)[:, None, :]
+
+
+def bottleneck_allowed(groups: torch.Tensor, block_prompt: bool = True) -> torch.Tensor:
+    """Boolean `[B, L, L]`: may row i attend to column j under the Stage-1 bottleneck (of a causal LM)."""
+    return causal_allowed(groups) & ~bottleneck_blocked(groups, block_prompt)
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
+    """Boolean `[B, L, L]` -> additive float `[B, 1, L, L]` (0 = attend, finfo.min = blocked); `rows`: only the
+    last `rows` query rows (a KV-cache decode step)."""
+    if rows is not None:
+        allowed = allowed[:, -rows:]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def bottleneck_mask(groups: torch.Tensor, dtype: torch.dtype, block_prompt: bool = True) -> torch.Tensor:
     """Additive float mask `[B, 1, L, L]` for the Stage-1 visual bottleneck."""
-    allowed = bottleneck_allowed(groups, block_prompt)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=groups.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    return additive(bottleneck_allowed(groups, block_prompt), dtype)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from livr.backbones import Backbone, load_backbone
+from livr.backbones.declared import declared_family
 from livr.config import Config, ConfigError
 from livr.latents import add_latent_tokens
-from livr.mask import bottleneck_mask
 from livr.sequence import IGNORE, SequenceBuilder
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,7 +63,7 @@ class LivrModel:
         inputs = {"input_ids": ids, **mm}
         pos = batch.get("position_ids")
         if bottleneck:
-            inputs["attention_mask"] = bottleneck_mask(batch["groups"], self.dtype)
+            inputs["attention_mask"] = self.family.stage1_mask(self.model, batch["groups"], self.dtype)
             inputs["position_ids"] = pos if pos is not None else self.family.position_ids(self.model, ids, attn, mm)
         else:
             inputs["attention_mask"] = attn
@@ -117,7 +117,7 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
         attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
-        num_layers=cfg.model.num_layers,
+        num_layers=cfg.model.num_layers, family=declared_family(cfg.model.family) if cfg.model.family else None,
     )
     if cfg.data.max_pixels or cfg.data.min_pixels:
         set_pixel_limits(bb.processor.image_processor, cfg.data.min_pixels, cfg.data.max_pixels)

@@ -1,7 +1,7 @@
 """`livr verify`: prove the Stage-1 visual bottleneck empirically on the configured backbone.
 
 On a few real examples (synthetic rows, or the configured loader's val split) it measures, with the mask
-that Stage 1 trains under (`mask_fn(groups, dtype) -> additive [B,1,L,L]`, default `bottleneck_mask`):
+that Stage 1 trains under (`mask_fn(groups, dtype) -> additive [B,1,L,L]` or a dict of them per layer type; default the family's `stage1_mask`):
 
 (a) latents cut (LATENT relabelled PROMPT, so they are image-blind too): the answer logits and the prompt
     hidden states (every layer) do not change when the pixels change — the maximum difference must be 0;
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from livr.config import Config
-from livr.mask import bottleneck_mask
 from livr.model import answer_loss, build_model
 from livr.sequence import GROUP_NAMES, IMAGE, LATENT, PROMPT, collate, images_of
 
@@ -113,13 +112,13 @@ def _perturbed(batch: dict, seed: int) -> dict:
 
 def verify(cfg: Config, mask_fn: MaskFn | None = None, *, num_rows: int = 3, lm=None) -> list[Check]:
     """The four bottleneck properties on `cfg`'s backbone (K forced to >= 1); one Check each."""
-    mask_fn = mask_fn or bottleneck_mask
     if lm is None:
         cfg = copy.deepcopy(cfg)
         cfg.latents.num_latents = cfg.latents.num_latents or 4  # (b) and (d) need latents
         torch.manual_seed(cfg.train.seed)
         lm = build_model(cfg, trainable=False)
     lm.model.eval()
+    mask_fn = mask_fn or (lambda g, d: lm.family.stage1_mask(lm.model, g, d))  # the mask Stage 1 trains under
     pad = lm.tokenizer.pad_token_id
     pairs = swapped_pair(sample_rows(cfg, num_rows))
     if not pairs:
@@ -141,7 +140,8 @@ def verify(cfg: Config, mask_fn: MaskFn | None = None, *, num_rows: int = 3, lm=
         rows = answer_rows(a)[0]
         n_answer += int(rows.sum())
         offending += int(torch.isin(a["groups"][0, rows], torch.tensor([LATENT, IMAGE])).sum())
-        allowed = mask_fn(a["groups"].to(lm.device), lm.dtype)[0, 0] == 0  # additive mask: 0 = attend
+        masks = mask_fn(a["groups"].to(lm.device), lm.dtype)  # additive: 0 = attend; a dict per layer type
+        allowed = torch.stack([m[0, 0] == 0 for m in (masks.values() if isinstance(masks, dict) else [masks])]).any(0)
         image_cols = (a["groups"][0] == IMAGE).to(lm.device)
         leaking += int(allowed[rows.to(lm.device)][:, image_cols].any(-1).sum())
         grad_cut = max(grad_cut, _pixel_grad(lm, a, cut_latents(a["groups"]), mask_fn))

@@ -59,16 +59,19 @@ def _fwd_kwargs(bb, b):
     return {k: b[k] for k in bb.family.forward_keys if k in b}
 
 
-def _mask4d(mask2d, dtype, n_query=None):
-    """Additive [B,1,Q,K] causal mask from a 2-D padding mask: pad columns blocked, pad rows fully blocked.
-    With n_query < K the queries are the last n_query positions (a decode step)."""
-    B, K = mask2d.shape
-    Q = K if n_query is None else n_query
-    q_pos = torch.arange(K - Q, K)[:, None]
-    allowed = (torch.arange(K)[None, :] <= q_pos)[None] & mask2d.bool()[:, None, :]
-    allowed = allowed & mask2d.bool()[:, K - Q:, None]
-    out = torch.zeros(B, 1, Q, K, dtype=dtype)
-    return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+def _groups(bb, ids, mask):
+    from livr.sequence import IMAGE, PAD, PROMPT
+
+    g = torch.full_like(ids, PROMPT)
+    g[ids == bb.tokenizer.convert_tokens_to_ids(bb.family.image_token)] = IMAGE
+    return g.masked_fill(mask == 0, PAD)
+
+
+def _mask4d(bb, ids, mask, dtype, n_query=None):
+    """Additive [B,1,Q,K] mask(s) of the model's own rules (the family's `own_allowed`: causal for a causal LM, a
+    dict per layer type for Gemma 3) from a 2-D padding mask; with n_query the last n_query rows (a decode step).
+    The tests compare a forward under it with the model's own 2-D path."""
+    return bb.family.as_mask(bb.model, bb.family.own_allowed(bb.model, _groups(bb, ids, mask)), dtype, n_query)
 
 
 def _lm_loss(bb, b, **extra):
@@ -162,7 +165,7 @@ def test_4d_mask_and_position_ids_match_2d(name, attn, preset_dirs):
     assert tuple(pos.shape) == expect and pos.dtype == torch.long
     with torch.no_grad():
         ref = bb.model(**b).logits
-        out = bb.model(input_ids=ids, attention_mask=_mask4d(mask, torch.float32), position_ids=pos,
+        out = bb.model(input_ids=ids, attention_mask=_mask4d(bb, ids, mask, torch.float32), position_ids=pos,
                        **_fwd_kwargs(bb, b)).logits
     assert torch.isfinite(out).all()
     keep = mask.bool()
@@ -180,22 +183,23 @@ def test_kv_cache_decode_with_next_position_ids(bb, mask_kind):
     new = torch.tensor([[bb.tokenizer.convert_tokens_to_ids("A")]] * 2)
     full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
     mm = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask")}
-    mm_full = dict(mm, mm_token_type_ids=torch.cat([b["mm_token_type_ids"], torch.zeros_like(new)], 1)) \
-        if "mm_token_type_ids" in b else mm
+    mm_full = dict(mm, **{k: torch.cat([b[k], torch.zeros_like(new)], 1)
+                          for k in ("mm_token_type_ids", "token_type_ids") if k in b})
     pos_prefix = fam.position_ids(model, ids, mask, mm)
     pos_full = fam.position_ids(model, full_ids, full_mask, mm_full)
     nxt = fam.next_position_ids(pos_prefix, 1)
     assert torch.equal(nxt, pos_full[..., -1:])
     assert torch.equal(fam.next_position_ids(pos_prefix, 3)[..., 1:2], nxt + 1)
     fwd = {k: v for k, v in _fwd_kwargs(bb, b).items() if k != "mm_token_type_ids"}
+    fwd_full = {k: mm_full.get(k, v) for k, v in fwd.items()}  # token_type_ids (Gemma 3) cover the new token
     with torch.no_grad():
-        full = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos_full, **fwd).logits[:, -1]
+        full = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos_full, **fwd_full).logits[:, -1]
         if fam.mrope:  # the model's own 2-D path (mRoPE from get_rope_index) gives the same logits
-            own = model(input_ids=full_ids, attention_mask=full_mask, **dict(fwd, mm_token_type_ids=mm_full["mm_token_type_ids"])).logits[:, -1]
+            own = model(input_ids=full_ids, attention_mask=full_mask, **dict(fwd_full, mm_token_type_ids=mm_full["mm_token_type_ids"])).logits[:, -1]
             torch.testing.assert_close(own, full, atol=1e-5, rtol=0)
-        pre_mask = mask if mask_kind == "2d" else _mask4d(mask, torch.float32)
+        pre_mask = mask if mask_kind == "2d" else _mask4d(bb, ids, mask, torch.float32)
         pre = model(input_ids=ids, attention_mask=pre_mask, position_ids=pos_prefix, use_cache=True, **fwd)
-        step_mask = full_mask if mask_kind == "2d" else _mask4d(full_mask, torch.float32, n_query=1)
+        step_mask = full_mask if mask_kind == "2d" else _mask4d(bb, full_ids, full_mask, torch.float32, n_query=1)
         step = model(input_ids=new, attention_mask=step_mask, position_ids=nxt, cache=pre.cache, use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
 
@@ -309,3 +313,42 @@ def test_a_family_is_one_registered_class():
     finally:
         for k in ("test_family", "incomplete", "clash", "bad_rope"):
             FAMILIES.pop(k, None)
+
+
+def test_gemma3_stage1_mask_is_the_models_own_mask_and_the_bottleneck(preset_dirs):
+    """Gemma 3 attends both ways within each image and in a sliding window on its local layers: the Stage-1 mask is
+    what transformers itself builds for the model (from token_type_ids) AND NOT (prompt/answer row x image column),
+    for each layer type; image tokens still see each other both ways; nothing else is opened or closed."""
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    from livr.sequence import ANSWER, IMAGE, LATENT, PAD, PROMPT
+
+    bb = load_backbone(preset_dirs["tiny-gemma3"], attn_implementation="eager")
+    texts = [_prompt(bb, 2, "Which image is brighter? Answer (A) or (B)."), _prompt(bb, 1, "Count.")]
+    b = _batch(bb, texts, [[_img((112, 112), 1), _img((56, 56), 2)], [_img((56, 56), 3)]], padding_side="right")
+    ids, mask = b["input_ids"], b["attention_mask"]
+    groups = _groups(bb, ids, mask)
+    for row in range(2):  # the last 6 real tokens: 3 latents then 3 answer tokens; text after the images: prompt
+        n = int(mask[row].sum())
+        groups[row, n - 6 : n - 3], groups[row, n - 3 : n] = LATENT, ANSWER
+    text = bb.model.config.get_text_config()
+    assert text.sliding_window < ids.shape[1] and set(text.layer_types) == {"full_attention", "sliding_attention"}
+    own = create_masks_for_vision_model(config=text, inputs_embeds=torch.zeros(*ids.shape, text.hidden_size),
+                                        attention_mask=mask, cache=None, position_ids=None,
+                                        block_sequence_ids=get_block_sequence_ids_for_mask(b["token_type_ids"]))
+    got = bb.family.stage1_mask(bb.model, groups, torch.float32)
+    assert set(got) == set(own)
+    blind = (groups == PROMPT) | (groups == ANSWER)
+    blocked = blind[:, :, None] & (groups == IMAGE)[:, None, :]
+    real = (groups != PAD)[:, :, None] & (groups != PAD)[:, None, :]
+    for kind, m in own.items():
+        theirs = (m == 0) if m.dtype.is_floating_point else m  # eager: additive; else boolean
+        mine = got[kind] == 0
+        assert torch.equal(mine[:, 0][real], (theirs[:, 0] & ~blocked)[real]), kind
+        assert not mine[:, 0][blocked].any()
+    img = torch.nonzero(groups[0] == IMAGE).flatten()
+    first, last = img[0].item(), img[3].item()  # the first image's first and last soft token (4 per image)
+    assert got["full_attention"][0, 0, first, last] == 0 and got["full_attention"][0, 0, last, first] == 0

@@ -22,7 +22,7 @@ from livr.data.tasks import PAPER_TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "livr:0.1.0"
-BACKBONES = ("qwen2.5-vl-3b", "qwen3-vl-4b", "llava-onevision-7b")
+BACKBONES = ("qwen2.5-vl-3b", "qwen3-vl-4b", "llava-onevision-7b", "gemma-3-4b")
 
 
 def _path(rel):

@@ -97,6 +97,33 @@ class Family:
             return (last[:, None] + step).unsqueeze(0).expand(position_ids.shape[0], -1, -1).contiguous()
         return position_ids.amax(dim=-1, keepdim=True) + step  # [B, L] -> [B, n]
 
+    # --- the model's own mask, and the Stage-1 mask composed with it
+    def own_allowed(self, model, groups: torch.Tensor):
+        """The model's own attention rules as boolean [B, L, L] from the token groups: causal without PAD columns
+        for a causal LM; a dict {layer type: [B, L, L]} for a model whose layers differ (see gemma3.py)."""
+        from livr.mask import causal_allowed
+
+        return causal_allowed(groups)
+
+    def stage1_mask(self, model, groups: torch.Tensor, dtype: torch.dtype, rows: int | None = None):
+        """The `attention_mask` of a Stage-1 forward: allowed = the model's own mask AND NOT the bottleneck's
+        blocks (prompt/answer rows x image columns), additive [B,1,L,L] (a dict of them per layer type when
+        `own_allowed` is one). `rows`: only the last `rows` query rows (a KV-cache decode step)."""
+        from livr.mask import bottleneck_blocked
+
+        own, open_ = self.own_allowed(model, groups), ~bottleneck_blocked(groups)
+        allowed = {kind: a & open_ for kind, a in own.items()} if isinstance(own, dict) else own & open_
+        return self.as_mask(model, allowed, dtype, rows)
+
+    def as_mask(self, model, allowed, dtype: torch.dtype, rows: int | None = None):
+        """Boolean [B, L, L] (or a dict per layer type) -> the model's `attention_mask` argument: additive
+        [B,1,L,L]; `rows`: the last `rows` query rows of a KV-cache decode step (against the cache's keys)."""
+        from livr.mask import additive
+
+        if isinstance(allowed, dict):
+            return {kind: additive(a, dtype, rows) for kind, a in allowed.items()}
+        return additive(allowed, dtype, rows)
+
     # --- processor and images
     def processor_kwargs(self, config) -> dict:
         """Processor settings taken from the model config (so that its image-token count equals the model's)."""
@@ -128,6 +155,9 @@ class Family:
         """`config` cut to its first n decoder layers (and vision blocks), in place; returns it."""
         truncate_text(config.get_text_config(), n)
         return config
+
+    def init_random(self, model) -> None:
+        """Fix up a random-init preset model where transformers' init leaves a weight degenerate (default: none)."""
 
     def tiny_parts(self):
         """(config, tokenizer, image_processor) of the tiny preset."""
@@ -182,6 +212,7 @@ def random_model(family: Family, cfg, tok, seed: int = 0, attn_implementation: s
     torch.manual_seed(seed)
     kw = {"dtype": dtype} if dtype is not None else {}
     model = family.model_class._from_config(cfg, attn_implementation=attn_implementation, **kw)
+    family.init_random(model)
     set_generation_ids(model, tok)
     return model
 
@@ -226,5 +257,8 @@ def make_processor(family: Family, image_processor, tokenizer, config, chat_temp
     """The family's processor around an image processor and tokenizer, with settings taken from the model config
     so that the processor's image-token count always equals the model's feature count."""
     cls = processor_class_for(family.processor_class)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-               chat_template=chat_template or tokenizer.chat_template, **family.processor_kwargs(config))
+    import inspect
+
+    video = {"video_processor": None} if "video_processor" in inspect.signature(family.processor_class).parameters else {}
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or tokenizer.chat_template,
+               **video, **family.processor_kwargs(config))

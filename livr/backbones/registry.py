@@ -289,16 +289,26 @@ def _chat_template(path, tok):
 
 
 def load_backbone(name_or_path: str, *, cache_dir: str = "~/.cache/livr/backbones", dtype=torch.float32,
-                  device="cpu", attn_implementation="sdpa", trust_remote_code=False, num_layers: int = 0) -> Backbone:
+                  device="cpu", attn_implementation="sdpa", trust_remote_code=False, num_layers: int = 0,
+                  family: Family | None = None) -> Backbone:
     """Model, tokenizer and processor of a preset, local dir or hub id, through the stock from_pretrained.
     num_layers > 0 (model.num_layers): a preset is materialised at that depth; a checkpoint loads only its first
-    num_layers decoder layers (and vision blocks) into a config cut to that depth."""
+    num_layers decoder layers (and vision blocks) into a config cut to that depth. `family`: a config-declared
+    family (livr/backbones/declared.py) instead of the registry's."""
     path = resolve_backbone_path(name_or_path, cache_dir, num_layers)
-    family = family_for(path, trust_remote_code)
+    if family is None:
+        family = family_for(path, trust_remote_code)
+    elif (mt := _model_type(path, trust_remote_code)) not in family.model_types:
+        from livr.config import ConfigError
+
+        raise ConfigError(f"config: model.family.model_types={list(family.model_types)}: {name_or_path} has "
+                          f"model_type {mt!r}")
     kw = {}
     if num_layers and name_or_path not in _PRESET_FAMILY:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        kw["config"] = truncate_config(config, num_layers, name_or_path)
+        if num_layers < 0 or num_layers > family.depth(config):
+            _bad_depth(num_layers, name_or_path, family.depth(config))
+        kw["config"] = family.truncate_depth(config, num_layers)
     model = family.model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                trust_remote_code=trust_remote_code, **kw)
     model.to(device).eval()

@@ -76,9 +76,10 @@ LLAVA_TEMPLATE = (
 )
 
 
-def build_tokenizer(special_tokens, chat_template, vocab_size=1024):
+def build_tokenizer(special_tokens, chat_template, vocab_size=1024, **named):
     """Train a byte-level BPE (Qwen2-style pre-tokenisation) with `special_tokens` appended after the BPE vocab.
-    `special_tokens` must contain PAD, IM_START, IM_END. eos = <|im_end|>, pad = <|endoftext|>, no bos."""
+    By default `special_tokens` must contain PAD, IM_START, IM_END: eos = <|im_end|>, pad = <|endoftext|>, no bos;
+    `named` overrides them (eos_token=, pad_token=, bos_token=, extra_special_tokens=...)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -86,6 +87,22 @@ def build_tokenizer(special_tokens, chat_template, vocab_size=1024):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.add_special_tokens(list(special_tokens))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, bos_token=None,
-                                   unk_token=None, chat_template=chat_template, model_max_length=32768,
-                                   padding_side="right", clean_up_tokenization_spaces=False)
+    kw = {"eos_token": IM_END, "pad_token": PAD, "bos_token": None, **named}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=None, chat_template=chat_template,
+                                   model_max_length=32768, padding_side="right", clean_up_tokenization_spaces=False,
+                                   **kw)
+
+# Gemma 3's turn format (BOS, then "user" / "model" turns; an image is <start_of_image>, which the processor expands
+# into <start_of_image> + mm_tokens_per_image x <image_soft_token> + <end_of_image>)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<start_of_image>"
+    "{% elif 'text' in content %}{{ content['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
