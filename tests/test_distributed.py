@@ -108,15 +108,14 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cach
         cfg = _cfg(backbone_cache, data_cache, tmp_path, name="fault", **{
             "train.stage1_steps": 4, "train.stage2_steps": 4, "distributed.checkpoint_every": 2,
             "distributed.max_failures": 3, "distributed.num_to_keep": 1})  # the gloo peer may fail too
+        ray_dir = tmp_path / "runs" / "ray" / "fault"
+        # a driver killed after an upload, before Ray registered it, leaves such a dir: a worker group drops it
+        stray = "checkpoint_2000-01-01_00-00-00.000000"
+        (ray_dir / stray).mkdir(parents=True)
         t0 = time.time()
         result = run_distributed(cfg)
         wall = time.time() - t0
-        ray_dir = tmp_path / "runs" / "ray" / "fault"
         after_restart = sorted(p.name for p in ray_dir.glob("checkpoint_*") if p.is_dir())
-        # a driver killed after an upload, before Ray registered it, leaves such a dir: the re-run resumes and drops it
-        (ray_dir / "checkpoint_2000-01-01_00-00-00.000000").mkdir()
-        again = run_distributed(cfg)
-        after_rerun = sorted(p.name for p in ray_dir.glob("checkpoint_*") if p.is_dir())
     finally:
         ray.shutdown()
     assert (tmp_path / "failed-once").exists(), "the injected failure happened"
@@ -125,8 +124,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cach
     assert result["resumed_from"][0] in (2, 4)  # the last registered checkpoint before step 5
     # num_to_keep=1 holds after the restart (the report in flight when rank 1 died left an unregistered upload)
     assert len(after_restart) == 1 and result["ray_checkpoint"].endswith(after_restart[0]), (after_restart, result)
-    assert again["global_step"] == 8 and again["resumed_from"][-1] == 8, again  # resumed at the end, nothing retrained
-    assert after_rerun == after_restart, after_rerun
+    assert stray not in after_restart
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id])

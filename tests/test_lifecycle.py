@@ -69,7 +69,7 @@ def _mlflow(tmp_path, run_dir):
 def test_sigterm_sigint_and_crash_end_the_run_and_resume(backbone_cache, data_cache, tmp_path):
     # long enough that the signals land mid-stage; no per-epoch evaluation so that steps are the whole cost
     over = tiny_overrides(backbone_cache, data_cache, tmp_path, name="preempted", **{
-        "train.stage1_steps": 120, "train.stage2_steps": 120, "train.eval_every_epoch": False,
+        "train.stage1_steps": 60, "train.stage2_steps": 60, "train.eval_every_epoch": False,
         "eval.splits": "[val]", "data.num_workers": 1})
     run_dir = str(tmp_path / "runs" / "preempted")
 
@@ -82,7 +82,7 @@ def test_sigterm_sigint_and_crash_end_the_run_and_resume(backbone_cache, data_ca
     assert "Traceback" not in out, out
     assert "stopped by SIGTERM" in out and f"resume with: livr train --config {run_dir}/config.yaml" in out
     first = _state(run_dir)
-    assert 0 < first["global_step"] < 240 and first["step"] > 0  # mid-stage, not an epoch boundary
+    assert 0 < first["global_step"] < 120 and first["step"] > 0  # mid-stage, not an epoch boundary
     client, run_id = _mlflow(tmp_path, run_dir)
     assert client.get_run(run_id).info.status == "KILLED"
 
@@ -111,13 +111,13 @@ def test_sigterm_sigint_and_crash_end_the_run_and_resume(backbone_cache, data_ca
     assert rc == 0, out
     with open(os.path.join(run_dir, "final_metrics.json")) as f:
         final = json.load(f)
-    assert final["global_step"] == 240  # the crashed launch wrote no checkpoint: it is not in the history
+    assert final["global_step"] == 120  # the crashed launch wrote no checkpoint: it is not in the history
     assert final["resumed_from"] == [first["global_step"], second["global_step"]]
     assert client.get_run(run_id).info.status == "FINISHED"
     runs = client.search_runs([client.get_run(run_id).info.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
     steps = [m.step for k in ("stage1/loss", "stage2/loss") for m in client.get_metric_history(run_id, k)]
     # the steps between the last checkpoint and the crash ran twice (bit-identically): logged once
-    assert sorted(steps) == list(range(1, 241)), sorted(set(range(1, 241)) - set(steps))
+    assert sorted(steps) == list(range(1, 121)), sorted(set(range(1, 121)) - set(steps))
     # validated at the end of each stage (eval_every_epoch=false), each logged once
-    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [120, 240]
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [60, 120]
