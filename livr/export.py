@@ -12,7 +12,8 @@ no livr code:
                                            return_dict=True, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 
-`generation_config.json` stops at the family's end-of-turn token, as livr's decoding does. `--adapter-only`
+`generation_config.json` stops at the family's end-of-turn token, as livr's decoding does. The directory is also
+logged to the run's MLflow run as the artifact `export/` (when the run has one). `--adapter-only`
 copies today's adapter layout (adapter/, latents.safetensors, tokenizer/, vocab.json, config.yaml) instead.
 Written atomically: DIR appears complete or not at all.
 """
@@ -73,4 +74,27 @@ def export_run(run_dir: str, out_dir: str, *, adapter_only: bool = False) -> dic
                        **lm.family.processor_kwargs(model.config)}, f, indent=1)
         with open(os.path.join(tmp, "livr_export.json"), "w") as f:
             json.dump(info, f, indent=1)
+    info["mlflow_run_id"] = log_export(cfg, run_dir, out_dir)
     return info
+
+
+def log_export(cfg, run_dir: str, out_dir: str) -> str | None:
+    """The exported checkpoint as the run's MLflow artifact `export/` (a Hugging Face directory that
+    `from_pretrained` loads once downloaded); skipped, with a line, when the run has no MLflow record. A tracking
+    failure never loses the export: it is already written."""
+    id_file = os.path.join(run_dir, "mlflow_run_id")
+    if not cfg.tracking.enabled or not os.path.exists(id_file):
+        print(f"livr export: no MLflow record for {run_dir} (tracking disabled or no mlflow_run_id); files only")
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from livr.tracking import tracking_uri
+
+    with open(id_file) as f:
+        run_id = f.read().strip()
+    try:
+        MlflowClient(tracking_uri(cfg)).log_artifacts(run_id, out_dir, artifact_path="export")
+    except Exception as e:  # noqa: BLE001 - tracking is best effort here; the files are the export
+        print(f"livr export: could not log {out_dir} to MLflow run {run_id} ({type(e).__name__}: {e}); files only")
+        return None
+    return run_id

@@ -112,6 +112,7 @@ def _stock_processor(out_dir: str):
 def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp_path):
     """`livr export`: stock AutoModelForImageTextToText + the exported chat template (which appends the latents)
     + generate give livr eval's answers; the merged weights carry the latent rows; --adapter-only copies files."""
+    from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
@@ -121,8 +122,15 @@ def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp
     from livr.sequence import images_of
 
     cfg, lm, _, _ = saved_run
+    client = MlflowClient(cfg.tracking.uri)  # the run's MLflow record, as training leaves it
+    run_id = client.create_run(client.create_experiment(f"export-{lm.family.name}",
+                                                        artifact_location=str(tmp_path / "mlartifacts"))).info.run_id
+    (tmp_path / "mlflow_run_id").write_text(run_id)
+    os.replace(tmp_path / "mlflow_run_id", os.path.join(cfg.run_dir, "mlflow_run_id"))
     out = str(tmp_path / "export")
     assert main(["export", "--run", cfg.run_dir, "--out", out]) == 0
+    logged = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert {"export/config.json", "export/chat_template.jinja", "export/livr_export.json"} <= logged, logged
     rows = generate_task("Counting", 3, seed=4) + generate_task("Jigsaw", 2, seed=4)
     want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
 
