@@ -82,16 +82,13 @@ def log_export(cfg, run_dir: str, out_dir: str) -> str | None:
     """The exported checkpoint as the run's MLflow artifact `export/` (a Hugging Face directory that
     `from_pretrained` loads once downloaded); skipped, with a line, when the run has no MLflow record. A tracking
     failure never loses the export: it is already written."""
-    id_file = os.path.join(run_dir, "mlflow_run_id")
-    if not cfg.tracking.enabled or not os.path.exists(id_file):
-        print(f"livr export: no MLflow record for {run_dir} (tracking disabled or no mlflow_run_id); files only")
+    from livr.tracking import recorded_run_id, tracking_uri
+
+    run_id = recorded_run_id(cfg, run_dir, "export")
+    if run_id is None:
         return None
     from mlflow.tracking import MlflowClient
 
-    from livr.tracking import tracking_uri
-
-    with open(id_file) as f:
-        run_id = f.read().strip()
     try:
         MlflowClient(tracking_uri(cfg)).log_artifacts(run_id, out_dir, artifact_path="export")
     except Exception as e:  # noqa: BLE001 - tracking is best effort here; the files are the export

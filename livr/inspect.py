@@ -166,19 +166,16 @@ def inspect_run(run_dir: str, *, split: str = "val", limit: int = 64, heatmaps: 
 
 def log_to_mlflow(cfg, run_dir: str, metrics: dict, per_layer: torch.Tensor, names: list[str]) -> str | None:
     """Metrics `inspect/<name>` (per layer: `inspect/layer/<name>` with step = layer) and `inspect/` artifacts."""
-    id_file = os.path.join(run_dir, "mlflow_run_id")
-    if not cfg.tracking.enabled or not os.path.exists(id_file):
-        print(f"livr inspect: no MLflow record for {run_dir} (tracking disabled or no mlflow_run_id); files only")
+    from livr.tracking import recorded_run_id, tracking_uri
+
+    run_id = recorded_run_id(cfg, run_dir, "inspect")
+    if run_id is None:
         return None
     import time
 
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from livr.tracking import tracking_uri
-
-    with open(id_file) as f:
-        run_id = f.read().strip()
     client, ts = MlflowClient(tracking_uri(cfg)), int(time.time() * 1000)
     items = [Metric(f"inspect/{k}", float(v), ts, 0) for k, v in metrics.items()]
     items += [Metric(f"inspect/layer/answer_to_{g}_mass", float(per_layer[layer, j]), ts, layer)

@@ -36,6 +36,17 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
+def recorded_run_id(cfg: Config, run_dir: str, who: str) -> str | None:
+    """The MLflow run id a run recorded (`<run_dir>/mlflow_run_id`), or None, with one line saying so, when tracking
+    is off or the run has none (`who`: the command, for the line)."""
+    id_file = os.path.join(run_dir, "mlflow_run_id")
+    if not cfg.tracking.enabled or not os.path.exists(id_file):
+        print(f"livr {who}: no MLflow record for {run_dir} (tracking disabled or no mlflow_run_id); files only")
+        return None
+    with open(id_file) as f:
+        return f.read().strip()
+
+
 def artifact_location(cfg: Config) -> str:
     """tracking.artifact_location; else "" for a tracking server (http/https: the server's default, e.g.
     proxied `mlflow-artifacts:/` under `mlflow server --serve-artifacts`); else <cwd>/mlartifacts."""
