@@ -169,6 +169,12 @@ class Family:
 
 
 # ----------------------------------------------------------------------------- helpers families share
+def contiguous_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) index pairs of the runs of consecutive values in `positions` (one run per image)."""
+    breaks = [0] + [i + 1 for i in range(len(positions) - 1) if positions[i + 1] != positions[i] + 1]
+    return list(zip(breaks, [*breaks[1:], len(positions)]))
+
+
 def truncate_text(text, n: int) -> None:
     text.num_hidden_layers = n
     if getattr(text, "layer_types", None):

@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from ..base import Family
+from ..base import Family, contiguous_runs
 from ..registry import register
 from ..tokenizer import GEMMA_TEMPLATE, build_tokenizer
 
@@ -89,9 +89,8 @@ class Gemma3(Family):
 
     def image_grids(self, vision_config, positions, item):
         """Each image's pooled soft tokens: a square grid (mm_tokens_per_image = side²) in row-major order."""
-        breaks = [0] + [i + 1 for i in range(len(positions) - 1) if positions[i + 1] != positions[i] + 1]
         out = []
-        for s, e in zip(breaks, [*breaks[1:], len(positions)]):
+        for s, e in contiguous_runs(positions):
             side = int((e - s) ** 0.5)
             out.append((positions[s : s + side * side], side, side))
         return out

@@ -7,7 +7,6 @@ unpadded high-res grid picked from image_grid_pinpoints (downsampled when larger
 + one newline token per grid row. With several images in one example every image gets only the base view + 1
 newline token. The processor and the model compute the same count when built from the same config.
 """
-import itertools
 from typing import ClassVar
 
 from transformers import (
@@ -19,7 +18,7 @@ from transformers import (
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from ..base import Family, make_processor, set_token_ids, shipped_config, truncate_text
+from ..base import Family, contiguous_runs, make_processor, set_token_ids, shipped_config, truncate_text
 from ..registry import register
 from ..tokenizer import IM_END, IM_START, LLAVA_TEMPLATE, PAD, build_tokenizer
 from .qwen2_5_vl import TINY_TEXT
@@ -62,9 +61,8 @@ class LlavaOnevision(Family):
         """The base view's (image_size/patch)^2 tokens that open each image's run of tokens (the whole image resized
         to a square); the high-resolution tiles and newline tokens are not drawn."""
         side = vision_config.image_size // vision_config.patch_size
-        breaks = [0] + [i + 1 for i in range(len(positions) - 1) if positions[i + 1] != positions[i] + 1]
         out = []
-        for s, e in itertools.pairwise([*breaks, len(positions)]):
+        for s, e in contiguous_runs(positions):
             if e - s >= side * side:
                 out.append((positions[s : s + side * side], side, side))
         return out
