@@ -5,12 +5,15 @@ strings are looked up in the tokenizer by name), the loss is a hand-computed shi
 leak properties are checked on multi-image examples for every family. Nothing here calls livr's own
 `token_groups`, `bottleneck_allowed` or position functions to produce an expected value.
 """
+import json
 import math
+import os
 
 import pytest
 import torch
 from conftest import tiny_overrides
 
+from livr.backbones import TINY_PRESETS, resolve_backbone_path
 from livr.config import load_config
 from livr.data.synthetic import generate_task
 from livr.model import answer_loss, build_model
@@ -18,9 +21,34 @@ from livr.sequence import GROUP_NAMES, collate
 from livr.sequence import IMAGE as GROUP_IMAGE
 from livr.sequence import PAD as GROUP_PAD
 
-FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision"]
-IMAGE_TOKEN = {"tiny-qwen2.5-vl": "<|image_pad|>", "tiny-qwen3-vl": "<|image_pad|>", "tiny-llava-onevision": "<image>"}
-END_OF_TURN = "<|im_end|>"  # ChatML: all three families
+FAMILIES = list(TINY_PRESETS)  # every registered family, through its tiny preset
+# What each family's model card / chat template says, written here by hand (not read from livr): the image token,
+# the assistant header the latents follow, the end-of-turn token, and the model's own rule for image tokens
+# (Gemma 3 attends both ways within each image; its sliding layers also see only the last `sliding_window`
+# positions). A newly registered family fails these tests until its facts are written here.
+SPEC = {
+    "qwen2_5_vl": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
+    "qwen3_vl": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
+    "llava_onevision": {"image": "<image>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
+    "gemma3": {"image": "<image_soft_token>", "header": "<start_of_turn>model\n", "eot": "<end_of_turn>",
+               "bidirectional_images": True},
+}
+
+
+def spec(backbone: str) -> dict:
+    path = resolve_backbone_path(backbone, CACHE["dir"])  # the materialised preset, as build_model loads it
+    with open(os.path.join(path, "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    assert model_type in SPEC, f"{backbone} ({model_type}): write its chat-format facts into SPEC"
+    return SPEC[model_type]
+
+
+CACHE: dict[str, str] = {}  # the session's backbone cache, set by the autouse fixture below
+
+
+@pytest.fixture(autouse=True)
+def _backbone_dir(backbone_cache):
+    CACHE["dir"] = backbone_cache
 MULTI_IMAGE = "Visual_Similarity"  # three images per example
 TEXT, IMAGE, PROMPT, LATENT, ANSWER, PAD = "text", "image", "prompt", "latent", "answer", "pad"
 NAME_OF = {TEXT: "text_before_image", IMAGE: "image", PROMPT: "prompt", LATENT: "latent", ANSWER: "answer",
@@ -34,7 +62,7 @@ def _cfg(backbone_cache, data_cache, tmp_path, backbone, **extra):
 def expected_groups(ids: list[int], tok, backbone: str, k: int) -> list[str]:
     """LIVR_SPEC §2 from raw ids: text before the first image | image tokens (all images) | prompt up to the
     first latent | K latents | the delimiter, the answer and end-of-turn are `answer`."""
-    image = tok.convert_tokens_to_ids(IMAGE_TOKEN[backbone])
+    image = tok.convert_tokens_to_ids(spec(backbone)["image"])
     latents = set(tok.convert_tokens_to_ids([f"<livr_latent_{i}>" for i in range(k)]))
     end = tok.convert_tokens_to_ids("<livr_latent_end>")
     first_image = ids.index(image)
@@ -54,15 +82,31 @@ def expected_groups(ids: list[int], tok, backbone: str, k: int) -> list[str]:
     return out
 
 
-def expected_allowed(groups: list[str]) -> torch.Tensor:
-    """The Stage-1 rule (LIVR_SPEC §2) written out for the rows of real tokens: causal; prompt and answer rows
-    never see image columns; pad columns are never visible. (Pad rows are checked apart: their output is unused.)"""
+def expected_allowed(groups: list[str], bidirectional_images: bool = False, window: int | None = None) -> torch.Tensor:
+    """The Stage-1 rule (LIVR_SPEC §2) written out for the rows of real tokens: the model's own rule (causal; for
+    Gemma 3 also both ways within one image, and for a sliding layer only keys less than `window` behind), AND
+    prompt and answer rows never see image columns; pad columns are never visible. (Pad rows are checked apart:
+    their output is unused.)"""
     n = len(groups)
+    image_no = [0] * n  # k for the tokens of the k-th image
+    for i, g in enumerate(groups):
+        if g == IMAGE:
+            image_no[i] = image_no[i - 1] if i and groups[i - 1] == IMAGE else max(image_no) + 1
     allowed = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):
         for j in range(n):
-            allowed[i, j] = j <= i and groups[j] != PAD and not (groups[i] in (PROMPT, ANSWER) and groups[j] == IMAGE)
+            own = j <= i or (bidirectional_images and image_no[i] > 0 and image_no[i] == image_no[j])
+            own = own and (window is None or i - j < window)
+            allowed[i, j] = own and groups[j] != PAD and not (groups[i] in (PROMPT, ANSWER) and groups[j] == IMAGE)
     return allowed
+
+
+def layer_masks(mask, model) -> dict:
+    """{layer type: (mask, window)}: a Gemma 3 forward receives one mask per layer type, the others one mask."""
+    if not isinstance(mask, dict):
+        return {"full_attention": (mask, None)}
+    text = model.config.get_text_config()
+    return {kind: (m, text.sliding_window if kind == "sliding_attention" else None) for kind, m in mask.items()}
 
 
 def capture_inputs(lm):
@@ -90,7 +134,8 @@ def test_groups_labels_and_mask_from_raw_ids(backbone, backbone_cache, data_cach
     rows = _rows(MULTI_IMAGE, 1, seed=11) + _rows("Counting", 1, seed=11)  # 3 images and 1 image: padded batch
     items = [lm.builder.encode(r) for r in rows]
     batch = collate(items, tok.pad_token_id)
-    eot = tok.convert_tokens_to_ids(END_OF_TURN)
+    facts = spec(backbone)
+    eot = tok.convert_tokens_to_ids(facts["eot"])
     for row, item in zip(rows, items):
         ids = item["input_ids"].tolist()
         letter = row["answer"].strip("()")
@@ -102,26 +147,29 @@ def test_groups_labels_and_mask_from_raw_ids(backbone, backbone_cache, data_cach
         # the K latents then the delimiter come right before the answer, after the assistant header
         tail = tok.convert_ids_to_tokens(ids[-n - k - 1 : -n])
         assert tail == [f"<livr_latent_{i}>" for i in range(k)] + ["<livr_latent_end>"]
-        assert tok.decode(ids[: -n - k - 1]).endswith("<|im_start|>assistant\n")
+        assert tok.decode(ids[: -n - k - 1]).endswith(facts["header"])
     # the mask the backbone receives in a Stage-1 forward, against the rule applied to groups from raw ids
     calls, handle = capture_inputs(lm)
     with torch.no_grad():
         lm.forward(batch, bottleneck=True)
     handle.remove()
-    mask = calls[0]["attention_mask"]
-    assert mask.shape == (2, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1]) and mask.dtype == lm.dtype
-    assert set(mask.unique().tolist()) <= {0.0, torch.finfo(lm.dtype).min}  # additive, never boolean
-    for b, item in enumerate(items):
-        groups = expected_groups(item["input_ids"].tolist(), tok, backbone, k)
-        # the group ids livr records (what `livr inspect` and the block_prompt ablation read) name the same groups
-        assert [GROUP_NAMES[g] for g in item["groups"].tolist()] == [NAME_OF[g] for g in groups]
-        groups += [PAD] * (batch["input_ids"].shape[1] - len(groups))
-        real = torch.tensor([g != PAD for g in groups])
-        got = mask[b, 0] == 0
-        assert torch.equal(got[real], expected_allowed(groups)[real]), f"example {b}: the Stage-1 mask differs from LIVR_SPEC §2"
-        # pad rows: never fully masked (no NaN), and no row sees another pad column
-        assert got[~real].any(-1).all()
-        assert not (got & ~torch.eye(len(groups), dtype=torch.bool))[:, ~real].any()
+    masks = layer_masks(calls[0]["attention_mask"], lm.model)
+    assert len(masks) == len(set(getattr(lm.model.config.get_text_config(), "layer_types", None) or ["full_attention"]))
+    for kind, (mask, window) in masks.items():
+        assert mask.shape == (2, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1]) and mask.dtype == lm.dtype
+        assert set(mask.unique().tolist()) <= {0.0, torch.finfo(lm.dtype).min}  # additive, never boolean
+        for b, item in enumerate(items):
+            groups = expected_groups(item["input_ids"].tolist(), tok, backbone, k)
+            # the group ids livr records (what `livr inspect` and the block_prompt ablation read) name the same groups
+            assert [GROUP_NAMES[g] for g in item["groups"].tolist()] == [NAME_OF[g] for g in groups]
+            groups += [PAD] * (batch["input_ids"].shape[1] - len(groups))
+            real = torch.tensor([g != PAD for g in groups])
+            got = mask[b, 0] == 0
+            want = expected_allowed(groups, facts.get("bidirectional_images", False), window)
+            assert torch.equal(got[real], want[real]), f"example {b}, {kind}: the Stage-1 mask differs from LIVR_SPEC §2"
+            # pad rows: never fully masked (no NaN), and no row sees another pad column
+            assert got[~real].any(-1).all()
+            assert not (got & ~torch.eye(len(groups), dtype=torch.bool))[:, ~real].any()
     # the multi-image example really has several separate images, all of them blocked for the answer
     g0 = expected_groups(items[0]["input_ids"].tolist(), tok, backbone, k)
     runs = sum(1 for i in range(len(g0)) if g0[i] == IMAGE and (i == 0 or g0[i - 1] != IMAGE))
@@ -217,7 +265,7 @@ def test_multi_image_no_leak_without_latents(backbone, backbone_cache, data_cach
     base = collate([lm.builder.encode(rows[0])], pad)
     labelled = (base["labels"][0, 1:] != -100).nonzero().flatten()
     ids = base["input_ids"][0].tolist()
-    image = lm.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[backbone])
+    image = lm.tokenizer.convert_tokens_to_ids(spec(backbone)["image"])
     first_image = ids.index(image)
     blind = torch.tensor([i for i, t in enumerate(ids) if i > first_image and t != image])  # prompt + answer
     with torch.no_grad():
@@ -248,18 +296,23 @@ def test_multi_image_gradient_reaches_pixels_only_through_latents(backbone, back
     with torch.no_grad():
         lm.forward(a, True)
     handle.remove()
-    mask = calls[0]["attention_mask"][0, 0].clone()
+    mask = calls[0]["attention_mask"]
     ids = a["input_ids"][0].tolist()
     groups = expected_groups(ids, lm.tokenizer, backbone, 2)
-    latent_rows = [i for i, g in enumerate(groups) if g == LATENT]
-    image_cols = [i for i, g in enumerate(groups) if g == IMAGE]
-    blinded = mask.clone()
-    blinded[torch.tensor(latent_rows)[:, None], torch.tensor(image_cols)[None]] = torch.finfo(lm.dtype).min
+    latent_rows = torch.tensor([i for i, g in enumerate(groups) if g == LATENT])
+    image_cols = torch.tensor([i for i, g in enumerate(groups) if g == IMAGE])
+
+    def blind(m):  # the latents' rows lose the image columns too
+        m = m.clone()
+        m[0, 0, latent_rows[:, None], image_cols[None]] = torch.finfo(lm.dtype).min
+        return m
+
+    blinded = {k: blind(m) for k, m in mask.items()} if isinstance(mask, dict) else blind(mask)
 
     def pixel_grad(m):
         px = a["pixel_values"].clone().requires_grad_(True)
         inputs = lm.model_inputs({**a, "pixel_values": px}, True)
-        inputs["attention_mask"] = m[None, None]
+        inputs["attention_mask"] = m
         loss = answer_loss(lm.model(**inputs).logits, a["labels"])
         (g,) = torch.autograd.grad(loss, px, allow_unused=True)
         return torch.zeros_like(px) if g is None else g
@@ -267,7 +320,7 @@ def test_multi_image_gradient_reaches_pixels_only_through_latents(backbone, back
     g = pixel_grad(mask).abs()
     if "image_grid_thw" in a:  # Qwen: the rows of pixel_values are the images' patches, image after image
         per_image = torch.stack([c.sum() for c in g.split(a["image_grid_thw"].prod(-1).tolist())])
-    else:  # LLaVA-OneVision: one entry per image
+    else:  # LLaVA-OneVision, Gemma 3: one entry per image
         per_image = g.flatten(1).sum(1)
     assert per_image.shape == (3,) and (per_image > 0).all(), "every image reaches the answer through the latents"
     assert pixel_grad(blinded).abs().sum() == 0
