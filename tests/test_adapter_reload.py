@@ -72,22 +72,26 @@ def test_livr_reload_reproduces_every_logit(saved_run):
 def test_stock_peft_reload_reproduces_every_logit(saved_run):
     """The README's recipe: the base resized to vocab.json's size, then PeftModel.from_pretrained; no livr code
     touches the weights."""
-    from peft import PeftModel
-
     cfg, lm, batch, logits = saved_run
     bb = load_backbone(cfg.model.backbone, cache_dir=cfg.model.cache_dir)
-    with open(os.path.join(cfg.run_dir, "vocab.json")) as f:
-        vocab = json.load(f)
-    bb.model.resize_token_embeddings(vocab["vocab"])
-    stock = PeftModel.from_pretrained(bb.model, os.path.join(cfg.run_dir, "adapter")).eval()
-    mm = {k: batch[k] for k in lm.family.forward_keys if k in batch}
-    with torch.no_grad():
-        out = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **mm).logits
+    out = stock_peft_logits(bb.model, cfg.run_dir, batch, lm.family.forward_keys)
     assert out.shape == logits.shape
     assert torch.equal(out, logits), f"max |Δ| {(out - logits).abs().max():.3g}"
 
 
-def _stock_processor(out_dir: str):
+def stock_peft_logits(base, run_dir: str, batch: dict, forward_keys) -> torch.Tensor:
+    """The README's recipe on a freshly loaded base model: resize to vocab.json's size, PeftModel.from_pretrained."""
+    from peft import PeftModel
+
+    with open(os.path.join(run_dir, "vocab.json")) as f:
+        base.resize_token_embeddings(json.load(f)["vocab"])
+    stock = PeftModel.from_pretrained(base, os.path.join(run_dir, "adapter")).eval()
+    mm = {k: batch[k] for k in forward_keys if k in batch}
+    with torch.no_grad():
+        return stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **mm).logits
+
+
+def _stock_processor(out_dir: str, fam):
     """AutoProcessor.from_pretrained(out_dir) where torchvision is installed. This CPU image has no torchvision, which
     the stock video processors import, so the family's own processor class is built from the exported tokenizer
     and image processor instead (livr's wrapper only lets video_processor be None; it changes no processing)."""
@@ -96,17 +100,41 @@ def _stock_processor(out_dir: str):
     try:
         return AutoProcessor.from_pretrained(out_dir)
     except ImportError:
-        from livr.backbones import family_for
         from livr.backbones.base import processor_class_for
 
-        fam = family_for(out_dir)
         tok = AutoTokenizer.from_pretrained(out_dir)
         ip = fam.image_processor_class.from_pretrained(out_dir)
         from transformers import AutoConfig
 
         return processor_class_for(fam.processor_class)(image_processor=ip, tokenizer=tok, video_processor=None,
                                                        chat_template=tok.chat_template,
-                                                       **fam.processor_kwargs(AutoConfig.from_pretrained(out_dir)))
+                                                       **fam.processor_kwargs(AutoConfig.from_pretrained(
+                                                           out_dir, trust_remote_code=True)))
+
+
+def stock_answers(out_dir: str, lm, rows, max_new_tokens: int = 6, trust_remote_code: bool = False) -> list[str]:
+    """Greedy answers of an exported directory through stock transformers only: AutoModelForImageTextToText, the
+    exported chat template (asserted to end with the latents after the assistant header), generate."""
+    from transformers import AutoModelForImageTextToText
+
+    from livr.data.prompts import format_prompt
+    from livr.sequence import images_of
+
+    model = AutoModelForImageTextToText.from_pretrained(out_dir, trust_remote_code=trust_remote_code).eval()
+    processor = _stock_processor(out_dir, lm.family)
+    latent_text = "".join(lm.tokenizer.convert_ids_to_tokens(lm.latent_ids))
+    got = []
+    for row in rows:
+        images = images_of(row)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": format_prompt(row)}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        assert text.endswith(lm.family.assistant_header + latent_text), text[-80:]  # the latents after the header
+        inputs = processor(text=[text], images=[images], return_tensors="pt")
+        with torch.no_grad():
+            seq = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        got.append(processor.tokenizer.decode(seq[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return got
 
 
 def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp_path):
@@ -114,12 +142,9 @@ def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp
     + generate give livr eval's answers; the merged weights carry the latent rows; --adapter-only copies files."""
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText
 
     from livr.cli import main
-    from livr.data.prompts import format_prompt
     from livr.evaluate import evaluate_rows
-    from livr.sequence import images_of
 
     cfg, lm, _, _ = saved_run
     client = MlflowClient(cfg.tracking.uri)  # the run's MLflow record, as training leaves it
@@ -134,21 +159,7 @@ def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp
     rows = generate_task("Counting", 3, seed=4) + generate_task("Jigsaw", 2, seed=4)
     want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
 
-    model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    processor = _stock_processor(out)
-    latent_text = "".join(lm.tokenizer.convert_ids_to_tokens(lm.latent_ids))
-    got = []
-    for row in rows:
-        images = images_of(row)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": format_prompt(row)}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-        assert text.endswith(lm.family.assistant_header + latent_text), text[-80:]  # the latents after the header
-        inputs = processor(text=[text], images=[images], return_tensors="pt")
-        with torch.no_grad():
-            seq = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        got.append(processor.tokenizer.decode(seq[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-    assert got == want
+    assert stock_answers(out, lm, rows) == want
 
     merged = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(os.path.join(out, f)).items()}
     emb = next(v for k, v in merged.items() if k.endswith("embed_tokens.weight"))

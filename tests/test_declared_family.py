@@ -5,6 +5,7 @@ bottleneck leaks fails verify; bad declarations are one-line errors."""
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_overrides
 
@@ -66,22 +67,59 @@ def _config(remote_dir, backbone_cache, data_cache, tmp_path, family, **extra):
     return load_config(str(path), over)
 
 
-def test_a_remote_code_vlm_trains_by_config_alone_and_passes_verify(remote_dir, backbone_cache, data_cache, tmp_path):
+@pytest.fixture(scope="module")
+def remote_run(remote_dir, backbone_cache, data_cache, tmp_path_factory):
+    """The remote-code VLM trained through both stages by config alone (2 + 2 steps)."""
+    from livr.train import train_worker
+
+    tmp = tmp_path_factory.mktemp("remote_run")
+    cfg = _config(remote_dir, backbone_cache, data_cache, tmp, FAMILY, name="remote")
+    return cfg, train_worker(cfg)
+
+
+def test_a_remote_code_vlm_trains_by_config_alone_and_passes_verify(remote_dir, remote_run):
     from livr.backbones import family_for
     from livr.runs import load_run
-    from livr.train import train_worker
     from livr.verify import verify
 
     with pytest.raises(ValueError, match="unsupported model_type 'tiny_remote_vl'"):
         family_for(remote_dir)  # not a registered family: only the declaration makes it loadable
-    cfg = _config(remote_dir, backbone_cache, data_cache, tmp_path, FAMILY, name="remote")
+    cfg, result = remote_run
     checks = verify(cfg)
     assert all(c.passed for c in checks), "\n".join(c.line() for c in checks)
-    result = train_worker(cfg)
     assert result["global_step"] == 4
     _, lm = load_run(cfg.run_dir)
     assert type(lm.model.get_base_model()).__name__ == "TinyRemoteVLForConditionalGeneration"
     assert lm.family.name == "tiny_remote_vl" and lm.family.mrope
+
+
+def test_the_remote_code_run_exports_and_reloads_exactly_in_stock_libraries(remote_dir, remote_run, tmp_path):
+    """As for the registered families: stock PEFT on the remote-code base reproduces every logit; the export (its
+    remote code carried along) answers in stock transformers exactly as livr eval does."""
+    from test_adapter_reload import stock_answers, stock_peft_logits
+    from transformers import AutoModelForImageTextToText
+
+    from livr.data.synthetic import generate_task
+    from livr.evaluate import evaluate_rows
+    from livr.export import export_run
+    from livr.runs import load_run
+    from livr.sequence import collate
+
+    cfg, _ = remote_run
+    _, lm = load_run(cfg.run_dir)
+    lm.model.eval()
+    batch = collate([lm.builder.encode(r) for r in generate_task("Counting", 2, seed=9)], lm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = lm.forward(batch, bottleneck=False)
+    base = AutoModelForImageTextToText.from_pretrained(remote_dir, trust_remote_code=True)
+    out = stock_peft_logits(base, cfg.run_dir, batch, lm.family.forward_keys)
+    assert torch.equal(out, logits), f"max |Δ| {(out - logits).abs().max():.3g}"
+
+    rows = generate_task("Counting", 2, seed=4) + generate_task("Jigsaw", 2, seed=4)
+    want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
+    export_run(cfg.run_dir, str(tmp_path / "export"))
+    assert (tmp_path / "export" / "modeling_tiny_remote_vl.py").is_file()  # the remote code travels with it
+    assert stock_answers(str(tmp_path / "export"), lm, rows, trust_remote_code=True) == want
 
 
 def test_a_declared_family_that_leaks_fails_verify(remote_dir, backbone_cache, data_cache, tmp_path):
