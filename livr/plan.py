@@ -77,14 +77,14 @@ def count_parameters(cfg) -> dict:
     """Exact counts from the config: total, language model, vision+projector, LoRA, latent rows, layer max."""
     import torch
 
-    from livr.backbones import family_for
     from livr.model import lora_regex
+    from livr.plan_data import config_model, plan_family
 
     config, source = backbone_config(cfg.model.backbone, cfg.model.cache_dir, getattr(cfg.model, "num_layers", 0),
                                      cfg.model.trust_remote_code)
-    family = family_for(config.model_type)
+    family = plan_family(cfg, config)
     with torch.device("meta"):
-        model = family.model_class._from_config(config)
+        model = config_model(family, config, cfg.model.trust_remote_code)
     head = model.get_output_embeddings()
     frozen = re.compile(family.frozen_module_regex)
     params = dict(model.named_parameters())  # tied weights appear once

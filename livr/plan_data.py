@@ -46,23 +46,45 @@ def backbone_config(name_or_path: str, cache_dir: str, num_layers: int = 0, trus
     return truncate_config(config, num_layers, name_or_path), source
 
 
+def plan_family(cfg, config):
+    """The family livr trains `config` with: the config-declared one (`model.family`) if any, else the registry's."""
+    if getattr(cfg.model, "family", None):
+        from livr.backbones.declared import declared_family
+
+        return declared_family(cfg.model.family)
+    from livr.backbones import family_for
+
+    return family_for(config.model_type)
+
+
+def config_model(family, config, trust_remote_code: bool = False):
+    """The family's model class built from `config` (under the caller's device context; meta for counting); an
+    Auto class (a declared family) resolves the class, remote code included, from the config."""
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    cls = family.model_class
+    if issubclass(cls, _BaseAutoModelClass):
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+    return cls._from_config(config)
+
+
 def backbone_io(cfg) -> dict:
     """The backbone's family, config, image processor and tokenizer for counting tokens (no weights), and where
     each came from. data.min_pixels / data.max_pixels are applied to a Qwen-style image processor."""
     from transformers import AutoTokenizer
 
-    from livr.backbones import family_for, preset_parts
+    from livr.backbones import preset_parts
     from livr.backbones.registry import _chat_template, is_preset
 
     name, n = cfg.model.backbone, getattr(cfg.model, "num_layers", 0)
     if is_preset(name):
         config, tok, ip = preset_parts(name, n)
-        family = family_for(config.model_type)
+        family = plan_family(cfg, config)
         ip_src = tok_src = f"preset {name}"
     else:
         remote = cfg.model.trust_remote_code
         config, _ = backbone_config(name, cfg.model.cache_dir, n, remote)
-        family = family_for(config.model_type)
+        family = plan_family(cfg, config)
         path = os.path.expanduser(name)
         where = os.path.abspath(path) if os.path.isdir(path) else name
         try:

@@ -142,3 +142,34 @@ def test_bad_declarations_are_one_line_errors(change, words, remote_dir, backbon
     with pytest.raises(ConfigError) as e:
         _config(remote_dir, backbone_cache, data_cache, tmp_path, {**FAMILY, **change})
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_plan_reads_a_declared_family(remote_dir, tmp_path, capsys):
+    """`livr plan` on the remote-code VLM: the declared family, the parameter count of its remote class, and the
+    image tokens its processor really produces."""
+    import os
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from livr.cli import main
+
+    cfg = tmp_path / "remote.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"backbone": remote_dir, "trust_remote_code": True, "family": FAMILY}}))
+    assert main(["plan", "--config", str(cfg), "--images", "2", "--image-size", "112x112", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    model = AutoModelForImageTextToText.from_pretrained(remote_dir, trust_remote_code=True)
+    assert plan["counts"]["family"] == "tiny_remote_vl"
+    assert plan["counts"]["total"] == sum(p.numel() for p in model.parameters())
+    from livr.backbones import FAMILIES
+    from livr.backbones.base import make_processor
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(remote_dir)
+    ip = FAMILIES["qwen3_vl"].image_processor_class.from_pretrained(remote_dir)
+    proc = make_processor(FAMILIES["qwen3_vl"], ip, tok, AutoConfig.from_pretrained(remote_dir, trust_remote_code=True))
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": "hi"}]}],
+                                   add_generation_prompt=True, tokenize=False)
+    enc = proc(text=[text], images=[[Image.new("RGB", (112, 112))] * 2], return_tensors="pt")
+    assert sum(plan["sequence"]["per_image"]) == int((enc["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
+    assert os.path.isdir(remote_dir)

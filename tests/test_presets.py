@@ -51,6 +51,20 @@ PUBLISHED = {
         "processor": {"size": {"height": 384, "width": 384}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
         "depth2": {},
     },
+    "size-gemma-3-4b": {  # google/gemma-3-4b-it (Gemma 3 4B + SigLIP-so400m at 896 px, no head)
+        "params": 4_300_079_472,
+        "text": {"hidden_size": 2560, "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+                 "head_dim": 256, "intermediate_size": 10240, "vocab_size": 262208, "sliding_window": 1024,
+                 "query_pre_attn_scalar": 256},
+        "tied": True, "rope": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "vision": {"num_hidden_layers": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16,
+                   "image_size": 896, "patch_size": 14},
+        "processor": {"size": {"height": 896, "width": 896}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        "depth2": {},
+        "mm_tokens_per_image": 256,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"],  # the first six of 34, repeating
+    },
 }
 
 
@@ -84,6 +98,9 @@ def test_size_preset_is_the_published_architecture(name):
     if name.startswith("size-llava"):
         assert cfg.vision_aspect_ratio == "anyres_max_9" and len(ip.image_grid_pinpoints) == 36
         assert ip.image_grid_pinpoints[-1] == [2304, 2304] and cfg.vision_feature_select_strategy == "full"
+    if "layer_types" in want:
+        assert text.layer_types[:6] == want["layer_types"] and text.layer_types[6:12] == want["layer_types"]
+        assert cfg.mm_tokens_per_image == want["mm_tokens_per_image"]
     fam = family_for(cfg.model_type)
     assert len(tok) < text.vocab_size  # the offline BPE; the embedding keeps the real vocab (unused rows)
     assert tok.convert_tokens_to_ids(fam.image_token) == cfg.image_token_id

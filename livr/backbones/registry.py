@@ -25,6 +25,7 @@ layers and the first min(N, depth) vision blocks, so a CPU can run a step at tru
   size-qwen2.5-vl-3b       Qwen/Qwen2.5-VL-3B-Instruct              3,754,622,976 params (36 layers, vision 32)
   size-qwen3-vl-4b         Qwen/Qwen3-VL-4B-Instruct                4,437,815,808 params (36 layers, vision 24)
   size-llava-onevision-7b  llava-hf/llava-onevision-qwen2-7b-ov-hf  8,030,807,584 params (28 layers, vision 26)
+  size-gemma-3-4b          google/gemma-3-4b-it                     4,300,079,472 params (34 layers, vision 27)
 A materialised preset lives in <cache_dir>/<name>-L<depth> (tiny presets at their own depth: <cache_dir>/<name>);
 its livr_preset.json records name, seed, depth and dtype.
 """

@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from ..base import Family, contiguous_runs
+from ..base import Family, contiguous_runs, shipped_config, truncate_text
 from ..registry import register
 from ..tokenizer import GEMMA_TEMPLATE, build_tokenizer
 
@@ -55,8 +55,7 @@ class Gemma3(Family):
     rope = "1d"
     lora_target_regex = r"(.*\.)?language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
     frozen_module_regex = r"(.*\.)?(vision_tower|multi_modal_projector)(\..*)?"
-    tiny_preset = "tiny-gemma3"
-    hub_id = "google/gemma-3-4b-it"
+    tiny_preset, size_preset, hub_id = "tiny-gemma3", "size-gemma-3-4b", "google/gemma-3-4b-it"
     image_processor_defaults: ClassVar[dict] = {"size": {"height": 896, "width": 896}, "image_mean": [0.5] * 3,
                                                 "image_std": [0.5] * 3}
 
@@ -106,13 +105,35 @@ class Gemma3(Family):
         with torch.no_grad():
             w.normal_(0.0, model.config.get_text_config().initializer_range)
 
+    def truncate_depth(self, cfg, n: int):
+        """The first n decoder layers (their sliding/full pattern kept) and the first min(n, layers) SigLIP layers."""
+        truncate_text(cfg.get_text_config(), n)
+        cfg.vision_config.num_hidden_layers = min(n, cfg.vision_config.num_hidden_layers)
+        return cfg
+
+    def _tokenizer(self):
+        return build_tokenizer(GEMMA_SPECIALS, GEMMA_TEMPLATE, eos_token="<end_of_turn>", pad_token="<pad>",
+                               bos_token="<bos>", extra_special_tokens={
+                                   "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                   "image_token": "<image_soft_token>"})
+
+    def size_parts(self):
+        """google/gemma-3-4b-it's architecture (livr/backbones/configs: 34 layers, 5 sliding : 1 full, window 1024,
+        vocab 262,208, tied; SigLIP 27 layers at 896 px, 256 soft tokens per image), the offline tokenizer with
+        Gemma's turn tokens, and the checkpoint's image processor settings."""
+        tok = self._tokenizer()
+        cfg = shipped_config(self.hub_id)
+        ids = tok.convert_tokens_to_ids
+        cfg.boi_token_index, cfg.eoi_token_index = ids("<start_of_image>"), ids("<end_of_image>")
+        cfg.image_token_index = ids("<image_soft_token>")
+        text = cfg.get_text_config()
+        text.bos_token_id, text.eos_token_id, text.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        return cfg, tok, self.image_processor_class(**self.image_processor_defaults)
+
     def tiny_parts(self):
         """4 soft tokens per image at any input size (resized to 56x56); 2 decoder layers, a full one then a sliding one
         (window 24: the latents must carry the image first), tied embeddings (as Gemma 3), Gemma's turn format."""
-        tok = build_tokenizer(GEMMA_SPECIALS, GEMMA_TEMPLATE, eos_token="<end_of_turn>", pad_token="<pad>",
-                              bos_token="<bos>", extra_special_tokens={
-                                  "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                  "image_token": "<image_soft_token>"})
+        tok = self._tokenizer()
         ids = tok.convert_tokens_to_ids
         text = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=16, vocab_size=len(tok), max_position_embeddings=4096,
