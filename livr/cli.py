@@ -86,6 +86,18 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    if args.causal:
+        from livr.causal_report import causal_inspect, markdown
+
+        layers = None
+        if args.patch_layers:
+            lo, _, hi = args.patch_layers.partition(":")
+            layers = list(range(int(lo), int(hi or lo) + (0 if hi else 1)))
+        result = causal_inspect(args.run, split=args.split, limit=args.limit, seeds=args.seeds, layers=layers,
+                                log_mlflow=not args.no_mlflow, overrides=args.overrides)
+        print(markdown(result) + f"files: {os.path.join(result['run'], 'inspect')}/ (causal.json, causal.md, "
+              + ", ".join(result["plots"]) + ")")
+        return 0
     from livr.inspect import inspect_run, summary
 
     result = inspect_run(args.run, split=args.split, limit=args.limit, heatmaps=args.heatmaps,
@@ -193,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heatmaps", type=int, default=4, help="examples drawn as latent heatmaps")
     sp.add_argument("--bottleneck-attention", action="store_true", help="attention masses under the Stage-1 mask")
     sp.add_argument("--no-mlflow", action="store_true", help="write <run>/inspect/ only")
+    sp.add_argument("--causal", action="store_true", help="the causal suite: latent interventions, activation "
+                    "patching, sensitivity / collapse, probes, with bootstrap 95%% CIs (docs/insight.md)")
+    sp.add_argument("--seeds", type=int, default=3, help="--causal: seeds of the random-row intervention and of "
+                    "the donor pairings for patching")
+    sp.add_argument("--patch-layers", default="", help="--causal: decoder layers patched, e.g. 0:11 (end exclusive) "
+                    "or 5 (default: all)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
     sp.set_defaults(fn=cmd_inspect)
     sp = sub.add_parser("demo", help="the CPU demo: tiny backbone, synthetic tasks, SFT vs LIVR, table")
