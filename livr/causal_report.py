@@ -298,3 +298,34 @@ def log_causal(cfg, run_dir: str, metrics: dict) -> str | None:
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
     client.log_artifacts(run_id, os.path.join(run_dir, "inspect"), artifact_path="inspect")
     return run_id
+
+
+# ----------------------------------------------------------------------------- across runs (`livr report --causal`)
+def _pts(c: dict | None) -> str:
+    return "n/a" if not c or c.get("mean") is None else f"{100 * c['mean']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+
+
+def comparison(results: list[tuple[str, dict]]) -> str:
+    """One row per run (name, its causal.json): the headline causal figures side by side, CIs in brackets.
+    Accuracy changes are in points against the run's own unmodified accuracy (causal mask); patching effects are
+    flip rate minus the unpatched rate (Stage-1 / causal mask); the last layer's representation figures."""
+    head = ("| run | mode | K | acc % | remove Δ | markers only Δ | mean Δ | random Δ | patch latents Δ (Stage-1) "
+            "| patch latents Δ (causal) | patch image Δ (causal) | latent sensitivity | latent collapse "
+            "| probe latents % | probe prompt % |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results:
+        iv, pt, rep = r["interventions"]["causal"], r["patching"], r["representations"]["causal"]
+        base = iv["none"]["acc"]["mean"]
+
+        def drop(k):
+            return "n/a" if k not in iv else f"{100 * (iv[k]['acc']['mean'] - base):+.1f}"
+
+        lat = rep.get("latent")
+        lines.append(" | ".join([
+            f"| {name}", r["mode"], str(r["num_latents"]), _fmt(iv["none"]["acc"]), drop("remove"), drop("markers_only"),
+            drop("mean"), drop("random"), _pts(pt["stage1"].get("latent", {}).get("effect")),
+            _pts(pt["causal"].get("latent", {}).get("effect")), _pts(pt["causal"]["image"]["effect"]),
+            _fmt(lat["sensitivity"][-1], False).lstrip("+") if lat else "n/a",
+            f"{lat['collapse'][-1]:.3f}" if lat else "n/a", _fmt(lat["probe"][-1]) if lat else "n/a",
+            _fmt(rep["prompt"]["probe"][-1])]) + " |")
+    return "\n".join(lines)

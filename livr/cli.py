@@ -68,10 +68,15 @@ def cmd_report(args) -> int:
     if bool(args.runs) == bool(args.experiment):
         print("livr report: give run directories or --experiment NAME (not both)", file=sys.stderr)
         return 2
-    if args.experiment:
+    if args.causal:
+        from livr.report import report_causal
+
+        text = report_causal(args.runs, args.experiment, args.tracking_uri)
+    elif args.experiment:
         print(report_experiment(args.experiment, args.tracking_uri, args.split, args.out))
         return 0
-    text = report_runs(args.runs, args.split)
+    else:
+        text = report_runs(args.runs, args.split)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
     sp.add_argument("--split", default="test")
     sp.add_argument("--out", help="also write the markdown here (--experiment: <stem>.md + <stem>_sweep.png)")
+    sp.add_argument("--causal", action="store_true", help="compare the runs' causal analyses (livr inspect --causal)")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("verify", help="prove the Stage-1 bottleneck empirically on the configured backbone")
     with_config(sp, required=False)

@@ -42,6 +42,45 @@ def report_runs(run_dirs: list[str], split: str = "test") -> str:
     return table1(run_rows(run_dirs, split))
 
 
+def report_causal(run_dirs: list[str] | None = None, experiment: str | None = None, uri: str | None = None) -> str:
+    """The causal suites of several runs side by side (`livr inspect --causal` first): from `<run>/inspect/
+    causal.json`, or from the `inspect/causal.json` artifact of each FINISHED run of an MLflow experiment."""
+    from livr.causal_report import comparison
+
+    found = []
+    if run_dirs:
+        for d in run_dirs:
+            path = os.path.join(d, "inspect", "causal.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no causal analysis of this run (run `livr inspect --run {d} --causal`)")
+            with open(path) as f:
+                found.append((os.path.basename(os.path.normpath(d)), json.load(f)))
+    else:
+        from mlflow.tracking import MlflowClient
+
+        from livr.config import Config
+        from livr.tracking import tracking_uri
+
+        client = MlflowClient(uri or tracking_uri(Config()))
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise FileNotFoundError(f"no MLflow experiment {experiment!r}")
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+        with tempfile.TemporaryDirectory() as tmp:
+            for run in runs:
+                if "inspect" not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+                    continue
+                try:
+                    path = client.download_artifacts(run.info.run_id, "inspect/causal.json", tmp)
+                except Exception:  # noqa: BLE001 - a run inspected without --causal
+                    continue
+                with open(path) as f:
+                    found.append((run.info.run_name, json.load(f)))
+    if not found:
+        raise FileNotFoundError("no causal analyses found (run `livr inspect --run RUN --causal` first)")
+    return comparison(found)
+
+
 def load_records(experiment: str, uri: str, split: str = "test") -> tuple[list[RunRecord], object, list]:
     """(records of the experiment's FINISHED runs that carry `<split>` metrics, MLflow client, raw runs)."""
     from mlflow.tracking import MlflowClient

@@ -222,3 +222,13 @@ def test_causal_suite_writes_its_files_and_logs_to_mlflow(runs, capsys):
         s = json.load(f)
     assert list(s["interventions"]["causal"]) == ["none"] and set(s["patching"]["causal"]) == {"image"}
     assert "latent" not in s["representations"]["causal"]
+    # across runs: livr report --causal, from run directories and from the MLflow experiment
+    capsys.readouterr()
+    assert main(["report", "--causal", livr.run_dir, sft.run_dir]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| run | mode | K |") and len(table) == 4
+    assert table[2].startswith("| livr | livr | 4 |") and table[3].startswith("| sft | sft | 0 |")
+    assert table[3].count("n/a") == 9  # no latents: every latent column is n/a
+    assert main(["report", "--causal", "--experiment", "causal", "--tracking-uri", livr.tracking.uri]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| livr"]  # the SFT analysis was not logged (--no-mlflow)
