@@ -156,12 +156,14 @@ def run_causal(lm, rows, *, seeds: int = 3, layers: list[int] | None = None) -> 
             "representations": representations(lm, rows)}
 
 
-def _fmt(c: dict | None, pct: bool = True) -> str:
+def _fmt(c: dict | None, pct: bool = True, signed: bool = True) -> str:
+    """"mean [lo, hi]": percent with one decimal, or (pct False) three decimals, signed unless `signed` False."""
     if not c or c.get("mean") is None:
         return "n/a"
-    s = 100.0 if pct else 1.0
-    return f"{s * c['mean']:.1f} [{s * c['lo']:.1f}, {s * c['hi']:.1f}]" if pct else \
-        f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+    if pct:
+        return f"{100 * c['mean']:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]"
+    f = "+.3f" if signed else ".3f"
+    return f"{c['mean']:{f}} [{c['lo']:{f}}, {c['hi']:{f}}]"
 
 
 def markdown(result: dict) -> str:
@@ -186,7 +188,7 @@ def markdown(result: dict) -> str:
               "| states | mask | image sensitivity | collapse (cos) | probe acc % |", "|---|---|---|---|---|"]
     for mask in MASKS:
         for kind, r in rep[mask].items():
-            lines.append(f"| {kind} | {mask} | {_fmt(r['sensitivity'][-1], False).lstrip('+')} | "
+            lines.append(f"| {kind} | {mask} | {_fmt(r['sensitivity'][-1], False, signed=False)} | "
                          f"{r['collapse'][-1]:.3f} | {_fmt(r['probe'][-1])} |")
     return "\n".join(lines) + "\n"
 
@@ -325,7 +327,7 @@ def comparison(results: list[tuple[str, dict]]) -> str:
             f"| {name}", r["mode"], str(r["num_latents"]), _fmt(iv["none"]["acc"]), drop("remove"), drop("markers_only"),
             drop("mean"), drop("random"), _pts(pt["stage1"].get("latent", {}).get("effect")),
             _pts(pt["causal"].get("latent", {}).get("effect")), _pts(pt["causal"]["image"]["effect"]),
-            _fmt(lat["sensitivity"][-1], False).lstrip("+") if lat else "n/a",
+            _fmt(lat["sensitivity"][-1], False, signed=False) if lat else "n/a",
             f"{lat['collapse'][-1]:.3f}" if lat else "n/a", _fmt(lat["probe"][-1]) if lat else "n/a",
             _fmt(rep["prompt"]["probe"][-1])]) + " |")
     return "\n".join(lines)
