@@ -23,7 +23,7 @@ def ci(values, seed: int = 0, n: int = BOOTSTRAP) -> dict:
         return {"mean": None, "lo": None, "hi": None, "n": 0}
     means = np.random.default_rng(seed).choice(v, size=(n, len(v)), replace=True).mean(1)
     return {"mean": float(v.mean()), "lo": float(np.percentile(means, 2.5)), "hi": float(np.percentile(means, 97.5)),
-            "n": int(len(v))}
+            "n": len(v)}
 
 
 # ----------------------------------------------------------------------------- the analyses
@@ -168,17 +168,18 @@ def _fmt(c: dict | None, pct: bool = True, signed: bool = True) -> str:
 
 def markdown(result: dict) -> str:
     """The tables of causal.md: interventions, patching, and the last layer's representation figures."""
-    lines = [f"# Causal analysis: {result['run']} ({result['split']}, {result['n']} rows, {result['mode']}, "
-             f"K={result['num_latents']})", "", "Means with bootstrap 95% intervals over examples (pairs for patching).",
-             "", "| intervention | acc % (causal mask) | Δ log p (causal) | acc % (Stage-1 mask) | Δ log p (Stage-1) |",
+    title = (f"# Causal analysis: {result['run']} ({result['split']}, {result['n']} rows, {result['mode']}, "
+             f"K={result['num_latents']})")
+    lines = [title, "", "Means with bootstrap 95% intervals over examples (pairs for patching).", "",
+             "| intervention | acc % (causal mask) | Δ log p (causal) | acc % (Stage-1 mask) | Δ log p (Stage-1) |",
              "|---|---|---|---|---|"]
     iv = result["interventions"]
     for name in iv["causal"]:
         c, s = iv["causal"][name], iv["stage1"][name]
         lines.append(f"| {name} | {_fmt(c['acc'])} | {_fmt(c['delta_logp'], False)} | {_fmt(s['acc'])} | "
                      f"{_fmt(s['delta_logp'], False)} |")
-    lines += ["", "| patched states | mask | B answers A's answer % | unpatched % | effect (points) | B's answer moved % "
-              "| pairs |", "|---|---|---|---|---|---|---|"]
+    lines += ["", ("| patched states | mask | B answers A's answer % | unpatched % | effect (points) "
+                   "| B's answer moved % | pairs |"), "|---|---|---|---|---|---|---|"]
     for mask, res in result["patching"].items():
         for what, p in res.items():
             lines.append(f"| {what} | {mask} | {_fmt(p['flip_rate'])} | {_fmt(p['no_effect'])} | {_fmt(p['effect'])} | "
@@ -319,7 +320,7 @@ def comparison(results: list[tuple[str, dict]]) -> str:
         iv, pt, rep = r["interventions"]["causal"], r["patching"], r["representations"]["causal"]
         base = iv["none"]["acc"]["mean"]
 
-        def drop(k):
+        def drop(k, iv=iv, base=base):
             return "n/a" if k not in iv else f"{100 * (iv[k]['acc']['mean'] - base):+.1f}"
 
         lat = rep.get("latent")

@@ -141,6 +141,29 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
+def cmd_data_build(args) -> int:
+    """`livr data build TASK --source DIR --out DIR` (or `--list`): a paper training set from its public source."""
+    from livr.data import build as data_build
+
+    if args.list:
+        print(data_build.describe(), end="")
+        return 0
+    if not args.task or not args.source or not args.out:
+        print("livr: error: data build needs TASK, --source and --out (or --list)", file=sys.stderr)
+        return 2
+    result = data_build.build(args.task, args.source, args.out, train=args.train, val=args.val, test=args.test,
+                              seed=args.seed, exclude=args.exclude or (), workers=args.workers,
+                              progress=not os.environ.get("LIVR_QUIET"))
+    if result.get("reused"):
+        print(f"{args.task}: up to date (same request): {result['path']}")
+    for split, c in result["counts"].items():
+        extra = ", ".join(f"{k}: {v}" for k, v in sorted(c.items()) if k not in ("rows", "requested", "units"))
+        print(f"{args.task}/{split}: {c['rows']} of {c['requested']} rows from {c['units']} source units"
+              + (f" ({extra})" if extra else ""))
+    print(f"{args.task}: {result['path']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from livr.demo import run_demo
 
@@ -263,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image-size", type=int, default=112)
     sp.add_argument("--parquet", action="store_true", help="also export <task>/<split>.parquet")
     sp.set_defaults(fn=cmd_make_synthetic)
+    sp = data.add_parser("build", help="build a paper training set (BLINK schema) from its public source")
+    sp.add_argument("task", nargs="?", help="Counting | Jigsaw | Object_Localization | ... (see --list)")
+    sp.add_argument("--list", action="store_true", help="name each task, its source, layout and where to get it")
+    sp.add_argument("--source", help="local copy of the source, in the layout its authors distribute")
+    sp.add_argument("--out", help="output root: writes OUT/<task>/{train,val,test}.parquet")
+    sp.add_argument("--train", type=int, default=None, help="train rows (default 1000)")
+    sp.add_argument("--val", type=int, default=None, help="val rows (default 250)")
+    sp.add_argument("--test", type=int, default=None, help="test rows (default: the paper's own test size)")
+    sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--exclude", nargs="+", action="extend", metavar="DIR",
+                    help="drop rows whose images are (near-)duplicates of any image under DIR (e.g. BLINK)")
+    sp.add_argument("--workers", type=int, default=1, help="threads preparing and drawing rows")
+    sp.set_defaults(fn=cmd_data_build)
     return p
 
 

@@ -70,10 +70,10 @@ def report_causal(run_dirs: list[str] | None = None, experiment: str | None = No
             for run in runs:
                 if "inspect" not in {a.path for a in client.list_artifacts(run.info.run_id)}:
                     continue
-                try:
-                    path = client.download_artifacts(run.info.run_id, "inspect/causal.json", tmp)
-                except Exception:  # noqa: BLE001 - a run inspected without --causal
+                names = {a.path for a in client.list_artifacts(run.info.run_id, "inspect")}
+                if "inspect/causal.json" not in names:  # inspected without --causal
                     continue
+                path = client.download_artifacts(run.info.run_id, "inspect/causal.json", tmp)
                 with open(path) as f:
                     found.append((run.info.run_name, json.load(f)))
     if not found:

@@ -161,9 +161,10 @@ def test_plan_reads_a_declared_family(remote_dir, tmp_path, capsys):
     model = AutoModelForImageTextToText.from_pretrained(remote_dir, trust_remote_code=True)
     assert plan["counts"]["family"] == "tiny_remote_vl"
     assert plan["counts"]["total"] == sum(p.numel() for p in model.parameters())
+    from transformers import AutoConfig, AutoTokenizer
+
     from livr.backbones import FAMILIES
     from livr.backbones.base import make_processor
-    from transformers import AutoConfig, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(remote_dir)
     ip = FAMILIES["qwen3_vl"].image_processor_class.from_pretrained(remote_dir)
