@@ -12,21 +12,29 @@ import torch
 from livr.sequence import ANSWER, IMAGE, PAD, PROMPT
 
 
-def causal_allowed(groups: torch.Tensor) -> torch.Tensor:
-    """Boolean `[B, L, L]`: a causal LM's own mask (causal, no PAD column; a pad row keeps its own diagonal, so no
-    row is ever fully masked: no NaN under any kernel)."""
+def query_positions(groups: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The sequence positions of the query rows: all L, or the last `rows` (a KV-cache decode step)."""
     n = groups.shape[1]
-    pos = torch.arange(n, device=groups.device)
+    return torch.arange(n - (rows or n), n, device=groups.device)
+
+
+def causal_allowed(groups: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """Boolean `[B, Q, L]`: a causal LM's own mask (causal, no PAD column; a pad row keeps its own diagonal, so no
+    row is ever fully masked: no NaN under any kernel). Q = L, or the last `rows` query rows only (decoding builds
+    just the new rows, never the whole L x L)."""
+    q, k = query_positions(groups, rows), torch.arange(groups.shape[1], device=groups.device)
     valid = groups != PAD
-    allowed = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]
-    return allowed | (torch.eye(n, dtype=torch.bool, device=groups.device)[None] & ~valid[:, :, None])
+    allowed = (k[None, :] <= q[:, None])[None] & valid[:, None, :]
+    return allowed | ((k[None, :] == q[:, None])[None] & ~valid[:, -len(q):, None])
 
 
-def bottleneck_blocked(groups: torch.Tensor, block_prompt: bool = True) -> torch.Tensor:
-    """Boolean `[B, L, L]`: what the bottleneck forbids: PROMPT/ANSWER rows x IMAGE columns."""
+def bottleneck_blocked(groups: torch.Tensor, block_prompt: bool = True, rows: int | None = None) -> torch.Tensor:
+    """Boolean `[B, Q, L]`: what the bottleneck forbids: PROMPT/ANSWER rows x IMAGE columns (Q as causal_allowed)."""
     blind_row = groups == ANSWER
     if block_prompt:
         blind_row = blind_row | (groups == PROMPT)
+    if rows:
+        blind_row = blind_row[:, -rows:]
     return blind_row[:, :, None] & (groups == IMAGE)[:, None, :]
 
 

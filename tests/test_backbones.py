@@ -352,3 +352,33 @@ def test_gemma3_stage1_mask_is_the_models_own_mask_and_the_bottleneck(preset_dir
     img = torch.nonzero(groups[0] == IMAGE).flatten()
     first, last = img[0].item(), img[3].item()  # the first image's first and last soft token (4 per image)
     assert got["full_attention"][0, 0, first, last] == 0 and got["full_attention"][0, 0, last, first] == 0
+
+
+@presets
+def test_a_decode_step_mask_is_the_last_rows_of_the_whole_mask(bb):
+    """Bottleneck decoding builds only the new rows (never the whole L x L): for every family, the Stage-1 mask
+    of the last r query rows equals those rows of the whole mask (per layer type, sliding-window columns cut as
+    the cache holds them), on a padded two-example batch with images, latents and an answer."""
+    from livr.mask import bottleneck_blocked
+    from livr.sequence import ANSWER, LATENT, PAD
+
+    texts = [_prompt(bb, 2, "compare these"), _prompt(bb, 1, "and this one, a longer question here")]
+    b = _batch(bb, texts, [[_img((56, 56), 1), _img((56, 56), 2)], [_img((56, 56), 3)]])
+    groups = _groups(bb, b["input_ids"], b["attention_mask"])
+    for i in range(2):
+        real = (groups[i] != PAD).nonzero().flatten()
+        groups[i, real[-3:]] = ANSWER
+        groups[i, real[-5:-3]] = LATENT
+    fam = bb.family
+    own, blocked = fam.own_allowed(bb.model, groups), bottleneck_blocked(groups)
+    whole = {k: a & ~blocked for k, a in own.items()} if isinstance(own, dict) else own & ~blocked
+    for r in (1, 3, groups.shape[1] - 2):  # the last: query rows over the images too
+        step = fam.stage1_mask(bb.model, groups, torch.float32, rows=r)
+        want = fam.as_mask(bb.model, whole, torch.float32, r)  # the whole mask built, then its last rows
+        if isinstance(want, dict):
+            assert step.keys() == want.keys()
+            for k in want:
+                assert torch.equal(step[k], want[k]), k
+        else:
+            assert step.shape[-2] == r and torch.equal(step, fam.stage1_mask(bb.model, groups, torch.float32)[:, :, -r:])
+            assert torch.equal(step, want)

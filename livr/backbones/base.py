@@ -98,12 +98,13 @@ class Family:
         return position_ids.amax(dim=-1, keepdim=True) + step  # [B, L] -> [B, n]
 
     # --- the model's own mask, and the Stage-1 mask composed with it
-    def own_allowed(self, model, groups: torch.Tensor):
-        """The model's own attention rules as boolean [B, L, L] from the token groups: causal without PAD columns
-        for a causal LM; a dict {layer type: [B, L, L]} for a model whose layers differ (see gemma3.py)."""
+    def own_allowed(self, model, groups: torch.Tensor, rows: int | None = None):
+        """The model's own attention rules as boolean [B, Q, L] from the token groups: causal without PAD columns
+        for a causal LM; a dict {layer type: [B, Q, L]} for a model whose layers differ (see gemma3.py). Q = L, or
+        the last `rows` query rows (a decode step)."""
         from livr.mask import causal_allowed
 
-        return causal_allowed(groups)
+        return causal_allowed(groups, rows)
 
     def stage1_mask(self, model, groups: torch.Tensor, dtype: torch.dtype, rows: int | None = None):
         """The `attention_mask` of a Stage-1 forward: allowed = the model's own mask AND NOT the bottleneck's
@@ -111,13 +112,14 @@ class Family:
         `own_allowed` is one). `rows`: only the last `rows` query rows (a KV-cache decode step)."""
         from livr.mask import bottleneck_blocked
 
-        own, open_ = self.own_allowed(model, groups), ~bottleneck_blocked(groups)
+        own, open_ = self.own_allowed(model, groups, rows), ~bottleneck_blocked(groups, rows=rows)
         allowed = {kind: a & open_ for kind, a in own.items()} if isinstance(own, dict) else own & open_
         return self.as_mask(model, allowed, dtype, rows)
 
     def as_mask(self, model, allowed, dtype: torch.dtype, rows: int | None = None):
-        """Boolean [B, L, L] (or a dict per layer type) -> the model's `attention_mask` argument: additive
-        [B,1,L,L]; `rows`: the last `rows` query rows of a KV-cache decode step (against the cache's keys)."""
+        """Boolean [B, Q, L] (or a dict per layer type) -> the model's `attention_mask` argument: additive
+        [B,1,Q,L]; `rows`: the last `rows` query rows of a KV-cache decode step (against the cache's keys; `allowed`
+        may hold just those rows or all L)."""
         from livr.mask import additive
 
         if isinstance(allowed, dict):

@@ -62,16 +62,19 @@ class Gemma3(Family):
     def processor_kwargs(self, config) -> dict:
         return {"image_seq_length": config.mm_tokens_per_image}
 
-    def own_allowed(self, model, groups):
-        """Gemma 3's own rules: causal, OR both ways within each image; sliding layers AND the window after that."""
-        from livr.mask import causal_allowed
+    def own_allowed(self, model, groups, rows=None):
+        """Gemma 3's own rules: causal, OR both ways within each image; sliding layers AND the window after that.
+        `rows`: only the last `rows` query rows (a decode step)."""
+        from livr.mask import causal_allowed, query_positions
         from livr.sequence import IMAGE
 
         blocks = image_blocks(groups, IMAGE)
-        full = causal_allowed(groups) | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] > 0))
+        q = query_positions(groups, rows)
+        bq = blocks[:, q]
+        full = causal_allowed(groups, rows) | ((bq[:, :, None] == blocks[:, None, :]) & (bq[:, :, None] > 0))
         text = _text_config(model)
         pos = torch.arange(groups.shape[1], device=groups.device)
-        window = ((pos[:, None] - pos[None, :]) < text.sliding_window)[None]
+        window = ((q[:, None] - pos[None, :]) < text.sliding_window)[None]
         masks = {"full_attention": full, "sliding_attention": full & window}
         return {kind: masks[kind] for kind in set(text.layer_types)}
 
