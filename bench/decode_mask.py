@@ -55,9 +55,9 @@ def main() -> None:
     out = {}
     for length, images in LENGTHS.items():
         g = groups_for(args.batch, length, images, device)
-        whole = timed(lambda: fam.as_mask(None, fam.own_allowed(None, g) & ~_blocked(g), torch.float32, 1),
+        whole = timed(lambda g=g: fam.as_mask(None, fam.own_allowed(None, g) & ~_blocked(g), torch.float32, 1),
                       args.repeat, device)
-        rows = timed(lambda: fam.stage1_mask(None, g, torch.float32, rows=1), args.repeat, device)
+        rows = timed(lambda g=g: fam.stage1_mask(None, g, torch.float32, rows=1), args.repeat, device)
         assert torch.equal(fam.stage1_mask(None, g, torch.float32, rows=1),
                            fam.as_mask(None, fam.own_allowed(None, g) & ~_blocked(g), torch.float32, 1))
         print(f"| {length} | {whole:.1f} | {rows:.1f} | {whole / rows:.0f}x |")
