@@ -40,6 +40,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from livr.atomic import replace_dir
+
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.json", "state.json")
 MANIFEST = "manifest.json"
 OPT_KEYS = ("exp_avg", "exp_avg_sq", "step")
@@ -62,13 +64,7 @@ def atomic_dir(final: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if os.path.exists(final):
-        old = f"{tmp}.old"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
 
 
 def write_json(path: str, obj) -> None:

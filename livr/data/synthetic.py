@@ -20,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from livr.atomic import replace_dir
 from livr.data.prompts import blink_prompt, choice_letters
 from livr.data.tasks import COLUMNS, IMAGE_COLUMNS, SYNTHETIC_TASKS, DataError, check_task
 
@@ -434,10 +435,6 @@ def _write_task(path: str, request: dict, progress: bool) -> None:
             json.dump(request, f, indent=2, sort_keys=True)
         os.chmod(tmp, 0o755)
         if _recorded(path) != request:  # else an identical copy appeared meanwhile: keep it
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=f".{task}.old-", dir=out_dir)
-                os.rename(path, os.path.join(old, task))
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, path)
+            replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

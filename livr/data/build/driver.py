@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from livr.atomic import replace_dir
 from livr.data.build.common import (
     Skip,
     SourceError,
@@ -259,11 +260,7 @@ def run_build(task: str, spec: dict, source: str, out_dir: str, sizes: dict, *, 
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
         os.chmod(tmp, 0o755)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{task}.old-{os.getpid()}-", dir=out_dir)
-            os.rename(path, os.path.join(old, task))
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if pool:
             pool.shutdown()
