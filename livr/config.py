@@ -29,7 +29,7 @@ class ModelConfig:
     cache_dir: str = "~/.cache/livr/backbones"  # where tiny presets are materialised
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # Stage 1 (4-D mask): sdpa or eager
+    attn_implementation: str = "sdpa"  # Stage 1 (4-D mask): sdpa, eager, or flex_attention (livr/flex.py; trains on GPU)
     attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -411,7 +411,10 @@ def validate(cfg: Config) -> Config:
 
         declared_family(cfg.model.family)
     _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager"))
+    _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager", "flex_attention"))
+    if cfg.model.attn_implementation_stage2:
+        _one_of("model.attn_implementation_stage2", cfg.model.attn_implementation_stage2,
+                ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
     if cfg.model.num_layers < 0:
         _fail("model.num_layers", cfg.model.num_layers, "must be >= 0 (0 = the checkpoint's own depth)")
     _one_of("train.mode", cfg.train.mode, ("livr", "sft"))

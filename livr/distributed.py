@@ -29,8 +29,9 @@ def check_config(cfg: Config) -> None:
         from livr.engine import load_ds_config
 
         load_ds_config(d.deepspeed)  # parses, and the ZeRO stage exists
-    if d.use_gpu and cfg.model.attn_implementation not in ("sdpa", "eager"):
-        raise ConfigError(f"config: model.attn_implementation={cfg.model.attn_implementation!r}: Stage 1 needs sdpa or eager")
+    if d.use_gpu and cfg.model.attn_implementation not in ("sdpa", "eager", "flex_attention"):
+        raise ConfigError(f"config: model.attn_implementation={cfg.model.attn_implementation!r}: Stage 1 needs sdpa, "
+                          "eager or flex_attention")
 
 
 def init_ray(cfg: Config) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from livr import flex
 from livr.backbones import Backbone, load_backbone
 from livr.backbones.declared import declared_family
 from livr.config import Config, ConfigError
@@ -63,7 +64,10 @@ class LivrModel:
         inputs = {"input_ids": ids, **mm}
         pos = batch.get("position_ids")
         if bottleneck:
-            inputs["attention_mask"] = self.family.stage1_mask(self.model, batch["groups"], self.dtype)
+            if self.attn_implementation() == flex.NAME:  # one BlockMask shared by every layer
+                inputs["attention_mask"] = flex.block_mask(self.family, batch["groups"])
+            else:
+                inputs["attention_mask"] = self.family.stage1_mask(self.model, batch["groups"], self.dtype)
             inputs["position_ids"] = pos if pos is not None else self.family.position_ids(self.model, ids, attn, mm)
         else:
             inputs["attention_mask"] = attn
@@ -86,8 +90,12 @@ class LivrModel:
         targets = labels[:, 1:][keep[:, :-1]]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
 
+    def attn_implementation(self) -> str:
+        return getattr(self.model.get_base_model().config, "_attn_implementation", "")
+
     def set_attn_implementation(self, name: str) -> None:
         base = self.model.get_base_model()
+        name = flex.impl_name(name)
         if name and getattr(base.config, "_attn_implementation", name) != name:
             base.set_attn_implementation(name)
 
@@ -116,7 +124,7 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     dtype = resolve_dtype(cfg.model.dtype, device)
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
-        attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=flex.impl_name(cfg.model.attn_implementation), trust_remote_code=cfg.model.trust_remote_code,
         num_layers=cfg.model.num_layers, family=declared_family(cfg.model.family) if cfg.model.family else None,
     )
     if cfg.data.max_pixels or cfg.data.min_pixels:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from livr import flex
 from livr.backbones import resolve_backbone_path
 from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
@@ -125,6 +126,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
 def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dict:
     # ---------------------------------------------------------------- setup
     ctx = setup_distributed(cfg)
+    flex.check_trainable(cfg)  # before the model loads: Stage 1 under flex_attention cannot train on a CPU
     quiet = ctx.rank != 0 or os.environ.get("LIVR_QUIET") == "1"
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
     last = os.path.join(ckpt_dir, "last")
