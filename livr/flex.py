@@ -40,9 +40,14 @@ def register() -> None:
 
 @functools.cache
 def _flex():
+    """flex_attention, compiled on CUDA (or anywhere with LIVR_FLEX_COMPILE=1: on CPU the first call of each shape
+    compiles for tens of seconds, so CPU forwards default to the eager, unfused implementation)."""
+    import os
+
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
+    compile_ = torch.cuda.is_available() or os.environ.get("LIVR_FLEX_COMPILE") == "1"
+    return torch.compile(flex_attention, dynamic=True) if compile_ else flex_attention
 
 
 def flex_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
