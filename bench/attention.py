@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import torch
+from decode_mask import timed  # bench/ is on sys.path when run as a script
 
 from livr import flex
 from livr.sequence import ANSWER, IMAGE, LATENT, PROMPT, TEXT
@@ -36,18 +36,6 @@ def layout(length: int, images: int, device) -> torch.Tensor:
     g[:, length - 22 : length - 6] = LATENT
     g[:, length - 6 :] = ANSWER
     return g
-
-
-def timed(fn, repeat: int, device) -> float:
-    fn()  # warm-up (and compilation)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t) / repeat
 
 
 def main() -> None:
