@@ -27,7 +27,7 @@ import torch
 
 from livr.data.prompts import answer_letter, choice_letters
 from livr.inspect import without_latents
-from livr.sequence import IMAGE, LATENT, PROMPT, collate, images_of
+from livr.sequence import IGNORE, IMAGE, LATENT, PROMPT, collate, images_of
 
 INTERVENTIONS = ("none", "remove", "markers_only", "mean", "random", "repeat")
 EMBEDDING_INTERVENTIONS = ("mean", "random", "repeat")
@@ -152,13 +152,23 @@ def patched_layers(lm, positions: torch.Tensor, donor: list[torch.Tensor], layer
             h.remove()
 
 
-def layer_outputs(lm, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(per decoder layer, its output hidden states [L, H] for batch row 0; the logits), one forward."""
+def answer_logits(lm, inputs: dict, batch: dict) -> torch.Tensor:
+    """[n, V]: the logits at the n positions that predict the gold answer's tokens, the LM head applied only there
+    (as `answer_nll` in training: the [L, V] logits of a 4k-token sequence with a 150k vocabulary are never built)."""
+    labels = batch["labels"].to(lm.device)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    logits = lm.model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def layer_outputs(lm, inputs: dict, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(per decoder layer, its output hidden states [L, H] for batch row 0; the answer logits), one forward."""
     outs = []
     mods = decoder_layers(lm)
     handles = [m.register_forward_hook(lambda mod, a, o: outs.append(_hidden(o)[0].detach())) for m in mods]
     try:
-        logits = lm.model(**inputs, use_cache=False).logits
+        logits = answer_logits(lm, inputs, batch)
     finally:
         for h in handles:
             h.remove()
@@ -167,12 +177,12 @@ def layer_outputs(lm, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 # ----------------------------------------------------------------------------- scoring one forward
 def read_answer(lm, batch: dict, logits: torch.Tensor, row: dict) -> dict:
-    """Forced-choice prediction and gold-answer log-probability from full logits [1, L, V] of one example."""
+    """Forced-choice prediction and gold-answer log-probability from `answer_logits` [n, V] of one example."""
     labels = batch["labels"][0].to(logits.device)
-    at = (labels[1:] != -100).nonzero().flatten()  # logits at t predict the token at t + 1
-    logp = torch.log_softmax(logits[0, at].float(), -1).gather(-1, labels[at + 1][:, None]).sum()
+    targets = labels[1:][labels[1:] != IGNORE]  # logits row j predicts the j-th labelled token
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum()
     cands, gold = candidates(lm, row)
-    first = logits[0, at[0]].float()
+    first = logits[0].float()
     pred = cands[int(first[torch.tensor(cands, device=first.device)].argmax())]
     return {"correct": pred == gold, "logp": float(logp), "pred": pred, "gold": gold}
 
@@ -192,8 +202,7 @@ def score(lm, rows: list[dict], intervention: str, bottleneck: bool, seed: int =
     with ctx:
         for row in rows:
             batch = encode(lm, row, builder)
-            logits = lm.model(**lm.model_inputs(batch, bottleneck), use_cache=False).logits
-            out.append(read_answer(lm, batch, logits, row))
+            out.append(read_answer(lm, batch, answer_logits(lm, lm.model_inputs(batch, bottleneck), batch), row))
     return out
 
 
@@ -230,30 +239,34 @@ def patch_flips(lm, rows: list[dict], pairs: list[tuple[int, int]], *, what: str
     lm.model.eval()
     group = LATENT if what == "latent" else IMAGE
     layers = list(range(len(decoder_layers(lm)))) if layers is None else layers
-    seen = {}  # index -> (its `what` states per layer, or None for image states (large: recomputed), answer)
+    answers, donors = {}, {}  # index -> unpatched answer; -> latent states per layer (image states: recomputed)
 
-    def run(i, keep_states: bool):
-        if i not in seen or (keep_states and seen[i][0] is None):
-            batch = encode(lm, rows[i])
-            hs, logits = layer_outputs(lm, lm.model_inputs(batch, bottleneck))
-            pos = (batch["groups"][0] == group).nonzero().flatten()
-            donor = [h[pos] for h in hs] if keep_states else None
-            seen[i] = (donor if what == "latent" else None, read_answer(lm, batch, logits, rows[i]))
-            return donor, seen[i][1], batch, pos
-        return seen[i][0], seen[i][1], None, None
+    def forward(i):
+        """(batch, per-layer states at the `what` positions, those positions) of row i, its answer recorded."""
+        batch = encode(lm, rows[i])
+        hs, logits = layer_outputs(lm, lm.model_inputs(batch, bottleneck), batch)
+        pos = (batch["groups"][0] == group).nonzero().flatten()
+        answers[i] = read_answer(lm, batch, logits, rows[i])
+        return batch, [h[pos] for h in hs], pos
 
     out = []
     for a, b in pairs:
-        donor, ans_a, _, _ = run(a, keep_states=True)
-        _, ans_b, batch_b, pos_b = run(b, keep_states=False)
-        if batch_b is None:
+        if a in donors:
+            donor = donors[a]
+        else:
+            _, donor, _ = forward(a)
+            if what == "latent":  # small (K x H per layer): kept; image states are large
+                donors[a] = donor
+        if b in answers:
             batch_b = encode(lm, rows[b])
-        pos_b = (batch_b["groups"][0] == group).nonzero().flatten()
+            pos_b = (batch_b["groups"][0] == group).nonzero().flatten()
+        else:
+            batch_b, _, pos_b = forward(b)
         if len(donor[0]) != len(pos_b) or len(pos_b) == 0:
             continue
         with patched_layers(lm, pos_b.to(lm.device), donor, layers):
-            logits = lm.model(**lm.model_inputs(batch_b, bottleneck), use_cache=False).logits
-        got = read_answer(lm, batch_b, logits, rows[b])
+            got = read_answer(lm, batch_b, answer_logits(lm, lm.model_inputs(batch_b, bottleneck), batch_b), rows[b])
+        ans_a, ans_b = answers[a], answers[b]
         out.append({"flip": got["pred"] == ans_a["gold"], "before": ans_b["pred"] == ans_a["gold"],
                     "to_donor": got["pred"] == ans_a["pred"], "changed": got["pred"] != ans_b["pred"],
                     "chance": 1.0 / max(num_choices(rows[b]), 1)})
@@ -267,9 +280,10 @@ def states(lm, row: dict, bottleneck: bool) -> dict:
     states and the last prompt token's (the token before the first latent, or before the answer when K = 0)."""
     lm.model.eval()
     batch = encode(lm, row)
-    out = lm.model(**lm.model_inputs(batch, bottleneck), output_hidden_states=True, use_cache=False)
-    hs = torch.stack([h[0].float() for h in out.hidden_states]).cpu()  # [layers+1, L, H]
     groups = batch["groups"][0]
     lat = (groups == LATENT).nonzero().flatten()
-    last_prompt = int((groups == PROMPT).nonzero().flatten()[-1])
-    return {"latent": hs[:, lat], "prompt": hs[:, last_prompt]}
+    last_prompt = (groups == PROMPT).nonzero().flatten()[-1:]
+    out = lm.model(**lm.model_inputs(batch, bottleneck), output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    keep = torch.cat([lat, last_prompt]).to(lm.device)  # only these leave the device, not [layers+1, L, H]
+    hs = torch.stack([h[0, keep].float() for h in out.hidden_states]).cpu()
+    return {"latent": hs[:, : len(lat)], "prompt": hs[:, -1]}

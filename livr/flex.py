@@ -81,7 +81,9 @@ def block_mask(family, groups: torch.Tensor, block_prompt: bool = True):
     """The Stage-1 bottleneck for a causal LM as a BlockMask over `groups` [B, L]."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if type(family).own_allowed is not _causal_own_allowed():
+    from livr.backbones.base import Family
+
+    if type(family).own_allowed is not Family.own_allowed:
         raise ValueError(f"model.attn_implementation=flex_attention: family {family.name} has its own attention rules "
                          "(not plain causal); use sdpa for its Stage 1")
     valid = groups != PAD
@@ -108,9 +110,3 @@ def allowed(mask) -> torch.Tensor:
 
     b, _, q, kv = mask.shape
     return create_mask(mask.mask_mod, b, None, q, kv, device=mask.kv_num_blocks.device)
-
-
-def _causal_own_allowed():
-    from livr.backbones.base import Family
-
-    return Family.own_allowed

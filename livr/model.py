@@ -64,16 +64,20 @@ class LivrModel:
         inputs = {"input_ids": ids, **mm}
         pos = batch.get("position_ids")
         if bottleneck:
-            if self.attn_implementation() == flex.NAME:  # one BlockMask shared by every layer
-                inputs["attention_mask"] = flex.block_mask(self.family, batch["groups"])
-            else:
-                inputs["attention_mask"] = self.family.stage1_mask(self.model, batch["groups"], self.dtype)
+            inputs["attention_mask"] = self.stage1_mask(batch["groups"])
             inputs["position_ids"] = pos if pos is not None else self.family.position_ids(self.model, ids, attn, mm)
         else:
             inputs["attention_mask"] = attn
             if pos is not None:
                 inputs["position_ids"] = pos
         return inputs
+
+    def stage1_mask(self, groups: torch.Tensor):
+        """The Stage-1 `attention_mask` for the current attention implementation: flex_attention's BlockMask (one
+        for every layer), else the family's additive mask(s)."""
+        if self.attn_implementation() == flex.NAME:
+            return flex.block_mask(self.family, groups.to(self.device))
+        return self.family.stage1_mask(self.model, groups, self.dtype)
 
     def forward(self, batch: dict, bottleneck: bool) -> torch.Tensor:
         return self.model(**self.model_inputs(batch, bottleneck), use_cache=False).logits

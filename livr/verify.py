@@ -120,10 +120,7 @@ def verify(cfg: Config, mask_fn: MaskFn | None = None, *, num_rows: int = 3, lm=
         torch.manual_seed(cfg.train.seed)
         lm = build_model(cfg, trainable=False)
     lm.model.eval()
-    if mask_fn is None:  # the mask Stage 1 trains under
-        use_flex = lm.attn_implementation() == flex.NAME
-        mask_fn = (lambda g, d: flex.block_mask(lm.family, g)) if use_flex else \
-            (lambda g, d: lm.family.stage1_mask(lm.model, g, d))
+    mask_fn = mask_fn or (lambda g, d: lm.stage1_mask(g))  # the mask Stage 1 trains under
     via_sdpa = []
 
     def grad_mask_fn(g, d):  # no flex_attention backward on a CPU: (d) runs the same mask, as an additive one

@@ -157,7 +157,7 @@ def test_under_the_bottleneck_patched_latents_carry_the_whole_answer(untrained):
     got = causal.patch_flips(lm, both, [(0, 1)], what="latent", bottleneck=True)
     assert got[0]["to_donor"]
     pos = (batches[1]["groups"][0] == LATENT).nonzero().flatten()
-    donor, _ = causal.layer_outputs(lm, lm.model_inputs(batches[0], True))
+    donor, _ = causal.layer_outputs(lm, lm.model_inputs(batches[0], True), batches[0])
     with torch.no_grad(), causal.patched_layers(lm, pos, [d[pos] for d in donor], list(range(n))):
         lp = lm.forward(batches[1], bottleneck=True)[0, labelled]
     assert torch.allclose(lp, la, atol=1e-5), (lp - la).abs().max()
@@ -232,3 +232,28 @@ def test_causal_suite_writes_its_files_and_logs_to_mlflow(runs, capsys):
     assert main(["report", "--causal", "--experiment", "causal", "--tracking-uri", livr.tracking.uri]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| livr"]  # the SFT analysis was not logged (--no-mlflow)
+
+
+def test_forced_choice_reads_the_first_answer_position_of_the_full_logits(untrained):
+    """score's prediction and log-probability, against the full [L, V] logits read by hand: the argmax over the
+    choice letters' tokens where the first answer token is predicted, and the summed log-probability of the gold
+    answer tokens (end-of-turn included)."""
+    lm = untrained
+    rows = generate_task("Jigsaw", 6, seed=4, split="val")
+    got = causal.score(lm, rows, "none", bottleneck=False)
+    tok = lm.tokenizer
+    for row, g in zip(rows, got):
+        batch = collate([lm.builder.encode(row)], tok.pad_token_id)
+        with torch.no_grad():
+            logits = lm.forward(batch, bottleneck=False)[0].float()
+        labels = batch["labels"][0]
+        at = (labels[1:] != -100).nonzero().flatten()
+        letters = [tok(c, add_special_tokens=False)["input_ids"][0] for c in "AB"]
+        pred = letters[int(logits[at[0], letters].argmax())]
+        logp = sum(float(torch.log_softmax(logits[t], -1)[labels[t + 1]]) for t in at.tolist())
+        assert g["pred"] == pred and g["logp"] == pytest.approx(logp, abs=1e-4)
+        assert g["correct"] == (pred == tok(row["answer"].strip("()"), add_special_tokens=False)["input_ids"][0])
+        # the prediction is read where the first answer token is predicted, not at a later labelled position
+        fake = torch.zeros(len(at), logits.shape[-1])
+        fake[0, letters[1]], fake[-1, letters[0]] = 5.0, 9.0
+        assert causal.read_answer(lm, batch, fake, row)["pred"] == letters[1]
