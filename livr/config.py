@@ -32,6 +32,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # Stage 1 (4-D mask): sdpa, eager, or flex_attention (livr/flex.py; trains on GPU)
     attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1
     gradient_checkpointing: bool = False
+    cache_vision: bool = False  # compute each image's frozen vision features once, reuse them (livr/vision_cache.py)
+    vision_cache_mib: int = 4096  # host memory for cached features per process; beyond it: vision_cache_dir
+    vision_cache_dir: str = ""  # where features beyond vision_cache_mib go (one file per image); "" = recompute them
     trust_remote_code: bool = False
     num_layers: int = 0  # keep the first N decoder layers and min(N, depth) vision blocks; 0 = the checkpoint's depth
     family: dict = field(default_factory=dict)  # a family declared here for a VLM livr has no module for (docs/backbones.md)
@@ -415,6 +418,8 @@ def validate(cfg: Config) -> Config:
     if cfg.model.attn_implementation_stage2:
         _one_of("model.attn_implementation_stage2", cfg.model.attn_implementation_stage2,
                 ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
+    if cfg.model.vision_cache_mib < 0:
+        _fail("model.vision_cache_mib", cfg.model.vision_cache_mib, "must be >= 0")
     if cfg.model.num_layers < 0:
         _fail("model.num_layers", cfg.model.num_layers, "must be >= 0 (0 = the checkpoint's own depth)")
     _one_of("train.mode", cfg.train.mode, ("livr", "sft"))

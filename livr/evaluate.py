@@ -34,9 +34,7 @@ def generate(lm, items: list[dict] | dict, *, bottleneck: bool = False, max_new_
     batch = items if isinstance(items, dict) else collate(items, lm.tokenizer.pad_token_id, "left")
     batch = {k: v.to(lm.device) for k, v in batch.items() if torch.is_tensor(v)}
     ids, attn, groups = batch["input_ids"], batch["attention_mask"], batch["groups"]
-    mm = {k: batch[k] for k in fam.forward_keys if k in batch}
-    if "pixel_values" in mm:
-        mm["pixel_values"] = mm["pixel_values"].to(lm.dtype)
+    mm = lm.mm_inputs(batch)
     pos = batch["position_ids"] if "position_ids" in batch else fam.position_ids(model, ids, attn, mm)
     mask = fam.stage1_mask(model, groups, lm.dtype) if bottleneck else attn
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **mm)

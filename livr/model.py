@@ -20,6 +20,7 @@ from livr.backbones.declared import declared_family
 from livr.config import Config, ConfigError
 from livr.latents import add_latent_tokens
 from livr.sequence import IGNORE, SequenceBuilder
+from livr.vision_cache import build_vision_cache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +46,7 @@ class LivrModel:
     base_vocab: int  # rows of the embedding table before the latents were added
     device: torch.device
     dtype: torch.dtype
+    vision_cache: object = None  # a livr.vision_cache.VisionCache (model.cache_vision)
 
     @property
     def family(self):
@@ -58,9 +60,7 @@ class LivrModel:
         """Forward kwargs for a collated batch: the 4-D bottleneck mask + explicit positions, or 2-D."""
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        mm = {k: batch[k] for k in self.family.forward_keys if k in batch}
-        if "pixel_values" in mm:
-            mm["pixel_values"] = mm["pixel_values"].to(self.dtype)
+        mm = self.mm_inputs(batch)
         inputs = {"input_ids": ids, **mm}
         pos = batch.get("position_ids")
         if bottleneck:
@@ -71,6 +71,16 @@ class LivrModel:
             if pos is not None:
                 inputs["position_ids"] = pos
         return inputs
+
+    def mm_inputs(self, batch: dict) -> dict:
+        """The forward's image inputs of a batch on the device: pixels in the model's dtype, or the cached features
+        (`mm_encoder_outputs`) in their place under model.cache_vision."""
+        mm = {k: batch[k] for k in self.family.forward_keys if k in batch}
+        if "pixel_values" in mm:
+            mm["pixel_values"] = mm["pixel_values"].to(self.dtype)
+            if self.vision_cache is not None:
+                mm = self.vision_cache.inputs(mm, batch.get("image_keys"))
+        return mm
 
     def stage1_mask(self, groups: torch.Tensor):
         """The Stage-1 `attention_mask` for the current attention implementation: flex_attention's BlockMask (one
@@ -126,6 +136,9 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     `loading` (livr.engine.Zero3Loading) builds a ZeRO-3 partitioned backbone."""
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    if loading and cfg.model.cache_vision:
+        raise ConfigError("config: model.cache_vision=true under ZeRO-3: the partitioned vision forward is a collective "
+                          "every rank must join; use ZeRO-2 or set model.cache_vision=false")
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
         attn_implementation=flex.impl_name(cfg.model.attn_implementation), trust_remote_code=cfg.model.trust_remote_code,
@@ -149,7 +162,9 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
         raise RuntimeError(f"vision/projector parameters would train: {leaks[:3]}")
     builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, ids, cfg.data.answer_format)
     builder.position_fn = lambda x, mm: bb.family.position_ids(model, x, torch.ones_like(x), mm)
-    return LivrModel(model, bb, ids, builder, base_vocab, device, dtype)
+    lm = LivrModel(model, bb, ids, builder, base_vocab, device, dtype)
+    lm.vision_cache = build_vision_cache(cfg, lm)
+    return lm
 
 
 def set_pixel_limits(image_processor, min_pixels: int, max_pixels: int) -> None:

@@ -59,6 +59,7 @@ class SequenceBuilder:
         self.image_id = tokenizer.convert_tokens_to_ids(family.image_token)
         self.answer_format = answer_format
         self.position_fn = None  # set by build_model: (ids [1,L], mm) -> positions, precomputed once per example
+        self.image_key_fn = None  # set under model.cache_vision: mm -> [images, 16] uint8 digests (livr/vision_cache.py)
 
     def prompt_text(self, row: dict) -> str:
         content = [{"type": "image"} for _ in images_of(row)]
@@ -97,9 +98,11 @@ class SequenceBuilder:
             if key in SEQ_KEYS:  # extend with text (0) for the answer tokens
                 value = torch.cat([value[0], value.new_zeros(len(answer))])
             out[key] = value
+        mm = {k: (v[None] if k in SEQ_KEYS else v) for k, v in out.items() if k in self.family.forward_keys}
         if self.position_fn is not None:  # right/left padding never moves a real token's position
-            mm = {k: (v[None] if k in SEQ_KEYS else v) for k, v in out.items() if k in self.family.forward_keys}
             out["position_ids"] = self.position_fn(ids[None], mm).select(-2, 0)
+        if self.image_key_fn is not None and "pixel_values" in mm:  # hashed here, in the loader workers
+            out["image_keys"] = self.image_key_fn(mm)
         return out
 
 

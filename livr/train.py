@@ -234,6 +234,8 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             metrics = {"epoch": epoch + 1, "stage": si + 1, "epochs_done": done_before + epoch + 1, **plan}
             if epoch_loss:  # this epoch's (or its resumed part's) mean of the global-batch answer NLLs
                 metrics["train_loss"] = sum(epoch_loss) / len(epoch_loss)
+            if lm.vision_cache is not None:  # this rank's: hit rate so far, entries and MiB held in memory
+                metrics.update(lm.vision_cache.stats())
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
                 val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet, eval_loaders)
                 acc = val["val"]["mean"]

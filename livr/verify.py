@@ -117,6 +117,7 @@ def verify(cfg: Config, mask_fn: MaskFn | None = None, *, num_rows: int = 3, lm=
     if lm is None:
         cfg = copy.deepcopy(cfg)
         cfg.latents.num_latents = cfg.latents.num_latents or 4  # (b) and (d) need latents
+        cfg.model.cache_vision = False  # (c) and (d) need the live vision path (pixels perturbed, their gradient)
         torch.manual_seed(cfg.train.seed)
         lm = build_model(cfg, trainable=False)
     lm.model.eval()

@@ -149,6 +149,40 @@ class Family:
         patches = ip.get_number_of_image_patches(height, width, {})
         return patches // ip.merge_size**2, patches * 3 * ip.temporal_patch_size * ip.patch_size**2 * 4
 
+    # --- the frozen vision encoder, one image at a time (livr/vision_cache.py)
+    stacked_image_features: ClassVar[bool] = False  # the encoder's pooler_output is one [images, tokens, dim] tensor
+
+    def image_pieces(self, config, mm: dict) -> list[list[torch.Tensor]]:
+        """Per image of a batch (or of one example): the input tensors that alone decide its visual features (the
+        vision cache hashes them). Default: Qwen's patch rows + (t, h, w) grid from image_grid_thw, else one
+        pixel_values row per image."""
+        px = mm["pixel_values"]
+        if "image_grid_thw" not in mm:
+            return [[x] for x in px]
+        grid = mm["image_grid_thw"]
+        return [[rows, g] for rows, g in zip(px.split(grid.prod(-1).tolist()), grid)]
+
+    def encode_images(self, inner, mm: dict) -> list[tuple[torch.Tensor, ...]]:
+        """Per image of the batch: its features from the inner model's stock `get_image_features` (the pooled
+        image tokens, then one tensor per DeepStack tap where the model has them)."""
+        out = inner.get_image_features(**self.encoder_kwargs(inner, mm), return_dict=True)
+        deep = getattr(out, "deepstack_features", None) or []
+        return [(pooled, *(d[i] for d in deep)) for i, pooled in enumerate(out.pooler_output)]
+
+    def encoder_kwargs(self, inner, mm: dict) -> dict:
+        """What the model's forward hands its `get_image_features` (config defaults fill in the rest)."""
+        return {k: mm[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images") if k in mm}
+
+    def image_outputs(self, feats: list[tuple[torch.Tensor, ...]]):
+        """Per-image features back as the model's `mm_encoder_outputs["image"]` (see `encode_images`)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        pooled = [f[0] for f in feats]
+        out = BaseModelOutputWithPooling(pooler_output=torch.stack(pooled) if self.stacked_image_features else tuple(pooled))
+        if len(feats[0]) > 1:
+            out.deepstack_features = [tuple(f[j] for f in feats) for j in range(1, len(feats[0]))]
+        return out
+
     # --- depth (model.num_layers) and presets
     def depth(self, config) -> int:
         return config.get_text_config().num_hidden_layers

@@ -56,6 +56,7 @@ class Gemma3(Family):
     lora_target_regex = r"(.*\.)?language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
     frozen_module_regex = r"(.*\.)?(vision_tower|multi_modal_projector)(\..*)?"
     tiny_preset, size_preset, hub_id = "tiny-gemma3", "size-gemma-3-4b", "google/gemma-3-4b-it"
+    stacked_image_features = True  # get_image_features: [images, mm_tokens_per_image, dim]
     image_processor_defaults: ClassVar[dict] = {"size": {"height": 896, "width": 896}, "image_mean": [0.5] * 3,
                                                 "image_std": [0.5] * 3}
 

@@ -9,6 +9,8 @@ newline token. The processor and the model compute the same count when built fro
 """
 from typing import ClassVar
 
+import torch
+
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -83,6 +85,18 @@ class LlavaOnevision(Family):
         else:
             tokens = proc._get_number_of_features(height, width, side, side)
         return tokens - (config.vision_feature_select_strategy == "default"), pixel_bytes
+
+    def image_pieces(self, config, mm):
+        """Per image: its used tiles (alone in its example: the base view + the anyres grid; else the base view
+        only), its original size, and whether it was tiled."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        tiled = [n == 1 for n in mm["batch_num_images"].tolist() for _ in range(n)]
+        out = []
+        for px, size, t in zip(mm["pixel_values"], mm["image_sizes"], tiled):
+            n = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if t else 1
+            out.append([px[:n], size, torch.tensor([t])])
+        return out
 
     def truncate_depth(self, cfg, n: int):
         """The first n decoder layers and the first min(n, layers) SigLIP layers (in place). The features come from
