@@ -93,7 +93,7 @@ class VisionCache:
         self.max_bytes, self.dir = max_mib << 20, os.path.expanduser(directory) if directory else None
         self.mem: dict[str, tuple[torch.Tensor, ...]] = {}
         self.mem_bytes = 0
-        self.hits = self.misses = self.disk_hits = 0
+        self.hits = self.misses = self.disk_hits = self.dropped = 0
 
     def keys(self, mm: dict) -> torch.Tensor:
         """[images, DIGEST] uint8: the digest of each image's input tensors (model-independent part of its key)."""
@@ -124,7 +124,7 @@ class VisionCache:
     def stats(self) -> dict:
         seen = self.hits + self.misses
         return {"vision_cache/hit_rate": self.hits / seen if seen else 0.0, "vision_cache/images": len(self.mem),
-                "vision_cache/mib": self.mem_bytes / 2**20, "vision_cache/disk_hits": self.disk_hits}
+                "vision_cache/mib": self.mem_bytes / 2**20, "vision_cache/disk_hits": self.disk_hits, "vision_cache/dropped": self.dropped}
 
     # ------------------------------------------------------------------ storage
     def _path(self, name: str) -> str:
@@ -149,7 +149,12 @@ class VisionCache:
         size = sum(t.numel() * t.element_size() for t in feats)
         if self.mem_bytes + size <= self.max_bytes:
             self.mem[name], self.mem_bytes = feats, self.mem_bytes + size
-        elif self.dir and not os.path.exists(self._path(name)):
+        elif not self.dir:
+            if not self.dropped:
+                print(f"[livr] vision cache: model.vision_cache_mib={self.max_bytes >> 20} is full; further images are "
+                      "encoded every time (model.vision_cache_dir keeps them on disk)", flush=True)
+            self.dropped += 1
+        elif not os.path.exists(self._path(name)):
             path = self._path(name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"

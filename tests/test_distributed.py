@@ -51,7 +51,8 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
 
     ds = "deepspeed_configs/zero2.json" if zero == "zero2" else _zero3_json(tmp_path)
     name = f"ds-{zero}-résumé"  # Ray needs ASCII names ('ascii' codec can't encode): it gets ray_safe_name(name)
-    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.deepspeed": ds})
+    cache = {"model.cache_vision": True} if zero == "zero2" else {}  # (refused under ZeRO-3)
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.deepspeed": ds, **cache})
     result = run_distributed(cfg)
     assert result["global_step"] == 4 and result["ray_checkpoint"]
     ckpt = result["ray_checkpoint"]
@@ -149,8 +150,8 @@ def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_c
         ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         common = {"lora.dropout": 0.0, "train.stage1_steps": 3, "train.stage2_steps": 3}
-        two = _cfg(backbone_cache, data_cache, tmp_path, name="two", **common,
-                   **{"distributed.placement_strategy": "STRICT_SPREAD"})
+        two = _cfg(backbone_cache, data_cache, tmp_path, name="two", **common,  # the vision cache on one side only
+                   **{"distributed.placement_strategy": "STRICT_SPREAD", "model.cache_vision": True})
         result = run_distributed(two)
         assert result["global_step"] == 6
     finally:
@@ -167,6 +168,8 @@ def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_c
         b = sorted((m.step, m.value) for m in client.get_metric_history(runs["one"], key))
         assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 3
         assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
+    hits = [m.value for m in client.get_metric_history(runs["two"], "vision_cache/hit_rate")]
+    assert hits and max(hits) > 0, "the cached side read features from its cache"
 
 
 def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, tmp_path):

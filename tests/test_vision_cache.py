@@ -138,7 +138,7 @@ def test_beyond_the_memory_budget_entries_go_to_disk_and_come_back(backbone_cach
     with torch.no_grad():
         bare.forward(batch, bottleneck=True)
         bare.forward(batch, bottleneck=True)
-    assert (bare.vision_cache.hits, bare.vision_cache.misses) == (0, 16)
+    assert (bare.vision_cache.hits, bare.vision_cache.misses, bare.vision_cache.dropped) == (0, 16, 16)
 
 
 def test_a_vision_tower_with_dropout_and_zero3_are_refused(backbone_cache, data_cache, tmp_path):
