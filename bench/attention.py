@@ -1,6 +1,6 @@
 """Stage-1 attention cost against a causal forward, at real width and real sequence lengths.
 
-    python bench/attention.py [--repeat 2] [--lengths 1198,2199,4201] [--compile-flex]
+    python bench/attention.py [--repeat 3] [--lengths 1198,2199,4201] [--compile-flex]
 
 The language model of `size-qwen2.5-vl-3b` at depth 2 (hidden 2048, 16 heads, 2 KV heads; random weights, built
 offline) runs on L tokens laid out as livr encodes 1 / 2 / 4 BLINK-like 1024x768 images (999 image tokens each,
@@ -25,7 +25,6 @@ import os
 import tempfile
 
 import torch
-from decode_mask import timed  # bench/ is on sys.path when run as a script
 
 from livr import flex
 from livr.sequence import ANSWER, IMAGE, LATENT, PROMPT, TEXT
@@ -42,9 +41,30 @@ def layout(length: int, images: int, device) -> torch.Tensor:
     return g
 
 
+def interleaved(fns: dict, repeat: int, device) -> dict[str, float]:
+    """Median ms per function over `repeat` rounds that run every function once, in turn (after one warm-up
+    round): a shared machine's slow minutes hit all of them alike, not the one that happened to run then."""
+    import statistics
+    import time
+
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            f()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(1000 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median)")
     ap.add_argument("--lengths", default="1198,2199,4201")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "livr_bench_presets"))
     ap.add_argument("--compile-flex", action="store_true", help="compile flex_attention on CPU too "
@@ -89,7 +109,7 @@ def main() -> None:
         block = flex.block_mask(fam, groups)
         masks = {"causal": ("sdpa", causal2d), "sdpa_mask": ("sdpa", stage1), "eager": ("eager", stage1),
                  "flex": ("flex_attention", block)}
-        ms = {k: timed(lambda im=im, m=m, run=run: run(im, m), args.repeat, device) for k, (im, m) in masks.items()}
+        ms = interleaved({k: (lambda im=im, m=m, run=run: run(im, m)) for k, (im, m) in masks.items()}, args.repeat, device)
         r = {k: v / ms["causal"] for k, v in ms.items()}
         print(f"| {length} | {ms['causal']:.0f} | {ms['sdpa_mask']:.0f} | {ms['eager']:.0f} | {ms['flex']:.0f} | "
               f"{r['sdpa_mask']:.2f} / {r['eager']:.2f} / {r['flex']:.2f} |")
@@ -144,13 +164,7 @@ def vision_cache(args, device, dtype, name) -> dict:
         lm.model.zero_grad(set_to_none=True)
 
     cache = lm.vision_cache
-    lm.vision_cache = None
-    repeat = max(1, args.repeat // 2) if device.type == "cpu" else args.repeat
-    plain = timed(step, repeat, device)
-    lm.vision_cache = cache
-    cached = timed(step, repeat, device)  # the warm-up call fills the cache; the timed ones hit it
-    assert cache.hits >= repeat and cache.misses == 1
-    inputs = lm.model_inputs(batch, bottleneck=True)
+    inputs = lm.model_inputs(batch, bottleneck=True)  # (encodes the image once: the cache is filled here)
     text = lm.model.get_base_model().model.language_model
     h = torch.randn(*batch["input_ids"].shape, text.config.hidden_size, device=device, dtype=dtype) * 0.02
 
@@ -160,7 +174,15 @@ def vision_cache(args, device, dtype, name) -> dict:
         y.float().square().mean().backward()
         lm.model.zero_grad(set_to_none=True)
 
-    layers = timed(layers_step, repeat, device)
+    def with_cache(on: bool):
+        lm.vision_cache = cache if on else None
+        step()
+
+    repeat = max(1, args.repeat - 1) if device.type == "cpu" else args.repeat  # (a CPU step with vision: ~50 s)
+    ms = interleaved({"plain": lambda: with_cache(False), "cached": lambda: with_cache(True), "layers": layers_step},
+                     repeat, device)
+    assert cache.misses == 1 and cache.hits >= repeat + 1
+    plain, cached, layers = ms["plain"], ms["cached"], ms["layers"]
     full = cached + (36 - 2) * layers / 2
     speedup, speedup_full = plain / cached, (full + plain - cached) / full
     print(f"\nFrozen-vision cache: one Stage-1 training step (fwd + bwd), livr model of size-qwen2.5-vl-3b (vision "

@@ -77,9 +77,12 @@ class LivrModel:
         (`mm_encoder_outputs`) in their place under model.cache_vision."""
         mm = {k: batch[k] for k in self.family.forward_keys if k in batch}
         if "pixel_values" in mm:
+            keys = None
+            if self.vision_cache is not None:  # the loader's digests, else the same ones (of the pixels as encoded)
+                keys = batch["image_keys"] if "image_keys" in batch else self.vision_cache.keys(mm)
             mm["pixel_values"] = mm["pixel_values"].to(self.dtype)
-            if self.vision_cache is not None:
-                mm = self.vision_cache.inputs(mm, batch.get("image_keys"))
+            if keys is not None:
+                mm = self.vision_cache.inputs(mm, keys)
         return mm
 
     def stage1_mask(self, groups: torch.Tensor):

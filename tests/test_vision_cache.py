@@ -67,6 +67,9 @@ def test_cached_features_give_the_uncached_forward_and_skip_the_encoder(backbone
         nll = lm.answer_nll(batch, bottleneck=True)[0]
     assert len(calls) == 1, "every image came from the cache: the encoder did not run again"
     assert lm.vision_cache.hits == 4 * n_images  # 5 passes, the first encodes
+    with torch.no_grad():  # a batch encoded without the loader's digests finds the same entries
+        lm.forward({k: v for k, v in batch.items() if k != "image_keys"}, bottleneck=True)
+    assert (lm.vision_cache.hits, lm.vision_cache.misses, len(calls)) == (5 * n_images, n_images, 1)
     want = _uncached(lm, lambda: [lm.forward(batch, bottleneck=b) for b in (True, False)])
     want_nll = _uncached(lm, lambda: lm.answer_nll(batch, bottleneck=True)[0])
     for got in (first, second):
