@@ -56,7 +56,8 @@ Host RAM per rank (GiB):
   offload    the CPU-offloaded optimizer states / parameters (ZeRO offload)
   dataset    memory-mapped Arrow (save_to_disk, the hub cache): page cache shared by a node's ranks, not RSS;
              parquet files are read into each rank's RAM (RSS)
-Peak RSS = process + offload + max(model load, loader + prefetch + parquet data).
+  vision     model.cache_vision: up to model.vision_cache_mib of cached image features (the rest on disk)
+Peak RSS = process + offload + vision cache + max(model load, loader + prefetch + parquet data).
 """
 from __future__ import annotations
 
@@ -183,8 +184,9 @@ def loader_workers(cfg) -> tuple[int, str]:
 
 
 def host_ram(c: dict, *, b: int, stage: int, gpus: int, micro: int, cpu_offload: float, workers: int,
-             pixel_bytes: int, dataset: dict | None, gpu: bool = True) -> dict:
-    """Bytes of host RAM per rank by component (see the module docstring)."""
+             pixel_bytes: int, dataset: dict | None, gpu: bool = True, vision_cache: int = 0) -> dict:
+    """Bytes of host RAM per rank by component (see the module docstring); `vision_cache`: the frozen-vision
+    cache's memory budget (model.vision_cache_mib, bytes), an upper bound."""
     n = max(1, gpus)
     load = c["total"] * b
     if stage >= 3:  # zero.Init: the rank's partition + the embedding table(s), whole until partitioned
@@ -195,8 +197,8 @@ def host_ram(c: dict, *, b: int, stage: int, gpus: int, micro: int, cpu_offload:
     data_rss = dataset["bytes"] if dataset and not dataset["mapped"] else 0
     out = {"process": PROCESS_RSS, "model_load": load, "loader_workers": loader, "prefetch": prefetch,
            "offload": cpu_offload, "dataset_rss": data_rss,
-           "page_cache": dataset["bytes"] if dataset and dataset["mapped"] else 0}
-    out["peak"] = PROCESS_RSS + cpu_offload + max(load, loader + prefetch + data_rss)
+           "page_cache": dataset["bytes"] if dataset and dataset["mapped"] else 0, "vision_cache": vision_cache}
+    out["peak"] = PROCESS_RSS + cpu_offload + vision_cache + max(load, loader + prefetch + data_rss)
     return out
 
 
@@ -238,7 +240,8 @@ def plan(cfg, seq_len: int | None = None, *, images: int = 0, image_size: tuple[
                              **common)["total"]
     host = host_ram(c, b=b, stage=z["stage"], gpus=setting["gpus"], micro=cfg.train.micro_batch_size,
                     cpu_offload=configured[cfg.model.gradient_checkpointing]["cpu_offload"], workers=workers,
-                    pixel_bytes=seq["pixel_bytes"], dataset=seq.get("dataset"))
+                    pixel_bytes=seq["pixel_bytes"], dataset=seq.get("dataset"),
+                    vision_cache=(cfg.model.vision_cache_mib << 20) if cfg.model.cache_vision else 0)
     return {"counts": c, "setting": setting, "sequence": seq, "configured": {"no_checkpointing": configured[False],
             "checkpointing": configured[True]}, "host": host, "zero3_checkpointing": zero3,
             "zero3_offload_1gpu": zero3_offload, "recommendation": recommend(configured, zero3, zero3_offload, setting)}
@@ -327,8 +330,11 @@ def format_plan(p: dict) -> str:
         lines.append(f"    offload             {hst['offload'] / GIB:9.2f}   ZeRO CPU offload")
     if hst["dataset_rss"]:
         lines.append(f"    dataset (parquet)   {hst['dataset_rss'] / GIB:9.2f}   read into each rank's RAM")
-    lines.append(f"    peak RSS            {hst['peak'] / GIB:9.2f}   process + offload + max(model load, loader + "
-                 "prefetch + data)")
+    if hst["vision_cache"]:
+        lines.append(f"    vision cache        {hst['vision_cache'] / GIB:9.2f}   at most (model.vision_cache_mib; "
+                     "beyond it: model.vision_cache_dir)")
+    lines.append(f"    peak RSS            {hst['peak'] / GIB:9.2f}   process + offload + vision cache + max(model load, "
+                 "loader + prefetch + data)")
     if hst["page_cache"]:
         lines.append(f"    dataset             {hst['page_cache'] / GIB:9.2f}   memory-mapped Arrow: page cache shared "
                      "by the node's ranks, not RSS")

@@ -268,6 +268,9 @@ def test_plan_real_backbone_zero3_and_cli(capsys):
     z3 = list(p["zero3_checkpointing"].values())
     assert all(a > b for a, b in itertools.pairwise(z3))
     assert "24 GB" in p["recommendation"]
+    cfg.model.cache_vision, cfg.model.vision_cache_mib = True, 2048  # its memory budget counts in host RAM
+    cached = plan(cfg, seq_len=1024)["host"]
+    assert cached["vision_cache"] == 2 << 30 and cached["peak"] == p["host"]["peak"] + (2 << 30)
     assert main(["plan", "--config", _path("configs/paper/qwen2.5-vl-3b/Jigsaw_sft.yaml"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["counts"]["total"] == 3_754_622_976 and out["setting"]["zero_stage"] == 0

@@ -10,7 +10,6 @@ newline token. The processor and the model compute the same count when built fro
 from typing import ClassVar
 
 import torch
-
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
