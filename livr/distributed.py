@@ -28,7 +28,10 @@ def check_config(cfg: Config) -> None:
     if d.deepspeed:
         from livr.engine import load_ds_config
 
-        load_ds_config(d.deepspeed)  # parses, and the ZeRO stage exists
+        ds = load_ds_config(d.deepspeed)  # parses, and the ZeRO stage exists
+        if cfg.model.cache_vision and ds.get("zero_optimization", {}).get("stage") == 3:
+            raise ConfigError("config: model.cache_vision=true under ZeRO-3: the partitioned vision forward is a "
+                              "collective every rank must join; use ZeRO-2 or set model.cache_vision=false")
     if d.use_gpu and cfg.model.attn_implementation not in ("sdpa", "eager", "flex_attention"):
         raise ConfigError(f"config: model.attn_implementation={cfg.model.attn_implementation!r}: Stage 1 needs sdpa, "
                           "eager or flex_attention")

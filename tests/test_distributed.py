@@ -181,7 +181,8 @@ def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, 
     stage9.write_text(json.dumps({"zero_optimization": {"stage": 9}}))
     cases = [({"distributed.deepspeed": str(bad_json)}, "not valid JSON"),
              ({"distributed.deepspeed": str(stage9)}, "stage=9 does not exist"),
-             ({"distributed.num_workers": 5}, "needs 5 CPU in all but the cluster has 2")]
+             ({"distributed.num_workers": 5}, "needs 5 CPU in all but the cluster has 2"),
+             ({"distributed.deepspeed": _zero3_json(tmp_path), "model.cache_vision": True}, "cache_vision=true under ZeRO-3")]
     for extra, message in cases:
         cfg = _cfg(backbone_cache, data_cache, tmp_path, name="bad", **extra)
         with pytest.raises(ConfigError, match=message):
