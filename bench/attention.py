@@ -124,6 +124,7 @@ def main() -> None:
 
 def vision_preset(cache_dir: str) -> str:
     """size-qwen2.5-vl-3b with its full vision tower and 2 decoder layers, saved once (bf16, like the presets)."""
+    from livr.atomic import replace_dir
     from livr.backbones import FAMILIES
     from livr.backbones.base import random_model, truncate_text
 
@@ -133,10 +134,11 @@ def vision_preset(cache_dir: str) -> str:
         cfg, tok, ip = fam.size_parts()
         truncate_text(cfg.get_text_config(), 2)
         model = random_model(fam, cfg, tok, dtype=torch.bfloat16)
-        tmp = out + ".tmp"
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_dir)
         for part in (model, tok, ip):
             part.save_pretrained(tmp)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     return out
 
 

@@ -27,11 +27,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"config: distributed.num_workers={d.num_workers}: Ray Train needs >= 1 worker")
     if d.deepspeed:
         from livr.engine import load_ds_config
+        from livr.vision_cache import check_zero_stage
 
         ds = load_ds_config(d.deepspeed)  # parses, and the ZeRO stage exists
-        if cfg.model.cache_vision and ds.get("zero_optimization", {}).get("stage") == 3:
-            raise ConfigError("config: model.cache_vision=true under ZeRO-3: the partitioned vision forward is a "
-                              "collective every rank must join; use ZeRO-2 or set model.cache_vision=false")
+        check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0))
     if d.use_gpu and cfg.model.attn_implementation not in ("sdpa", "eager", "flex_attention"):
         raise ConfigError(f"config: model.attn_implementation={cfg.model.attn_implementation!r}: Stage 1 needs sdpa, "
                           "eager or flex_attention")

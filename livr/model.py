@@ -20,7 +20,7 @@ from livr.backbones.declared import declared_family
 from livr.config import Config, ConfigError
 from livr.latents import add_latent_tokens
 from livr.sequence import IGNORE, SequenceBuilder
-from livr.vision_cache import build_vision_cache
+from livr.vision_cache import build_vision_cache, check_zero_stage
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,9 +139,7 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     `loading` (livr.engine.Zero3Loading) builds a ZeRO-3 partitioned backbone."""
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    if loading and cfg.model.cache_vision:
-        raise ConfigError("config: model.cache_vision=true under ZeRO-3: the partitioned vision forward is a collective "
-                          "every rank must join; use ZeRO-2 or set model.cache_vision=false")
+    check_zero_stage(cfg, 3 if loading else 0)
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
         attn_implementation=flex.impl_name(cfg.model.attn_implementation), trust_remote_code=cfg.model.trust_remote_code,

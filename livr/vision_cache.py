@@ -71,13 +71,22 @@ def fingerprint(model, family, dtype: torch.dtype, device: torch.device) -> byte
     return h.digest()
 
 
+def check_zero_stage(cfg, stage: int) -> None:
+    """A one-line ConfigError for model.cache_vision under ZeRO-3 (before Ray starts workers, and in build_model)."""
+    if cfg.model.cache_vision and stage == 3:
+        raise ConfigError("config: model.cache_vision=true under ZeRO-3: the partitioned vision forward is a "
+                          "collective every rank must join; use ZeRO-2 or set model.cache_vision=false")
+
+
 def check_deterministic(model, family) -> None:
     """A one-line ConfigError when the frozen vision modules have dropout (their features would not be a function
     of the image in training mode)."""
     frozen = re.compile(family.frozen_module_regex)
     for name, m in model.named_modules():
-        p = getattr(m, "p", 0) if isinstance(m, torch.nn.Dropout) else getattr(getattr(m, "config", None), "attention_dropout", 0)
-        if frozen.fullmatch(name) and isinstance(p, (int, float)) and p > 0:
+        if not frozen.fullmatch(name):
+            continue
+        p = m.p if isinstance(m, torch.nn.Dropout) else getattr(getattr(m, "config", None), "attention_dropout", 0)
+        if isinstance(p, (int, float)) and p > 0:
             raise ConfigError(f"config: model.cache_vision: {name} has dropout {p}: its features are not a function of "
                               "the image; set model.cache_vision=false")
 
@@ -100,11 +109,10 @@ class VisionCache:
         rows = [list(digest(p)) for p in self.family.image_pieces(self.inner.config, mm)]
         return torch.tensor(rows, dtype=torch.uint8).reshape(-1, DIGEST)
 
-    def inputs(self, mm: dict, keys: torch.Tensor | None = None) -> dict:
+    def inputs(self, mm: dict, keys: torch.Tensor) -> dict:
         """`mm` (the forward's image inputs, on the device) with `pixel_values` replaced by `mm_encoder_outputs`:
         every image from the cache, or, if any is missing, the whole batch encoded and stored."""
-        keys = self.keys(mm) if keys is None else keys.cpu()
-        names = [hashlib.sha256(self.salt + bytes(k.tolist())).hexdigest()[:32] for k in keys]
+        names = [hashlib.sha256(self.salt + bytes(k.tolist())).hexdigest()[:32] for k in keys.cpu()]
         feats = [self._get(n) for n in names]
         if any(f is None for f in feats):
             self.misses += sum(f is None for f in feats)
