@@ -174,14 +174,8 @@ CATALOGUE: list[Mutant] = [
       "logits, labels = logits.float(), labels.to(logits.device)",
       why="loss without the next-token shift: each answer position 'predicts' itself"),
     M("train_nll_no_shift", "livr/model.py",
-      "        keep[:, :-1] = labels[:, 1:] != IGNORE  # the logits at t - 1 predict the token at t\n"
-      "        inputs = self.model_inputs(batch, bottleneck)\n"
-      "        logits = (module or self.model)(**inputs, logits_to_keep=keep, use_cache=False).logits\n"
-      "        targets = labels[:, 1:][keep[:, :-1]]\n",
-      "        keep = labels != IGNORE\n"
-      "        inputs = self.model_inputs(batch, bottleneck)\n"
-      "        logits = (module or self.model)(**inputs, logits_to_keep=keep, use_cache=False).logits\n"
-      "        targets = labels[keep]\n",
+      "    keep = labels[:, 1:] != IGNORE\n",
+      "    keep = labels[:, :-1] != IGNORE\n",
       why="the training loss (answer_nll) without the next-token shift: each answer position 'predicts' itself"),
     M("loss_summed", "livr/model.py",
       "    return (nll * mask).sum() / mask.sum().clamp(min=1)",
@@ -245,13 +239,13 @@ CATALOGUE: list[Mutant] = [
       'lr = lr_at(state["global_step"], stage.steps, cfg)',
       why="the schedule runs on the global step: Stage 2 does not restart warm-up + cosine"),
     M("train_loss_summed", "livr/train.py",
-      "engine.micro_step(nll / max(1.0, tokens), boundary, lr)",
+      "engine.micro_step(nll / tokens, boundary, lr)",
       "engine.micro_step(nll, boundary, lr)",
       tests=[LOOP, TWO_RANKS, TRAIN],
       why="the training loss is the summed answer NLL, not the per-token mean (lr effectively scaled by length)"),
     M("train_loss_microbatch_mean", "livr/train.py",
       "            nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)\n"
-      "            engine.micro_step(nll / max(1.0, tokens), boundary, lr)\n",
+      "            engine.micro_step(nll / tokens, boundary, lr)\n",
       "            nll, n = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)\n"
       "            engine.micro_step(nll / max(1, n), boundary, lr)\n",
       tests=[TWO_RANKS, LOOP, TRAIN],

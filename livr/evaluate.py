@@ -37,7 +37,8 @@ def generate(lm, items: list[dict] | dict, *, bottleneck: bool = False, max_new_
     mm = lm.mm_inputs(batch)
     pos = batch["position_ids"] if "position_ids" in batch else fam.position_ids(model, ids, attn, mm)
     mask = fam.stage1_mask(model, groups, lm.dtype) if bottleneck else attn
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **mm)
+    # the LM head at the last position only: [B, 1, V], never [B, L, V] (10 GB of bf16 at B 8, L 4200, V 152k)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **mm)
     eos = lm.tokenizer.convert_tokens_to_ids(fam.end_of_turn)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=lm.device)
     new_tokens = []

@@ -47,7 +47,7 @@ def attention_analysis(lm, rows: list[dict], *, bottleneck: bool = False, heatma
     for i, row in enumerate(rows):
         item = lm.builder.encode(row)
         batch = collate([item], lm.tokenizer.pad_token_id)
-        out = lm.model(**lm.model_inputs(batch, bottleneck), output_attentions=True, use_cache=False)
+        out = lm.model(**lm.model_inputs(batch, bottleneck), output_attentions=True, logits_to_keep=1, use_cache=False)
         att = torch.stack([a[0].float().mean(0) for a in out.attentions]).cpu()  # [layers, L, L], heads averaged
         groups = item["groups"]
         ans = answer_rows(batch)[0]

@@ -98,14 +98,18 @@ class LivrModel:
     def answer_nll(self, batch: dict, bottleneck: bool, module=None) -> tuple[torch.Tensor, int]:
         """(summed next-token NLL over the labelled tokens, their count), with the LM head applied only at the
         positions that predict a labelled token (`logits_to_keep`): the full [B, L, vocab] logits of a
-        4k-token multi-image sequence are never built. `module`: what runs the forward (a DDP wrapper)."""
-        labels = batch["labels"].to(self.device)
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != IGNORE  # the logits at t - 1 predict the token at t
+        4k-token multi-image sequence are never built. `module`: what runs the forward (a DDP wrapper).
+        The positions are found on the host from the (host) labels and passed as a [B, n] index, n the most
+        labelled tokens of a row (shorter rows repeat a position whose target is ignored): no boolean indexing
+        on the device, so no host sync."""
+        pos, targets, count = labelled_positions(batch["labels"])
         inputs = self.model_inputs(batch, bottleneck)
-        logits = (module or self.model)(**inputs, logits_to_keep=keep, use_cache=False).logits
-        targets = labels[:, 1:][keep[:, :-1]]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
+        pos = pos.to(self.device, non_blocking=True)
+        logits = (module or self.model)(**inputs, logits_to_keep=pos, use_cache=False).logits
+        targets = targets.to(self.device, non_blocking=True).reshape(-1)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE,
+                              reduction="sum")
+        return nll, count
 
     def attn_implementation(self) -> str:
         return getattr(self.model.get_base_model().config, "_attn_implementation", "")
@@ -115,6 +119,19 @@ class LivrModel:
         name = flex.impl_name(name)
         if name and getattr(base.config, "_attn_implementation", name) != name:
             base.set_attn_implementation(name)
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For labels [B, L] (on the host): the positions whose logits predict a labelled token, [B, n] (the logits
+    at t - 1 predict the token at t), their targets [B, n] (IGNORE where a row has fewer than n), and the count."""
+    labels = labels.cpu()
+    keep = labels[:, 1:] != IGNORE
+    per_row = keep.sum(1)
+    n = max(1, int(per_row.max())) if labels.shape[0] else 1
+    order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n]  # kept first, in order
+    valid = torch.arange(n)[None] < per_row[:, None]
+    targets = torch.where(valid, labels[:, 1:].gather(1, order), torch.full_like(order, IGNORE))
+    return order, targets, int(per_row.sum())
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False) -> torch.Tensor:

@@ -96,6 +96,17 @@ def _sum_across(value: float, world: int, device: torch.device) -> float:
     return t.item()
 
 
+def _reduce_loss(losses: list, world: int) -> float:
+    """The mean over `losses` (train_step's device scalars, each already this rank's share of its step's global
+    mean), summed over ranks: one all-reduce and one host read for all of them (a log step, an epoch's end)."""
+    if not losses:
+        return float("nan")
+    t = torch.stack([x.detach().to(torch.float64) for x in losses]).sum().reshape(1)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.item() / len(losses)
+
+
 def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] | None = None,
                  resume_from: str | None = None) -> dict:
     """Run one training (both stages, or SFT) and return the final metrics (rank 0's view).
@@ -207,7 +218,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 if state["step"] >= stage.steps:
                     break
                 micro = [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
-                loss = train_step(lm, engine, cfg, stage, state, micro, ctx)
+                loss = train_step(lm, engine, cfg, stage, state, micro, ctx)  # a device scalar: no host sync
                 epoch_loss.append(loss)
                 state["step"] += 1
                 state["global_step"] += 1
@@ -216,9 +227,10 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 if state["global_step"] == 1 and hasattr(engine, "memory"):  # per-rank ZeRO footprint
                     with open(os.path.join(run_dir, f"memory_rank{ctx.rank}.json"), "w") as f:
                         json.dump({**engine.memory(), "built_partitioned": getattr(loading, "built_partitioned", False)}, f)
-                if state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps:
+                log_step = state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps
+                if log_step:
                     now = time.perf_counter()
-                    metrics = {f"{stage.name}/loss": loss, f"{stage.name}/lr": engine.lr,
+                    metrics = {f"{stage.name}/loss": _reduce_loss([loss], ctx.world), f"{stage.name}/lr": engine.lr,
                                f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
                     t_last = now
                     tracker.log_metrics(metrics, state["global_step"])
@@ -226,14 +238,16 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
                     _save(engine, state, ctx, last, report, {})
-                if state["step"] < stage.steps and life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
+                # several ranks agree on a signal at log steps only (an all-reduce read on the host is a sync)
+                if state["step"] < stage.steps and (log_step or ctx.world == 1) \
+                        and life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
                     _save(engine, state, ctx, last, report, {})  # (the last step of a stage ends its epoch first)
                     raise life.stopped(state["global_step"])
             # end of an epoch (or of the stage)
             done_before = sum(math.ceil(s.steps / steps_per_epoch) for s in stages[:si])  # earlier stages' epochs
             metrics = {"epoch": epoch + 1, "stage": si + 1, "epochs_done": done_before + epoch + 1, **plan}
             if epoch_loss:  # this epoch's (or its resumed part's) mean of the global-batch answer NLLs
-                metrics["train_loss"] = sum(epoch_loss) / len(epoch_loss)
+                metrics["train_loss"] = _reduce_loss(epoch_loss, ctx.world)
             if lm.vision_cache is not None:  # this rank's: hit rate so far, entries and MiB held in memory
                 metrics.update(lm.vision_cache.stats())
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
@@ -263,24 +277,32 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders)
 
 
-def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> float:
-    """One optimizer step over a global batch, of which `micro` are this rank's collated micro-batches;
-    returns the step's loss, the same on every rank.
+def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> torch.Tensor:
+    """One optimizer step over a global batch, of which `micro` are this rank's collated micro-batches; returns
+    this rank's share of the step's loss as a device scalar (`_reduce_loss` sums the shares over ranks when a
+    log step or an epoch's end reads it), so a step makes no host sync of its own.
 
     The loss is the per-token mean answer NLL over the whole global batch (total NLL / total labelled tokens,
     both summed over ranks), so micro-batch size, accumulation and the number of ranks never change the
     gradient: each micro-batch contributes its summed NLL / the global token count, and the engine sums the
-    contributions of all ranks (`livr.data.loader.micro_batches` decides which rows each rank gets)."""
+    contributions of all ranks (`livr.data.loader.micro_batches` decides which rows each rank gets). The labels
+    are on the host, so the token count is too; with several ranks it is summed on the device (no read back)."""
     lr = lr_at(state["step"], stage.steps, cfg)
-    tokens = _sum_across(float(sum(int((b["labels"] != IGNORE).sum()) for b in micro)), ctx.world, lm.device)
-    total = 0.0
+    tokens = float(sum(int((b["labels"] != IGNORE).sum()) for b in micro))  # host tensors: no device sync
+    if ctx.world > 1:
+        tokens = torch.tensor(tokens, dtype=torch.float32, device=lm.device)
+        dist.all_reduce(tokens)
+        tokens = tokens.clamp(min=1.0)
+    else:
+        tokens = max(1.0, tokens)
+    total = None
     for a, batch in enumerate(micro):
         boundary = a == len(micro) - 1
         with engine.sync(boundary):
             nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)
-            engine.micro_step(nll / max(1.0, tokens), boundary, lr)
-        total += nll.item()
-    return _sum_across(total, ctx.world, lm.device) / max(1.0, tokens)
+            engine.micro_step(nll / tokens, boundary, lr)
+        total = nll.detach() if total is None else total + nll.detach()
+    return total / tokens
 
 
 def _injected_failure(global_step: int, rank: int) -> None:

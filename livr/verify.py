@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from livr import flex
 from livr.config import Config
@@ -89,11 +90,11 @@ def cut_latents(groups: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _diffs(lm, a: dict, b: dict, groups: torch.Tensor, mask_fn: MaskFn) -> tuple[float, float]:
     """(max |Δ answer logits|, max |Δ prompt hidden states| over layers) between batches a and b."""
-    ans = answer_rows(a)[0]
+    keep = answer_rows(a).to(lm.device)  # the LM head only where a logit predicts an answer token
     prompt = (groups[0] == PROMPT).to(lm.device)
-    oa = lm.model(**_inputs(lm, a, groups, mask_fn), output_hidden_states=True, use_cache=False)
-    ob = lm.model(**_inputs(lm, b, groups, mask_fn), output_hidden_states=True, use_cache=False)
-    logit = (oa.logits[0, ans] - ob.logits[0, ans]).abs().max().item()
+    oa = lm.model(**_inputs(lm, a, groups, mask_fn), output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+    ob = lm.model(**_inputs(lm, b, groups, mask_fn), output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+    logit = (oa.logits - ob.logits).abs().max().item()
     hidden = max((ha[0, prompt] - hb[0, prompt]).abs().max().item() for ha, hb in zip(oa.hidden_states, ob.hidden_states))
     return logit, hidden
 
@@ -101,7 +102,10 @@ def _diffs(lm, a: dict, b: dict, groups: torch.Tensor, mask_fn: MaskFn) -> tuple
 def _pixel_grad(lm, batch: dict, groups: torch.Tensor, mask_fn: MaskFn) -> float:
     px = batch["pixel_values"].to(lm.device, lm.dtype).clone().requires_grad_(True)
     inputs = {**_inputs(lm, batch, groups, mask_fn), "pixel_values": px}
-    loss = answer_loss(lm.model(**inputs, use_cache=False).logits, batch["labels"])
+    keep = answer_rows(batch).to(lm.device)
+    logits = lm.model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    targets = batch["labels"][:, 1:].to(lm.device)[keep[:, :-1]]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
     (g,) = torch.autograd.grad(loss, px, allow_unused=True)
     return 0.0 if g is None else g.abs().max().item()
 

@@ -211,7 +211,11 @@ def test_cached_generation_matches_full_recompute(backbone, bottleneck, backbone
     rows = generate_task("Counting", 1, seed=4) + generate_task("Visual_Similarity", 1, seed=4)  # 1 and 3 images
     items = [lm.builder.encode(r, with_answer=False) for r in rows]
     assert all(it["input_ids"][-1].item() == lm.latent_ids[-1] for it in items), "prompt ends with the delimiter"
+    head_rows = []  # positions the LM head sees in each generate forward: one per row, never the prompt's L
+    hook = lm.model.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:2]))
     cached = generate(lm, items, bottleneck=bottleneck, max_new_tokens=4)
+    hook.remove()
+    assert head_rows and all(s == (len(items), 1) for s in head_rows), head_rows
     eos = lm.tokenizer.convert_tokens_to_ids(lm.family.end_of_turn)
     for it, got in zip(items, cached):
         seq = {k: v for k, v in it.items() if k != "position_ids"}  # the reference takes the model's own positions

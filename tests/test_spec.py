@@ -233,13 +233,28 @@ def test_labelled_positions_loss_equals_the_full_logits_loss(bottleneck, backbon
     full_sum.backward()
     g_full = {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None}
     lm.model.zero_grad()
+    # the boolean-mask head (transformers flattens the kept rows; indexing a device tensor by a mask syncs the host)
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    logits = lm.model(**lm.model_inputs(batch, bottleneck), logits_to_keep=keep, use_cache=False).logits
+    masked = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][keep[:, :-1]], reduction="sum")
+    masked.backward()
+    g_masked = {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None}
+    lm.model.zero_grad()
+    seen = []  # what answer_nll hands the model: a [B, n] integer index computed on the host, never a mask
+    hook = lm.model.get_base_model().register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["logits_to_keep"]), with_kwargs=True)
     nll, n = lm.answer_nll(batch, bottleneck)
+    hook.remove()
+    assert seen[0].dtype == torch.int64 and seen[0].shape == (len(rows), int(count.max()))
     assert n == int(count.sum())
     assert nll.item() / n == pytest.approx(full_sum.item() / n, rel=1e-6)  # fp32: summation order differs
+    assert torch.equal(nll, masked), (nll.item(), masked.item())  # the same sum, bit for bit, as the mask path
     nll.backward()
     for k, g in g_full.items():
         p = dict(lm.model.named_parameters())[k]
         assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-5), (k, (p.grad - g).abs().max().item())  # fp32 sums
+        assert torch.equal(p.grad, g_masked[k]), k
 
 
 # ----------------------------------------------------------------------------- leak properties, multi-image
