@@ -132,6 +132,7 @@ class DistributedConfig:
     max_failures: int = 0  # worker-group restarts after a failure; -1 = unlimited
     num_to_keep: int = 2
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = every epoch
+    timeout_s: int = 7200  # process-group timeout (collectives, barriers), e.g. while local rank 0 downloads the backbone
 
 
 @dataclass
@@ -361,7 +362,7 @@ def _check_device(device: str) -> None:
 
 def _check_distributed(d: DistributedConfig) -> None:
     for key, low in (("num_workers", 0), ("cpus_per_worker", 1), ("gpus_per_worker", 0), ("max_failures", -1),
-                     ("num_to_keep", 1), ("checkpoint_every", 0)):
+                     ("num_to_keep", 1), ("checkpoint_every", 0), ("timeout_s", 1)):
         if getattr(d, key) < low:
             _fail(f"distributed.{key}", getattr(d, key), f"must be >= {low}" + (" (-1 = unlimited)" if low == -1 else ""))
     _one_of("distributed.placement_strategy", d.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))

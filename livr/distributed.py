@@ -122,6 +122,12 @@ def _worker_loop(config: dict) -> None:
     from livr.train import train_worker
 
     cfg = from_dict(config)
+    if cfg.model.device in ("auto", "cuda") and cfg.distributed.use_gpu:
+        import ray.train.torch
+        import torch
+
+        if torch.cuda.is_available():  # Ray's device for this worker (its CUDA_VISIBLE_DEVICES), not LOCAL_RANK's
+            cfg.model.device = str(ray.train.torch.get_device())
     if ray.train.get_context().get_world_rank() == 0:
         drop_unregistered_checkpoints(ray.train.get_context().get_storage())
     ckpt = ray.train.get_checkpoint()
@@ -155,7 +161,7 @@ def make_trainer(cfg: Config, *, name: str | None = None, storage_path: str | No
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources,
                                      placement_strategy=d.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.timeout_s),
         run_config=RunConfig(name=ray_safe_name(name or cfg.name), storage_path=storage, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=d.num_to_keep),
                              failure_config=FailureConfig(max_failures=d.max_failures)),

@@ -66,6 +66,28 @@ def resolve_ds_config(ds: dict, cfg: Config, world: int, dtype: torch.dtype) -> 
     return out
 
 
+def offloads_optimizer(ds: dict) -> bool:
+    """True when the ZeRO config moves the optimizer states to the host (offload_optimizer to cpu or nvme)."""
+    off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device", "none") in ("cpu", "nvme")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, ds: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW over livr's parameter groups (no weight decay on the latent rows). With a ZeRO config that offloads
+    the optimizer, DeepSpeed's CPU Adam (the same AdamW update, vectorised on the host; DeepSpeed refuses a torch
+    optimizer there unless the JSON sets "zero_force_ds_cpu_optimizer": false, which keeps torch's AdamW)."""
+    from livr.model import param_groups
+
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if ds and offloads_optimizer(ds) and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                                adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
 def prebuild_cpu_comm_op() -> None:
     """DeepSpeed on CPU JIT-compiles its shared-memory comm op at first use (~45 s, then cached in
     TORCH_EXTENSIONS_DIR). Build it once in the driver, so that workers starting together do not compile it
@@ -220,7 +242,8 @@ class DeepSpeedEngine:
             moments[f"{n}.step"] = torch.as_tensor(step, dtype=torch.float32).clone()
         rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
-            meta = {"zero_stage": self.stage, "engine_global_steps": self.engine.global_steps}
+            meta = {"zero_stage": self.stage, "engine_global_steps": self.engine.global_steps,
+                    "optimizer": type(inner).__name__}
             write_checkpoint(path, weights, moments, meta, _with_batch(state, self), rngs)
 
     def load(self, path: str) -> dict:
@@ -239,8 +262,10 @@ class DeepSpeedEngine:
         if not named or f"{named[0][0]}.step" not in opt:
             raise CheckpointError(f"checkpoint {path} has no optimizer state for {named[0][0] if named else '?'}")
         step = opt[f"{named[0][0]}.step"]
+        if type(inner).__name__ == "DeepSpeedCPUAdam":  # its kernel takes the step as a Python int
+            step = int(step.item())
         for flat in flats:  # AdamW's state is created at its first step: create it, then fill it
-            inner.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+            inner.state[flat] = {"step": step if isinstance(step, int) else step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
         self._link_moments()
         dev = _device(self.model)
         for n, p in named:
@@ -290,11 +315,12 @@ def zero3_loading(cfg: Config, world: int) -> Zero3Loading | None:
     return Zero3Loading(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
 
 
-def make_engine(lm, opt, cfg: Config, rank: int, world: int):
+def make_engine(lm, cfg: Config, rank: int, world: int):
+    """The engine and its optimizer (`make_optimizer`) for the run's config."""
     if not cfg.distributed.deepspeed:
-        return TorchEngine(lm.model, opt, cfg, rank, world)
+        return TorchEngine(lm.model, make_optimizer(lm.model, cfg), cfg, rank, world)
     ds = resolve_ds_config(load_ds_config(cfg.distributed.deepspeed), cfg, world, lm.dtype)
-    return DeepSpeedEngine(lm, opt, ds, rank, world)
+    return DeepSpeedEngine(lm, make_optimizer(lm.model, cfg, ds), ds, rank, world)
 
 
 def gathered(engine, modifier_rank: int | None = None, with_embeddings: bool = False):

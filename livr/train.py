@@ -30,7 +30,7 @@ from livr.data.tasks import DataError
 from livr.engine import gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
-from livr.model import build_model, param_groups
+from livr.model import build_model
 from livr.runlock import check_same_run, lock_held, run_lock
 from livr.sequence import IGNORE
 from livr.tracking import Tracker, preflight
@@ -52,16 +52,40 @@ class Context:
 
 
 def setup_distributed(cfg: Config) -> Context:
-    """Rank/world from the environment; joins (or reuses) the process group when world > 1."""
+    """Rank/world from the environment; joins (or reuses) the process group when world > 1, or makes a one-rank
+    group for DeepSpeed in one process (the single-GPU mode: no launcher, no MPI). On CUDA the rank's device is
+    Ray Train's (`ray.train.torch.get_device()`, put in model.device by livr.distributed) or cuda:LOCAL_RANK, set as the current device before anything
+    touches the GPU, so object collectives and NCCL never land on another rank's GPU. Every process group gets
+    `distributed.timeout_s`."""
+    from datetime import timedelta
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = cfg.model.device.startswith(("auto", "cuda")) and torch.cuda.is_available()
+    if cuda:
+        if cfg.model.device in ("auto", "cuda"):  # (Ray Train's workers come with their device set: livr.distributed)
+            cfg.model.device = f"cuda:{local}"
+        torch.cuda.set_device(torch.device(cfg.model.device))
+    timeout = timedelta(seconds=cfg.distributed.timeout_s)
+    backend = "nccl" if cuda and (cfg.distributed.use_gpu or world == 1) else "gloo"
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     elif world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.distributed.use_gpu else "gloo")
-    if cfg.model.device in ("auto", "cuda") and torch.cuda.is_available():
-        cfg.model.device = f"cuda:{local}"
+        dist.init_process_group(backend, timeout=timeout)
+    elif cfg.distributed.deepspeed:  # DeepSpeed needs a process group; without one it falls back to MPI discovery
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+        dist.init_process_group(backend, rank=0, world_size=1, timeout=timeout)
     return Context(rank, world, local)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def plan_stages(cfg: Config, steps_per_epoch: int) -> list[Stage]:
@@ -147,11 +171,15 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         preflight(cfg)  # an unreachable tracking server: one line now, not a hang after the model loaded
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     needed = list(dict.fromkeys(["train", "val", *cfg.eval.splits]))  # a test split is loaded only if evaluated
-    if ctx.world > 1:  # one process per node materialises presets and synthetic data, the others wait
-        if ctx.local_rank == 0:
-            resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir), cfg.model.num_layers)
+    # one process per node downloads the backbone (or materialises a preset) and the data; the others wait (the
+    # process group's distributed.timeout_s). Also in one process: a preset must be written before ZeRO-3's
+    # zero.Init is active (under it the weights are partitioned and a preset would be saved empty).
+    if ctx.local_rank == 0:
+        resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir), cfg.model.num_layers,
+                              download=True)
+        if ctx.world > 1:
             load_splits(cfg, only=needed)
-        dist.barrier()
+    _barrier(ctx)
     torch.manual_seed(cfg.train.seed)
     loading = zero3_loading(cfg, ctx.world)
     lm = build_model(cfg, loading=loading)
@@ -161,9 +189,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                         "model selection need a split with public answers")
     train_rows = splits["train"]  # memory-mapped rows: each rank encodes only its own micro-batches, on demand
     workers = auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    opt = torch.optim.AdamW(param_groups(lm.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    engine = make_engine(lm, opt, cfg, ctx.rank, ctx.world)
+    engine = make_engine(lm, cfg, ctx.rank, ctx.world)  # AdamW (DeepSpeed's CPU Adam when ZeRO offloads it)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world
     steps_per_epoch = max(1, len(train_rows) // global_batch)
     stages = plan_stages(cfg, steps_per_epoch)

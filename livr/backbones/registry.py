@@ -264,16 +264,24 @@ def make_tiny(name: str, out_dir: str, *, seed: int = 0, progress: bool = False,
     return make_preset(name, out_dir, seed=seed, num_layers=num_layers, progress=progress)
 
 
-def resolve_backbone_path(name_or_path: str, cache_dir: str, num_layers: int = 0) -> str:
+def resolve_backbone_path(name_or_path: str, cache_dir: str, num_layers: int = 0, download: bool = False) -> str:
     """Preset name -> cache_dir/<preset_dirname> (materialised on first use, at depth num_layers); existing local
-    dir -> itself; anything else (a hub id) is returned unchanged for from_pretrained to resolve."""
+    dir -> itself; anything else (a hub id) is returned unchanged for from_pretrained to resolve, after
+    `download=True` fetched its files into the HF cache (unless HF_HUB_OFFLINE)."""
     if name_or_path in _PRESET_FAMILY:
         out = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), preset_dirname(name_or_path, num_layers))
         if not _is_preset(out, name_or_path, 0, num_layers):
             make_preset(name_or_path, out, num_layers=num_layers)
         return out
     local = os.path.expanduser(name_or_path)
-    return os.path.abspath(local) if os.path.isdir(local) else name_or_path
+    if os.path.isdir(local):
+        return os.path.abspath(local)
+    if download and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model",
+                                                        "*.tiktoken", "*.py"])
+    return name_or_path
 
 
 def _chat_template(path, tok):
