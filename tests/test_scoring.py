@@ -375,6 +375,7 @@ def test_match_parser_takes_blinks_rule_first():
     # BLINK's rule decides: its letter, though the text names the other choice
     assert parse_answer("(A) the third image", 2, "match", IMGS) == "A"
     assert parse_answer("The third image\n\n(A)", 2, "match", IMGS) == "A"
+    assert parse_answer("(A) looks close, but\n\n(B)", 2, "match", IMGS) == "B"  # BLINK's last paragraph
     assert parse_answer("B is darker", 3, "match", REFL) == "B"
     assert parse_answer("A", 3, "match", REFL) == "A" and parse_answer("E", 2, "match", IMGS) == "E"  # as BLINK
     # open-ended rows: exact numeric match, as blink
