@@ -9,11 +9,13 @@ one choice (in the whole output, else in its last paragraph):
 2. a letter at the start: "C. …", "C) …", "(C) …", "C: …";
 3. an answer statement: "The answer is C", "Answer: (C)", "the correct option is B";
 4. "(C)" anywhere (also "**(C)**", "(C),");
-5. a letter named by a choice word: "Point C", "Box B", "Option C", "Choice C", "Picture C", "Image C";
-6. the choice texts themselves, case- and punctuation-insensitive, as whole words ("the second image",
-   "B is darker", "About the same"); a longer choice text is matched before a shorter one it contains and
-   hides it ("about the same" vs "same"); two different choices found: None.
-Letters outside the row's choices never count."""
+5. the choice texts themselves, case- and punctuation-insensitive, as whole words ("the second image",
+   "B is darker", "About the same", "Point C"); a longer choice text is matched before a shorter one it
+   contains and hides it ("very dark" vs "dark"); two different choices found: None;
+6. a letter named by a choice word: "Point C", "Box B", "Option C", "Choice C", "Picture C", "Image C" (after
+   the texts: in "A is closer than point B" the choice text "A is closer" decides).
+"Found" is per scope (`scopes`): the whole output, else its first sentence, else its last paragraph. Letters
+outside the row's choices never count. Measured against BLINK's judge: bench/blink_scorer.py."""
 
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ SPECIAL = re.compile(r"^(?:\s*(?:<\|[^|<>]{1,40}\|>|</?s>|<(?:bos|eos|pad|unk)>)
 _BARE = re.compile(r"\(?([A-Z])\)?[.):]?")
 _START = re.compile(r"\(?([A-Z])(?:\)|[.:](?=\s|$)|\n)")
 _STATED = re.compile(r"\b(?:answer|option|choice)\s*(?:is|would be|should be|=|:)\s*(?:option\s+|choice\s+)?"
-                     r"\(?([A-Z])\)?(?![\w'])", re.I)
+                     r"\(?([A-Z])\)?(?![\w'])", re.IGNORECASE)
 _PAREN = re.compile(r"\(([A-Z])\)")
-_NAMED = re.compile(r"\b(?:point|box|option|choice|picture|image)\s+\(?([A-Z])\)?(?![\w'])", re.I)
+_NAMED = re.compile(r"\b(?:point|box|option|choice|picture|image)\s+\(?([A-Z])\)?(?![\w'])", re.IGNORECASE)
 
 
 def clean(output: str) -> str:
