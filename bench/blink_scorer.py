@@ -11,6 +11,13 @@ time. Every entry of `eval/saved_outputs/*/*.json` (val and test) holds the raw 
 The bench applies (1) an independent re-implementation of BLINK's rule, which says where the rule decides;
 (2) livr's parse_answer(parser="blink"); (3) livr's parse_answer(parser="lenient"), and compares (2) and (3)
 with BLINK's saved `prediction` where the rule decides (the judge's answers cannot be reproduced offline).
+(4) livr's parse_answer(parser="match") (BLINK's rule, then a judge-free match against the row's choices):
+(a) its agreement with the judge's saved answer on the val rows BLINK's rule leaves to the judge, for the eight
+tasks whose choices are fixed strings (FIXED_CHOICES), a judge's "(Z)" counting as None; (b) the val accuracy
+cells (livr's nine tasks × BLINK's 19 models) it reproduces exactly (to 0.01%), beside the blink parser's.
+A "published" cell is the accuracy of BLINK's saved val `prediction`s (exact string equality with the answer,
+as BLINK's eval/evaluate.py scores them): their mean over the 14 tasks gives every model's Val column of
+BLINK's README leaderboard (PUBLISHED_VAL), which the bench checks.
 
 Number of choices per entry: BLINK's analyze_answer needs it (all_choices = ['(A)', …][:len(choices)]) and the
 saved outputs do not store the choices. Each BLINK task has a fixed number of choices, and every choice letter
@@ -33,6 +40,27 @@ CHOICES = {"Art_Style": 2, "Counting": 4, "Forensic_Detection": 4, "Functional_C
            "Relative_Reflectance": 3, "Semantic_Correspondence": 4, "Spatial_Relation": 2,
            "Visual_Correspondence": 4, "Visual_Similarity": 2}
 PREFIX = "eval/saved_outputs/"
+# The choice texts of the eight BLINK tasks whose choices are the same strings on every row: BLINK's prompts
+# (`prompt` of BLINK-Benchmark/BLINK; livr's builders copy them: livr/data/build/{coco,artbench,nights,mid}.py),
+# also the "(A) …" lines the models echo in the saved outputs.
+SECOND_THIRD = ["the second image", "the third image"]
+FIXED_CHOICES = {"Art_Style": SECOND_THIRD, "Jigsaw": SECOND_THIRD, "Visual_Similarity": SECOND_THIRD,
+                 "Relative_Reflectance": ["A is darker", "B is darker", "About the same"],
+                 "Relative_Depth": ["A is closer", "B is closer"], "Multi-view_Reasoning": ["left", "right"],
+                 "Spatial_Relation": ["yes", "no"],
+                 "Forensic_Detection": ["the first image", "the second image", "the third image", "the fourth image"]}
+POINTS = ["Point A", "Point B", "Point C", "Point D"]
+# per-task choices for (b); Counting and IQ_Test have per-row choices the saved outputs do not hold: letters only
+ROW_CHOICES = {**FIXED_CHOICES, "Visual_Correspondence": POINTS, "Semantic_Correspondence": POINTS,
+               "Functional_Correspondence": POINTS, "Object_Localization": ["Box A", "Box B"]}
+LIVR_TASKS = ["Counting", "Jigsaw", "Object_Localization", "Visual_Correspondence", "Art_Style",
+              "Semantic_Correspondence", "Functional_Correspondence", "Relative_Reflectance", "Visual_Similarity"]
+# BLINK's README leaderboard, Val (1,901) column, by saved-output folder (the "* concatenate images" runs excluded)
+PUBLISHED_VAL = {"GPT4o": 60.0, "GPT4Turbo": 54.6, "GPT4V": 51.1, "GeminiProVision": 45.2, "llava-v1.6-34b": 46.8,
+                 "OPUS": 44.1, "Yi_VL_34B": 41.7, "QwenVLMax": 40.3, "llava-v1.5-13b-xtuner": 42.0, "Yi_VL_6B": 38.7,
+                 "llava-v1.5-7b-xtuner": 39.4, "llava_v1.5_13b": 42.7, "instructblip_13b": 42.2, "cogvlm-chat": 41.5,
+                 "instructblip_7b": 39.7, "flamingov2": 39.2, "llava_v1.5_7b": 37.1, "llava-internlm2-7b": 37.7,
+                 "MiniGPT-4-v2": 34.2}
 
 
 def blink_rule(output, num_choices: int) -> tuple[bool, str | None]:
@@ -52,8 +80,8 @@ def blink_rule(output, num_choices: int) -> tuple[bool, str | None]:
     return True, (intersect_last if len(intersect_last) == 1 else intersect)[0]
 
 
-def livr(output, num_choices: int, parser: str) -> str | None:
-    letter = parse_answer(output, num_choices, parser) if isinstance(output, str) else None
+def livr(output, num_choices: int, parser: str, choices: list[str] | None = None) -> str | None:
+    letter = parse_answer(output, num_choices, parser, choices) if isinstance(output, str) else None
     return None if letter is None else f"({letter})"
 
 
@@ -134,6 +162,74 @@ def measure(entries: list[dict], counts: dict[str, int]) -> dict:
     return {"counts": c, "diffs": diffs}
 
 
+def judge_letter(saved) -> str | None:
+    """The judge's choice as "(X)" ("(C) About the same" -> "(C)"); its "(Z)" (no match) -> None."""
+    if not isinstance(saved, str) or len(saved) < 3 or saved[0] != "(" or saved[2] != ")" or saved[1] == "Z":
+        return None
+    return saved[:3]
+
+
+def judged_agreement(entries: list[dict], counts: dict[str, int]) -> dict[str, list[int]]:
+    """Per fixed-string task: [judged val rows, rows where livr match gives the judge's answer]."""
+    out = defaultdict(lambda: [0, 0])
+    for e in entries:
+        if e["split"] != "val" or e["task"] not in FIXED_CHOICES or e["model"] not in PUBLISHED_VAL:
+            continue
+        n, text = counts[e["task"]], e.get("full_prediction")
+        if blink_rule(text, n)[0]:
+            continue
+        out[e["task"]][0] += 1
+        out[e["task"]][1] += livr(text, n, "match", FIXED_CHOICES[e["task"]]) == judge_letter(e.get("prediction"))
+    return out
+
+
+def val_cells(entries: list[dict], counts: dict[str, int]) -> dict[tuple[str, str], dict[str, float]]:
+    """(model, task) -> accuracy % of BLINK's saved predictions ("published"), livr blink, livr match."""
+    hits = defaultdict(lambda: Counter())
+    for e in entries:
+        if e["split"] != "val" or e["model"] not in PUBLISHED_VAL:
+            continue
+        n, text, gold = counts[e["task"]], e.get("full_prediction"), e["answer"]
+        h = hits[e["model"], e["task"]]
+        h["n"] += 1
+        h["published"] += e.get("prediction") == gold
+        h["blink"] += livr(text, n, "blink") == gold
+        h["match"] += livr(text, n, "match", ROW_CHOICES.get(e["task"])) == gold
+    return {k: {p: 100 * h[p] / h["n"] for p in ("published", "blink", "match")} for k, h in hits.items()}
+
+
+def report_match(entries: list[dict], counts: dict[str, int]) -> dict:
+    """Prints (a) and (b); returns the key figures."""
+    agree = judged_agreement(entries, counts)
+    print("\n(a) livr match vs BLINK's GPT-3.5 judge, val rows its rule leaves to the judge (judge (Z) = None)\n")
+    print("| task | judged rows | match = judge |\n|---|---|---|")
+    for t, (n, ok) in sorted(agree.items()):
+        print(f"| {t} | {n} | {pct(ok, n)} |")
+    judged, ok = sum(v[0] for v in agree.values()), sum(v[1] for v in agree.values())
+    print(f"| all eight | {judged} | {pct(ok, judged)} |")
+    cells = val_cells(entries, counts)
+    models = sorted(PUBLISHED_VAL)
+    overall = {m: sum(cells[m, t]["published"] for t in CHOICES) / len(CHOICES) for m in models}
+    # the README gives the 2-decimal mean to 1 decimal (OPUS: 44.046 -> 44.05 -> 44.1)
+    reproduced = sum(abs(round(overall[m], 2) - PUBLISHED_VAL[m]) <= 0.05 + 1e-9 for m in models)
+    print(f"\n(b) val accuracy cells, livr's nine tasks × {len(models)} models: published (BLINK's saved predictions; "
+          f"their 14-task means give the README's Val column for {reproduced} of {len(models)} models) / blink / match; "
+          "= marks a cell equal to the published one\n")
+    print("| model | " + " | ".join(LIVR_TASKS) + " |\n|---|" + "---|" * len(LIVR_TASKS))
+    eq = Counter()
+    for m in models:
+        row = []
+        for t in LIVR_TASKS:
+            c = {p: round(v, 2) for p, v in cells[m, t].items()}  # equal as published: to 0.01%
+            eq["blink"] += c["blink"] == c["published"]
+            eq["match"] += c["match"] == c["published"]
+            row.append(f"{c['published']:.2f} / {c['blink']:.2f}{'=' * (c['blink'] == c['published'])} / "
+                       f"{c['match']:.2f}{'=' * (c['match'] == c['published'])}")
+        print(f"| {m} | " + " | ".join(row) + " |")
+    return {"judged": judged, "judged_agreement": ok / max(1, judged), "cells": len(models) * len(LIVR_TASKS),
+            "cells_equal_match": eq["match"], "cells_equal_blink": eq["blink"], "published_val_reproduced": reproduced}
+
+
 def pct(a: int, b: int) -> str:
     return f"{100 * a / b:.2f}%" if b else "n/a"
 
@@ -169,11 +265,14 @@ def main(argv: list[str]) -> int:
           f"livr lenient in {c['judge_lenient_none']}")
     for model, task, idx, out, saved, b in results["all"]["diffs"]:
         print(f"  differs: {model} {task} {idx}: output {out!r:.80} saved {saved!r} livr-blink {b!r}")
+    m = report_match(entries, counts)
     print(f"entries={c['total']} decided={c['decided']} judge={c['judge']} "
           f"rule_eq_saved={c['rule_matches_saved']} agree_blink={c['agree_blink']} agree_lenient={c['agree_lenient']} "
           f"agree_blink_pct={100 * c['agree_blink'] / c['decided']:.2f} "
           f"agree_lenient_pct={100 * c['agree_lenient'] / c['decided']:.2f} "
-          f"blink_eq_rule={c['blink_matches_rule']}")
+          f"blink_eq_rule={c['blink_matches_rule']} judged_rows={m['judged']} "
+          f"judged_agreement={m['judged_agreement']:.4f} cells={m['cells']} cells_equal_match={m['cells_equal_match']} "
+          f"cells_equal_blink={m['cells_equal_blink']} published_val_reproduced={m['published_val_reproduced']}")
     return 0
 
 

@@ -61,6 +61,7 @@ DEFAULT_TESTS = {
     "livr/data/loader.py": ["tests/test_loader.py", TWO_RANKS, RESUME_EQ],
     "livr/evaluate.py": [GEN, SCORING, TRAIN, "tests/test_insight.py"],
     "livr/data/prompts.py": [*SCORING_FAST, DATA],
+    "livr/data/answers.py": SCORING_FAST,
 }
 
 
@@ -410,7 +411,7 @@ CATALOGUE: list[Mutant] = [
       stale_ok=True,
       why="several different (X) in the output: one is picked instead of 'no answer'"),
     M("blink_open_ended_first_integer", "livr/data/prompts.py",
-      '    if parser == "blink":\n        return normalise_number(output)\n',
+      '    if parser != "lenient":\n        return normalise_number(output)\n',
       "",
       stale_ok=True,
       why="BLINK open-ended scoring takes the first integer anywhere ('3 or 4' scores 3)"),
@@ -419,4 +420,18 @@ CATALOGUE: list[Mutant] = [
       "return None",
       stale_ok=True,
       why="an open-ended answer written as a word ('three') is not accepted"),
+
+    # ------------------------------------------------------------------ data/answers.py (eval.parser=match)
+    M("match_no_fullwidth", "livr/data/answers.py",
+      'text = unicodedata.normalize("NFKC", output)', "text = output", tests=SCORING_FAST,
+      why="match: a full-width '（C）' is not read as '(C)'"),
+    M("match_shorter_choice_wins", "livr/data/answers.py",
+      "key=lambda t: -len(t[0]))", "key=lambda t: len(t[0]))", tests=SCORING_FAST,
+      why="match: a shorter choice text is matched first, so 'very dark' also counts as 'dark' (ambiguous)"),
+    M("match_before_blink_rule", "livr/data/prompts.py",
+      '    letter = _parse_blink(output, num_choices)\n    if letter is None and parser == "match":\n'
+      '        letter = parse_match(output, choice_letters(num_choices), choices)\n',
+      '    letter = parse_match(output, choice_letters(num_choices), choices) if parser == "match" else None\n'
+      '    if letter is None:\n        letter = _parse_blink(output, num_choices)\n', tests=SCORING_FAST,
+      why="match: the matcher decides before BLINK's fixed rule (which must win wherever it decides)"),
 ]

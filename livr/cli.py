@@ -73,10 +73,10 @@ def cmd_report(args) -> int:
 
         text = report_causal(args.runs, args.experiment, args.tracking_uri)
     elif args.experiment:
-        print(report_experiment(args.experiment, args.tracking_uri, args.split, args.out))
+        print(report_experiment(args.experiment, args.tracking_uri, args.split, args.out, args.parser))
         return 0
     else:
-        text = report_runs(args.runs, args.split)
+        text = report_runs(args.runs, args.split, args.parser)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test")
     sp.add_argument("--out", help="also write the markdown here (--experiment: <stem>.md + <stem>_sweep.png)")
     sp.add_argument("--causal", action="store_true", help="compare the runs' causal analyses (livr inspect --causal)")
+    sp.add_argument("--parser", choices=("blink", "match", "lenient"),
+                    help="accuracy under this answer parser (default: each run's eval.parser)")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("verify", help="prove the Stage-1 bottleneck empirically on the configured backbone")
     with_config(sp, required=False)

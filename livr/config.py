@@ -116,7 +116,9 @@ class EvalConfig:
     bottleneck: bool = False  # evaluate under the Stage-1 mask (the paper's analysis)
     splits: list[str] = field(default_factory=lambda: ["test"])  # of train | val | test (the data.*_split names)
     zero_shot: bool = False  # also evaluate the untrained backbone
-    parser: str = "blink"  # answer scoring: blink (BLINK's official rule, exactly) | lenient (finds "(X)" anywhere)
+    # answer scoring: blink (BLINK's official rule, exactly) | match (BLINK's rule, then a judge-free match against
+    # the row's choices: approximates BLINK's published, judged numbers) | lenient (finds "(X)" anywhere)
+    parser: str = "blink"
 
 
 @dataclass
@@ -467,7 +469,7 @@ def validate(cfg: Config) -> Config:
         _fail("eval.batch_size", cfg.eval.batch_size, "batch_size and max_new_tokens must be >= 1")
     for split in cfg.eval.splits:
         _one_of("eval.splits", split, ("train", "val", "test"))
-    _one_of("eval.parser", cfg.eval.parser, ("blink", "lenient"))
+    _one_of("eval.parser", cfg.eval.parser, ("blink", "lenient", "match"))
     _check_distributed(cfg.distributed)
     _one_of("tune.mode", cfg.tune.mode, ("max", "min"))
     _one_of("tune.scheduler", cfg.tune.scheduler, ("asha", "fifo"))

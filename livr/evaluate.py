@@ -86,8 +86,8 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
                   num_workers: int = 0, data: tuple | None = None) -> dict:
     """Per-task accuracy on `rows` (sharded over ranks, summed across them) and every row's prediction.
 
-    "accuracy" (task -> fraction) and "mean" use `parser`; "accuracy_by_parser" holds both parsers' per-task
-    accuracy. "predictions" lists every row once, in the order of `rows` (gathered from all ranks), with the
+    "accuracy" (task -> fraction) and "mean" use `parser`; "accuracy_by_parser" holds every parser's per-task
+    accuracy (blink, lenient, match: BLINK's fixed rule and the judge-free matcher side by side). "predictions" lists every row once, in the order of `rows` (gathered from all ranks), with the
     raw "output" and the parsed "prediction" ("(X)", a number, or None). When every answer is hidden
     (BLINK's test split) the outputs are generated and parsed as usual but the accuracies are None.
     Rows are encoded batch by batch (in `num_workers` loader processes), never the whole split at once;
@@ -115,7 +115,7 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
             preds.append({"row": i, "idx": r["idx"], "task": r["sub_task"], "output": o,
                           "prediction": predicted(o, r, parser), "answer": r["answer"], "correct": ok})
     tasks = sorted(set(column(rows, "sub_task")))
-    counts = {k: [correct["blink"][k], correct["lenient"][k], total[k]] for k in tasks}
+    counts = {k: [correct[p][k] for p in PARSERS] + [total[k]] for k in tasks}
     if world > 1:
         t = torch.tensor([counts[k] for k in tasks], dtype=torch.float64, device=lm.device)
         dist.all_reduce(t)
@@ -126,14 +126,30 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
     preds.sort(key=lambda p: p["row"])  # the split's row order, each row once
     for p in preds:
         del p["row"]
-    by_parser = {p: None if hidden else {k: c[j] / c[2] for k, c in counts.items() if c[2]}
+    by_parser = {p: None if hidden else {k: c[j] / c[-1] for k, c in counts.items() if c[-1]}
                  for j, p in enumerate(PARSERS)}
     acc = by_parser[parser]
     if was_training:
         lm.model.train()
     return {"accuracy": acc, "mean": None if acc is None else sum(acc.values()) / max(1, len(acc)),
             "parser": parser, "accuracy_by_parser": by_parser, "hidden": hidden,
-            "n": {k: int(c[2]) for k, c in counts.items()}, "predictions": preds}
+            "n": {k: int(c[-1]) for k, c in counts.items()}, "predictions": preds}
+
+
+def second_parser(parser: str) -> str:
+    """The parser reported beside the configured one: match beside blink (or lenient), blink beside match."""
+    return "blink" if parser == "match" else "match"
+
+
+def eval_metrics(split: str, res: dict) -> dict[str, float]:
+    """MLflow metrics of one evaluated split: `<split>_accuracy` and `<split>/<task>` under the configured parser,
+    `<split>_<other>_accuracy` and `<split>_<other>/<task>` under `second_parser` (absent from older results)."""
+    out = {f"{split}_accuracy": res["mean"], **{f"{split}/{t}": a for t, a in res["accuracy"].items()}}
+    other = (res.get("accuracy_by_parser") or {}).get(second_parser(res.get("parser", "blink")))
+    if other:
+        out[f"{split}_{second_parser(res['parser'])}_accuracy"] = sum(other.values()) / len(other)
+        out.update({f"{split}_{second_parser(res['parser'])}/{t}": a for t, a in other.items()})
+    return out
 
 
 def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
@@ -188,16 +204,27 @@ def table1(rows: list[tuple[str, dict[str, float] | None]], tasks: list[str] | N
     return "\n".join(lines)
 
 
-def run_rows(run_dirs: list[str], split: str = "test") -> list[tuple[str, dict[str, float]]]:
-    """Rows for `table1` from run directories: zero-shot (when recorded), then each run by its mode."""
+def split_accuracy(res: dict, parser: str | None = None, where: str = "") -> dict[str, float] | None:
+    """One split's per-task accuracy from eval.json: the configured parser's, or `parser`'s."""
+    if parser is None or parser == res.get("parser", "blink"):
+        return res["accuracy"]
+    by = res.get("accuracy_by_parser") or {}
+    if parser not in by:
+        raise DataError(f"{where}: no accuracy under parser {parser!r} (evaluated before it existed: run livr eval again)")
+    return by[parser]
+
+
+def run_rows(run_dirs: list[str], split: str = "test", parser: str | None = None) -> list[tuple[str, dict[str, float]]]:
+    """Rows for `table1` from run directories: zero-shot (when recorded), then each run by its mode; `parser`:
+    the accuracy under that parser (eval.json's accuracy_by_parser) instead of the configured one."""
     rows = []
     for d in run_dirs:
         zs = os.path.join(d, "eval_zero_shot.json")
         if os.path.exists(zs) and not any(r[0] == "zero-shot" for r in rows):
             with open(zs) as f:
-                rows.insert(0, ("zero-shot", json.load(f)["results"][split]["accuracy"]))
+                rows.insert(0, ("zero-shot", split_accuracy(json.load(f)["results"][split], parser, zs)))
         with open(os.path.join(d, "eval.json")) as f:
             ev = json.load(f)
         label = "SFT" if ev.get("mode") == "sft" else f"LIVR (K={ev.get('num_latents')})"
-        rows.append((label, ev["results"][split]["accuracy"]))
+        rows.append((label, split_accuracy(ev["results"][split], parser, os.path.join(d, "eval.json"))))
     return rows

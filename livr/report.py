@@ -4,7 +4,9 @@ From MLflow (any tracking URI) it reads the experiment's FINISHED runs: tags `mo
 `latents.num_latents` and `optim.lr`, metrics `<split>/<task>` and `<split>_accuracy`. Rows: zero-shot
 (the `eval_zero_shot.json` artifact of an SFT run), SFT, LIVR (K=…); runs sharing a label are told apart by
 run name; one table per backbone. When the LIVR runs differ in K and/or lr (a sweep), it adds accuracy
-against K and lr as markdown and as a PNG (`<out stem>_sweep.png`).
+against K and lr as markdown and as a PNG (`<out stem>_sweep.png`). `parser` (`livr report --parser`): the
+accuracy under that answer parser (eval.json's `accuracy_by_parser`; MLflow `<split>_<parser>/<task>`, logged
+beside the configured parser's) instead of the configured one.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 
-from livr.evaluate import run_rows, table1
+from livr.evaluate import run_rows, split_accuracy, table1
 
 
 @dataclass
@@ -37,9 +39,9 @@ class RunRecord:
         return f"LIVR (K={self.num_latents})" if self.stage1 else f"latents only (K={self.num_latents})"
 
 
-def report_runs(run_dirs: list[str], split: str = "test") -> str:
-    """The run-directory mode (unchanged): Table 1 from `<run>/eval.json` files."""
-    return table1(run_rows(run_dirs, split))
+def report_runs(run_dirs: list[str], split: str = "test", parser: str | None = None) -> str:
+    """The run-directory mode: Table 1 from `<run>/eval.json` files (under `parser` when given)."""
+    return table1(run_rows(run_dirs, split, parser))
 
 
 def report_causal(run_dirs: list[str] | None = None, experiment: str | None = None, uri: str | None = None) -> str:
@@ -81,8 +83,9 @@ def report_causal(run_dirs: list[str] | None = None, experiment: str | None = No
     return comparison(found)
 
 
-def load_records(experiment: str, uri: str, split: str = "test") -> tuple[list[RunRecord], object, list]:
-    """(records of the experiment's FINISHED runs that carry `<split>` metrics, MLflow client, raw runs)."""
+def load_records(experiment: str, uri: str, split: str = "test", parser: str | None = None) -> tuple[list[RunRecord], object, list]:
+    """(records of the experiment's FINISHED runs that carry `<split>` metrics, MLflow client, raw runs); with
+    `parser`, a run whose eval.parser is another reads `<split>_<parser>/<task>` and `<split>_<parser>_accuracy`."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -94,10 +97,11 @@ def load_records(experiment: str, uri: str, split: str = "test") -> tuple[list[R
     records = []
     for run in runs:
         m, p, t = run.data.metrics, run.data.params, run.data.tags
-        acc = {k[len(split) + 1 :]: v for k, v in m.items() if k.startswith(f"{split}/")}
+        name = split if parser in (None, p.get("eval.parser", "blink")) else f"{split}_{parser}"
+        acc = {k[len(name) + 1 :]: v for k, v in m.items() if k.startswith(f"{name}/")}
         if not acc:
-            continue  # a parent / tuning driver / unevaluated run
-        mean = m.get(f"{split}_accuracy", sum(acc.values()) / len(acc))
+            continue  # a parent / tuning driver / unevaluated run (or one without metrics under `parser`)
+        mean = m.get(f"{name}_accuracy", sum(acc.values()) / len(acc))
         k = int(p.get("latents.num_latents", t.get("num_latents", "0")))
         records.append(RunRecord(run.info.run_name or run.info.run_id[:8], run.info.run_id,
                                  t.get("backbone", p.get("model.backbone", "?")), t.get("mode", p.get("train.mode", "?")),
@@ -106,7 +110,7 @@ def load_records(experiment: str, uri: str, split: str = "test") -> tuple[list[R
     return records, client, runs
 
 
-def _zero_shot(client, records: list[RunRecord], split: str) -> dict[str, float] | None:
+def _zero_shot(client, records: list[RunRecord], split: str, parser: str | None = None) -> dict[str, float] | None:
     """Zero-shot accuracy recorded by an SFT run (artifact eval_zero_shot.json), if any."""
     for r in records:
         if r.mode != "sft":
@@ -117,7 +121,7 @@ def _zero_shot(client, records: list[RunRecord], split: str) -> dict[str, float]
             with tempfile.TemporaryDirectory() as d:
                 path = client.download_artifacts(r.run_id, "eval_zero_shot.json", d)
                 with open(path) as f:
-                    return json.load(f)["results"][split]["accuracy"]
+                    return split_accuracy(json.load(f)["results"][split], parser, "eval_zero_shot.json")
         except Exception as e:  # noqa: BLE001 - an unreadable artifact store only loses the zero-shot row
             print(f"livr report: zero-shot artifact of run {r.name} unreadable: {e}")
     return None
@@ -195,23 +199,24 @@ def sweep_plot(records: list[RunRecord], path: str) -> None:
     plt.close(fig)
 
 
-def report_experiment(experiment: str, uri: str | None = None, split: str = "test", out: str | None = None) -> str:
+def report_experiment(experiment: str, uri: str | None = None, split: str = "test", out: str | None = None,
+                      parser: str | None = None) -> str:
     """Markdown report of an MLflow experiment; with `out`, also `<stem>.md` and `<stem>_sweep.png`."""
     from livr.config import Config
     from livr.tracking import tracking_uri
 
     uri = uri or tracking_uri(Config())
-    records, client, _ = load_records(experiment, uri, split)
+    records, client, _ = load_records(experiment, uri, split, parser)
     if not records:
         raise FileNotFoundError(f"experiment {experiment!r} at {uri} has no FINISHED run with {split}/<task> metrics")
     by_backbone = defaultdict(list)
     for r in records:
         by_backbone[r.backbone].append(r)
-    parts = [f"## {experiment} ({split} split, accuracy %)"]
+    parts = [f"## {experiment} ({split} split, accuracy %{f', parser {parser}' if parser else ''})"]
     for backbone, recs in by_backbone.items():
         if len(by_backbone) > 1:
             parts.append(f"### {backbone}")
-        parts.append(table1(table_rows(recs, _zero_shot(client, recs, split))))
+        parts.append(table1(table_rows(recs, _zero_shot(client, recs, split, parser))))
     stem = os.path.splitext(out)[0] if out else None
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

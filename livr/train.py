@@ -28,7 +28,7 @@ from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, mi
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
 from livr.engine import gathered, make_engine, restore_best, zero3_loading
-from livr.evaluate import eval_loader, evaluate_rows, hidden_answers, write_eval
+from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model
 from livr.runlock import check_same_run, lock_held, run_lock
@@ -411,8 +411,7 @@ def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders: di
 
                 write_submission(os.path.join(cfg.run_dir, f"blink_submission_{split}.json"), r["predictions"])
                 continue
-            tracker.log_metrics({f"{split}_accuracy": r["mean"], **{f"{split}/{t}": a for t, a in r["accuracy"].items()}},
-                                state["global_step"])
+            tracker.log_metrics(eval_metrics(split, r), state["global_step"])
         tracker.log_run_dir(cfg.run_dir)
         tracker.end()
         with open(os.path.join(cfg.run_dir, "final_metrics.json"), "w") as f:

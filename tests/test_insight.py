@@ -123,7 +123,7 @@ def test_prompt_without_latents_keeps_the_delimiter(trained_run):
 
 
 # ----------------------------------------------------------------------------- report --experiment
-def _log_run(tmp_path, name, mode, k, lr, acc, finished=True, zero_shot=None):
+def _log_run(tmp_path, name, mode, k, lr, acc, finished=True, zero_shot=None, extra=None):
     from livr.tracking import Tracker
 
     cfg = load_config(None, [f"name={name}", f"output_dir={tmp_path / 'runs'}", f"train.mode={mode}",
@@ -132,10 +132,10 @@ def _log_run(tmp_path, name, mode, k, lr, acc, finished=True, zero_shot=None):
                              f"tracking.artifact_location={tmp_path / 'art'}"])
     tracker = Tracker(cfg, 0, cfg.run_dir)
     tracker.log_metrics({"test_accuracy": sum(acc.values()) / len(acc), **{f"test/{t}": a for t, a in acc.items()},
-                         "stage1/loss": 1.0}, 10)
+                         "stage1/loss": 1.0, **(extra or {})}, 10)
     if zero_shot:
         with open(os.path.join(cfg.run_dir, "eval_zero_shot.json"), "w") as f:
-            json.dump({"results": {"test": {"accuracy": zero_shot}}}, f)
+            json.dump({"results": {"test": zero_shot if "accuracy" in zero_shot else {"accuracy": zero_shot}}}, f)
         tracker.log_run_dir(cfg.run_dir)
     if finished:
         tracker.end()
@@ -164,6 +164,23 @@ def test_report_experiment_reproduces_table_and_sweep(tmp_path, capsys):
     assert out.read_text().strip() == text.strip()
     with Image.open(tmp_path / "rep" / "report_sweep.png") as im:
         assert im.format == "PNG"
+
+
+def test_report_experiment_under_the_second_parser(tmp_path, capsys):
+    """MLflow holds the configured parser's metrics as test/<task> and the second parser's as test_match/<task>
+    (livr.evaluate.eval_metrics); `livr report --parser match` reads the latter, the default the former."""
+    zs = {"accuracy": {"Counting": 0.3}, "parser": "blink", "accuracy_by_parser": {"match": {"Counting": 0.4}}}
+    _log_run(tmp_path, "sft", "sft", 0, 1e-4, {"Counting": 0.6}, zero_shot=zs,
+             extra={"test_match_accuracy": 0.7, "test_match/Counting": 0.7})
+    uri = ["--experiment", "sweep", "--tracking-uri", f"sqlite:///{tmp_path}/report.db"]
+    assert main(["report", *uri]) == 0
+    text = capsys.readouterr().out
+    assert "| SFT | 60.00 | 60.00 |" in text and "| zero-shot | 30.00 | 30.00 |" in text
+    assert main(["report", *uri, "--parser", "match"]) == 0
+    text = capsys.readouterr().out
+    assert "| SFT | 70.00 | 70.00 |" in text and "| zero-shot | 40.00 | 40.00 |" in text and "parser match" in text
+    assert main(["report", *uri, "--parser", "blink"]) == 0  # the runs' own eval.parser: test/<task>
+    assert "| SFT | 60.00 | 60.00 |" in capsys.readouterr().out
 
 
 def test_report_run_dirs_still_work(tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_open_ended_exact_match(output, answer, blink, lenient):
 
 
 def test_parser_names_and_config():
-    assert PARSERS == ("blink", "lenient")
+    assert PARSERS == ("blink", "lenient", "match")
     assert predicted(" Three. ", {"choices": [], "answer": "3"}) == "3"
     assert predicted("3 or 4", {"choices": [], "answer": "3"}) is None
     assert predicted("3 or 4", {"choices": [], "answer": "3"}, "lenient") == "3"
@@ -110,9 +110,10 @@ def test_parser_names_and_config():
         parse_answer("A", 2, "strict")
     assert load_config(None, []).eval.parser == "blink"
     assert load_config(None, ["eval.parser=lenient"]).eval.parser == "lenient"
+    assert load_config(None, ["eval.parser=match"]).eval.parser == "match"
     with pytest.raises(ConfigError, match="eval.parser") as e:
         load_config(None, ["eval.parser=gpt"])
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "match" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- evaluate_rows (canned outputs)
@@ -152,7 +153,8 @@ def test_evaluate_rows_reports_both_parsers(monkeypatch):
     assert res["parser"] == "blink" and res["hidden"] is False
     assert res["accuracy"] == {"Jigsaw": 1 / 4, "Counting": 1 / 2}
     assert res["accuracy_by_parser"] == {"blink": {"Jigsaw": 1 / 4, "Counting": 1 / 2},
-                                         "lenient": {"Jigsaw": 3 / 4, "Counting": 1 / 2}}
+                                         "lenient": {"Jigsaw": 3 / 4, "Counting": 1 / 2},
+                                         "match": {"Jigsaw": 3 / 4, "Counting": 1 / 2}}
     assert res["mean"] == pytest.approx((1 / 4 + 1 / 2) / 2)
     assert [p["idx"] for p in res["predictions"]] == [r["idx"] for r in rows]
     assert [p["prediction"] for p in res["predictions"]] == [gold[0], None, None, None, "3", None]
@@ -170,7 +172,7 @@ def test_hidden_split_has_no_accuracy_and_a_submission(monkeypatch, tmp_path):
     monkeypatch.setattr(ev, "generate", lambda lm, batch, **kw: [canned[m["idx"]] for m in batch["meta"]])
     res = ev.evaluate_rows(FAKE_LM, rows, batch_size=3, split="test")
     assert res["accuracy"] is None and res["mean"] is None and res["hidden"] is True
-    assert res["accuracy_by_parser"] == {"blink": None, "lenient": None} and res["n"] == {"Jigsaw": 4}
+    assert res["accuracy_by_parser"] == {"blink": None, "lenient": None, "match": None} and res["n"] == {"Jigsaw": 4}
     assert [p["prediction"] for p in res["predictions"]] == ["(A)", "(B)", None, None]
     assert all(p["correct"] is None for p in res["predictions"])
     path = ev.write_submission(str(tmp_path / "sub" / "blink_submission_test.json"), res["predictions"])
@@ -315,3 +317,90 @@ def test_generation_stops_at_end_of_turn_for_each_row(backbone_cache, data_cache
     finally:
         handle.remove()
     assert outs == ["", "777"]
+
+
+# ----------------------------------------------------------------------------- eval.parser=match (judge-free)
+REFL = ["A is darker", "B is darker", "About the same"]
+IMGS = ["the second image", "the third image"]
+POINTS = ["Point A", "Point B", "Point C", "Point D"]
+# (output, choices, letter under "match"); blink's rule decides none of these except where noted
+MATCH_CASES = [
+    ("Point C", POINTS, "C"),
+    ("Point C", None, "C"),  # the letter form needs no choice texts
+    ("I think Point C is the corresponding point.", None, "C"),
+    ("Box B", ["Box A", "Box B"], "B"),
+    ("（C）", POINTS, "C"),  # full-width brackets
+    ("答案是（B）", POINTS, "B"),
+    ("Option C", None, "C"),
+    ("C. Point C", POINTS, "C"),
+    ("C) the third", None, "C"),
+    ("C.", None, "C"),
+    ("B\nThe third image shares the style.", IMGS, "B"),
+    ("<|im_start|>B", IMGS, "B"),  # a leading special token
+    ("<s> B", IMGS, "B"),
+    ("B</s>", IMGS, "B"),
+    ("The answer is C", None, "C"),
+    ("Answer: (C).", None, "C"),
+    ("**(A)**", IMGS, "A"),
+    ("The third image shares the reference's style.", IMGS, "B"),
+    ("the SECOND image!", IMGS, "A"),
+    ("B is darker.", REFL, "B"),
+    ("A is darker than B", REFL, "A"),
+    ("They are about the same", REFL, "C"),
+    ("ABOUT THE SAME", REFL, "C"),
+    ("It is very dark.", ["dark", "very dark"], "B"),  # the longer choice text wins over the one inside it
+    ("Dark, or very dark", ["very dark", "dark"], None),  # both found outside each other: ambiguous
+    ("The second image fits. The third image does not.", IMGS, "A"),  # the first sentence decides
+    ("Either the second image or the third image", IMGS, None),  # ambiguous
+    ("Point A or Point B", POINTS, None),
+    ("Point E", POINTS, None),  # not a choice letter
+    ("I cannot tell.", IMGS, None),
+    ("", IMGS, None),
+]
+
+
+@pytest.mark.parametrize("output,choices,letter", MATCH_CASES)
+def test_match_parser(output, choices, letter):
+    n = len(choices or POINTS)
+    assert parse_answer(output, n, "match", choices) == letter
+    assert parse_answer(output, n, "blink") is None  # BLINK's rule leaves all of these to its judge
+    if choices:
+        row = {"idx": "x", "choices": choices, "answer": f"({letter or 'A'})"}
+        assert predicted(output, row, parser="match") == (None if letter is None else f"({letter})")
+        assert is_correct(output, row, "match") is (letter is not None)
+        assert predicted(output, row) is None  # blink: unchanged
+
+
+def test_match_parser_takes_blinks_rule_first():
+    # BLINK's rule decides: its letter, though the text names the other choice
+    assert parse_answer("(A) the third image", 2, "match", IMGS) == "A"
+    assert parse_answer("The third image\n\n(A)", 2, "match", IMGS) == "A"
+    assert parse_answer("(A) looks close, but\n\n(B)", 2, "match", IMGS) == "B"  # BLINK's last paragraph
+    assert parse_answer("B is darker", 3, "match", REFL) == "B"
+    assert parse_answer("A", 3, "match", REFL) == "A" and parse_answer("E", 2, "match", IMGS) == "E"  # as BLINK
+    # open-ended rows: exact numeric match, as blink
+    assert predicted("three", {"choices": [], "answer": "3"}, parser="match") == "3"
+    assert predicted("3 or 4", {"choices": [], "answer": "3"}, parser="match") is None
+
+
+def test_eval_reports_match_beside_blink_and_report_shows_it(monkeypatch, tmp_path, capsys):
+    from livr.cli import main
+
+    rows = [dict(r, choices=IMGS) for r in generate_task("Jigsaw", 2, seed=1, split="test")]
+    texts = {"(A)": "the second image", "(B)": "the third image"}
+    outs = {r["idx"]: texts[r["answer"]] for r in rows}
+    monkeypatch.setattr(ev, "generate", lambda lm, batch, **kw: [outs[m["idx"]] for m in batch["meta"]])
+    res = ev.evaluate_rows(FAKE_LM, rows, batch_size=2, parser="match")
+    assert res["accuracy"] == {"Jigsaw": 1.0} and res["accuracy_by_parser"]["blink"] == {"Jigsaw": 0.0}
+    assert [p["prediction"] for p in res["predictions"]] == [r["answer"] for r in rows]
+    assert ev.eval_metrics("test", res) == {"test_accuracy": 1.0, "test/Jigsaw": 1.0,
+                                            "test_blink_accuracy": 0.0, "test_blink/Jigsaw": 0.0}
+    blink = ev.evaluate_rows(FAKE_LM, rows, batch_size=2)
+    assert ev.eval_metrics("test", blink)["test_match/Jigsaw"] == 1.0
+    run = tmp_path / "run"
+    ev.write_eval(str(run / "eval.json"), {"test": blink}, meta={"mode": "sft"})
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert "| SFT | 0.00 | 0.00 |" in capsys.readouterr().out  # the default: unchanged, the configured parser
+    assert main(["report", str(run), "--parser", "match"]) == 0
+    assert "| SFT | 100.00 | 100.00 |" in capsys.readouterr().out

@@ -96,6 +96,9 @@ def test_mlflow_records_params_metrics_artifacts(livr_run, backbone_cache, data_
         assert r.data.tags["mode"] == mode and r.data.tags["backbone"] == "tiny-qwen3-vl"
         assert r.data.params["train.mode"] == mode and r.data.params["optim.lr"] == "0.01"
         assert "test_accuracy" in r.data.metrics and "val_accuracy" in r.data.metrics
+        assert "test_match_accuracy" in r.data.metrics  # the second parser's, beside eval.parser=blink's
+        assert {k[len("test_match/"):] for k in r.data.metrics if k.startswith("test_match/")} == \
+            {k[len("test/"):] for k in r.data.metrics if k.startswith("test/")}
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"adapter", "config.yaml", "eval.json"} <= arts
         adapter = {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}

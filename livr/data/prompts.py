@@ -1,10 +1,12 @@
-"""Prompt formatting, training targets and answer parsing (BLINK's official scoring rule, or a lenient one)."""
+"""Prompt formatting, training targets and answer parsing (BLINK's official scoring rule, a judge-free matcher
+against the choices, or a lenient rule)."""
 
 from __future__ import annotations
 
 import re
 import string
 
+from livr.data.answers import parse_match
 from livr.data.tasks import DataError
 
 SELECT_LINE = "Select from the following choices."
@@ -59,7 +61,7 @@ def target_text(row: dict, answer_format: str = "letter") -> str:
     return letter if answer_format == "letter" else f"({letter})"
 
 
-PARSERS = ("blink", "lenient")
+PARSERS = ("blink", "lenient", "match")
 FAILED = "(Z)"  # BLINK's marker for an output its LLM judge could not match to a choice
 
 _BLINK_BARE = ("A", "B", "C", "D", "E")
@@ -121,16 +123,23 @@ def _parse_lenient(output: str, num_choices: int) -> str | None:
     return None
 
 
-def parse_answer(output: str, num_choices: int, parser: str = "blink") -> str | None:
+def parse_answer(output: str, num_choices: int, parser: str = "blink", choices: list[str] | None = None) -> str | None:
     """The choice letter an output selects, or None (no answer).
 
     parser="blink": BLINK's official rule exactly (see `_parse_blink`; None where BLINK would fall back
-    to its GPT-3.5 judge). parser="lenient": stripped output, "(X)" found anywhere (even glued to
-    punctuation or markdown)."""
+    to its GPT-3.5 judge). parser="match": BLINK's rule first, then, where it does not decide, a
+    deterministic match against the letter forms and the row's `choices` texts (`livr.data.answers`: the
+    judge-free stand-in for BLINK's judge). parser="lenient": stripped output, "(X)" found anywhere (even
+    glued to punctuation or markdown)."""
     _check_parser(parser)
     if not isinstance(output, str) or not output:
         return None
-    return _parse_blink(output, num_choices) if parser == "blink" else _parse_lenient(output, num_choices)
+    if parser == "lenient":
+        return _parse_lenient(output, num_choices)
+    letter = _parse_blink(output, num_choices)
+    if letter is None and parser == "match":
+        letter = parse_match(output, choice_letters(num_choices), choices)
+    return letter
 
 
 def normalise_number(text) -> int | None:
@@ -147,10 +156,10 @@ def normalise_number(text) -> int | None:
 
 
 def parse_number(output: str, parser: str = "blink") -> int | None:
-    """Open-ended rows: "blink" = exact match of the whole normalised output (`normalise_number`);
-    "lenient" = the first integer anywhere in the output ("3 or 4" -> 3)."""
+    """Open-ended rows: "blink" and "match" = exact match of the whole normalised output
+    (`normalise_number`); "lenient" = the first integer anywhere in the output ("3 or 4" -> 3)."""
     _check_parser(parser)
-    if parser == "blink":
+    if parser != "lenient":
         return normalise_number(output)
     m = _INT.search(output or "")
     return int(m.group(0)) if m else None
@@ -160,7 +169,7 @@ def predicted(output: str, row: dict, parser: str = "blink") -> str | None:
     """What an output answers, as it is recorded and submitted: "(X)" for a multiple-choice row, the
     number as a string for an open-ended one; None when nothing is parsed."""
     if row.get("choices"):
-        letter = parse_answer(output, len(row["choices"]), parser)
+        letter = parse_answer(output, len(row["choices"]), parser, row["choices"])
         return None if letter is None else f"({letter})"
     n = parse_number(output, parser)
     return None if n is None else str(n)
@@ -171,6 +180,6 @@ def is_correct(output: str, row: dict, parser: str = "blink") -> bool:
     (under "blink" the whole output must be the number, as a numeral or an English word)."""
     letter = answer_letter(row)
     if letter is not None:
-        return parse_answer(output, len(row["choices"]), parser) == letter
+        return parse_answer(output, len(row["choices"]), parser, row["choices"]) == letter
     gold = normalise_number(str(row["answer"]))
     return gold is not None and parse_number(output, parser) == gold
