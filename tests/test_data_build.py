@@ -401,6 +401,7 @@ def test_semantic_correspondence(tmp_path):
     anns = spair_fixture(src)
     m = build("Semantic_Correspondence", src, out, train=8, val=4, test=4, seed=1, progress=False)
     assert m["counts"]["test"]["fewer than 4 valid keypoints"] == 1 and m["counts"]["test"]["rows"] == 4
+    assert not any(c.get("cross-split image overlap") for c in m["counts"].values())  # trn split by image
     for split in ("train", "val", "test"):
         rs, ps = rows(out, "Semantic_Correspondence", split), provenance(out, "Semantic_Correspondence", split)
         assert len(rs) == 4 if split != "train" else len(rs) == 8
@@ -479,7 +480,18 @@ def test_functional_correspondence(tmp_path):
             lines.append(",".join(f"{v:.6f}" for p in pts for v in p) + f",easy,{rel},{action},n0{seed},pot")
     with open(os.path.join(root, "labels.csv"), "w") as f:
         f.write("\n".join([header, *lines]) + "\n")
-    build("Functional_Correspondence", src, out, train=8, val=2, test=2, seed=9, progress=False)
+    m = build("Functional_Correspondence", src, out, train=8, val=2, test=2, seed=9, progress=False)
+    assert not any(c.get("cross-split image overlap") for c in m["counts"].values())  # split by image, not row
+    from livr.data.build import funkpoint
+    from livr.data.build.driver import partition
+
+    spec, where = funkpoint.FUNCTIONAL, {}
+    for seed in range(5):  # the 4 two-action images: each goes to one split with all its actions
+        parts = partition(spec["scan"](src), spec["splits"], {"train": 8, "val": 2, "test": 2}, seed, "F",
+                          spec["fractions"])
+        for split, units in parts.items():
+            for u in units:
+                assert where.setdefault((seed, u["group"]), split) == split
     split_of = {}
     for split in ("train", "val", "test"):
         rs, ps = rows(out, "Functional_Correspondence", split), provenance(out, "Functional_Correspondence", split)
