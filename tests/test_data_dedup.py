@@ -172,3 +172,53 @@ def test_bad_inputs_one_line(tmp_path, capsys):
         assert rc == 2 and len(err.splitlines()) == 1 and want in err, err
     with pytest.raises(ValueError, match="dedup mode"):
         ExcludeIndex().duplicate(["x"], "bogus")
+
+
+def test_build_drops_copies_with_clip(tmp_path):
+    """Through the driver: `livr data build --exclude DIR --clip MODEL_DIR`; a BLINK copy of one ArtBench test
+    image (resized JPEG, as BLINK's third image) is never used; the manifest counts the exclusions."""
+    import json
+
+    src, out = str(tmp_path / "art"), str(tmp_path / "out")
+    for pool in ("train", "test"):
+        for style in ("a", "b"):
+            for i in range(6 if pool == "train" else 3):
+                png(scene(60 + 20 * (pool == "test") + 10 * (style == "b") + i), os.path.join(src, pool, style, f"{i}.png"))
+    copy = os.path.join(src, "test", "a", "0.png")
+    write_blink(str(tmp_path / "blink/Art_Style/val.parquet"), [[scene(99), scene(98), jpeg(Image.open(copy))]])
+    rc = main(["data", "build", "Art_Style", "--source", src, "--out", out, "--train", "4", "--val", "2", "--test",
+               "4", "--exclude", str(tmp_path / "blink"), "--clip", tiny_clip(str(tmp_path / "clip"))])
+    assert rc == 0
+    with open(os.path.join(out, "Art_Style", "livr_build.json")) as f:
+        m = json.load(f)
+    assert m["request"]["clip"] and m["counts"]["test"]["excluded (near-duplicate of --exclude)"] >= 1
+    with open(os.path.join(out, "Art_Style", "provenance", "test.jsonl")) as f:
+        assert all(copy not in json.loads(line)["files"] for line in f)
+
+
+def test_source_layout_errors_one_line(tmp_path, capsys, monkeypatch):
+    """FunKPoint without labels.csv; MID scenes whose albedo is only EXR where no EXR reader works."""
+    import builtins
+
+    from livr.data.build import mid
+
+    rc = main(["data", "build", "Functional_Correspondence", "--source", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "labels.csv: missing annotation file" in err
+    src = tmp_path / "mid"
+    for pool in ("train", "test"):
+        d = src / pool / f"scene_{pool}"
+        png(scene(80), str(d / "dir_0_mip2.jpg"))
+        (d / "albedo.exr").write_bytes(b"not an exr")
+    real = builtins.__import__
+
+    def no_readers(name, *a, **k):
+        if name in ("cv2", "imageio.v3", "imageio"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_readers)
+    rc = main(["data", "build", "Relative_Reflectance", "--source", str(src), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "albedo.exr: cannot read EXR albedo" in err, err
+    assert mid.EXR_NEEDS in err
