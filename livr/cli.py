@@ -152,7 +152,7 @@ def cmd_data_build(args) -> int:
         print("livr: error: data build needs TASK, --source and --out (or --list)", file=sys.stderr)
         return 2
     result = data_build.build(args.task, args.source, args.out, train=args.train, val=args.val, test=args.test,
-                              seed=args.seed, exclude=args.exclude or (), workers=args.workers,
+                              seed=args.seed, exclude=args.exclude or (), clip=args.clip, workers=args.workers,
                               progress=not os.environ.get("LIVR_QUIET"))
     if result.get("reused"):
         print(f"{args.task}: up to date (same request): {result['path']}")
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=42)
     sp.add_argument("--exclude", nargs="+", action="extend", metavar="DIR",
                     help="drop rows whose images are (near-)duplicates of any image under DIR (e.g. BLINK)")
+    sp.add_argument("--clip", metavar="MODEL_DIR", default=None,
+                    help="also retrieve --exclude duplicates by CLIP image embeddings (a local CLIP checkpoint)")
     sp.add_argument("--workers", type=int, default=1, help="threads preparing and drawing rows")
     sp.set_defaults(fn=cmd_data_build)
     return p

@@ -368,26 +368,31 @@ def test_visual_correspondence(tmp_path):
 
 
 def spair_fixture(root: str) -> dict:
-    """SPair-71k: PairAnnotation/{trn,val,test}/<id>-<src>-<trg>:<cat>.json + JPEGImages/<cat>/<name>.jpg."""
-    rng, anns, seed, n = np.random.default_rng(1), {}, 900, 0
-    for pool, k in (("trn", 6), ("val", 4), ("test", 4)):
-        for _ in range(k):
-            names = []
-            for _ in range(2):
-                seed += 1
-                names.append(f"2008_{seed:06d}.jpg")
-                save(picture(seed, 120, 90), os.path.join(root, "JPEGImages", "cat", names[-1]), format="PNG")
-            kp = lambda m: [[float(rng.uniform(5, 115)), float(rng.uniform(5, 85))] for _ in range(m)]
-            a = {"src_imname": names[0], "trg_imname": names[1], "category": "cat", "src_kps": kp(6),
-                 "trg_kps": kp(6), "kps_ids": list(range(6)), "src_imsize": [120, 90, 3], "trg_imsize": [120, 90, 3]}
-            if n == 0:
-                a["trg_kps"] = a["trg_kps"][:3]  # too few correspondences: skipped
-            n += 1
-            path = os.path.join(root, "PairAnnotation", pool, f"{n:06d}-{names[0][:-4]}-{names[1][:-4]}:cat.json")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(a, f)
-            anns[names[0]] = a
+    """SPair-71k: PairAnnotation/{trn,test}/<id>-<src>-<trg>:<cat>.json + JPEGImages/<cat>/<name>.jpg; trn pairs
+    share images (every pair of 12 images), as SPair's do."""
+    rng, anns, seed = np.random.default_rng(1), {}, 900
+    kp = lambda m: [[float(rng.uniform(5, 115)), float(rng.uniform(5, 85))] for _ in range(m)]
+
+    def image() -> str:
+        nonlocal seed
+        seed += 1
+        save(picture(seed, 120, 90), os.path.join(root, "JPEGImages", "cat", f"2008_{seed:06d}.jpg"), format="PNG")
+        return f"2008_{seed:06d}.jpg"
+
+    trn = [image() for _ in range(12)]
+    pairs = [("trn", trn[i], trn[j]) for i in range(12) for j in range(i + 1, 12)]
+    pairs += [("test", image(), image()) for _ in range(5)]
+    for n, (pool, s, t) in enumerate(pairs, start=1):
+        a = {"src_imname": s, "trg_imname": t, "category": "cat", "src_kps": kp(6), "trg_kps": kp(6),
+             "kps_ids": list(range(6)), "src_imsize": [120, 90, 3], "trg_imsize": [120, 90, 3]}
+        if pool == "test" and not anns.get("bad"):
+            a["trg_kps"] = a["trg_kps"][:3]  # too few correspondences: skipped
+            anns["bad"] = True
+        path = os.path.join(root, "PairAnnotation", pool, f"{n:06d}-{s[:-4]}-{t[:-4]}:cat.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(a, f)
+        anns[(s, t)] = a
     return anns
 
 
@@ -395,13 +400,15 @@ def test_semantic_correspondence(tmp_path):
     src, out = str(tmp_path / "spair"), str(tmp_path / "out")
     anns = spair_fixture(src)
     m = build("Semantic_Correspondence", src, out, train=8, val=4, test=4, seed=1, progress=False)
-    assert m["counts"]["train"]["fewer than 4 valid keypoints"] == 1 and m["counts"]["train"]["rows"] == 5
+    assert m["counts"]["test"]["fewer than 4 valid keypoints"] == 1 and m["counts"]["test"]["rows"] == 4
+    assert not any(c.get("cross-split image overlap") for c in m["counts"].values())  # trn split by image
     for split in ("train", "val", "test"):
         rs, ps = rows(out, "Semantic_Correspondence", split), provenance(out, "Semantic_Correspondence", split)
-        if split != "train":
-            assert_balanced(rs, 4)
+        assert len(rs) == 4 if split != "train" else len(rs) == 8
+        assert_balanced(rs, 4)
         for r, p in zip(rs, ps):
-            a = anns[p["images"][0].split("/")[1]]
+            a = anns[tuple(i.split("/")[1] for i in p["images"])]
+            assert (a in [anns[k] for k in anns if k != "bad"]) and ("/trn/" in p["files"][2]) == (split != "test")
             j = a["src_kps"].index(p["ref"])
             k = "ABCD".index(r["answer"][1])
             assert p["candidates"][k] == a["trg_kps"][j]  # the annotated match, at the answer's letter
@@ -415,7 +422,7 @@ def mid_fixture(root: str) -> None:
     """MID scene folders (train/<scene>/dir_<k>_mip2.jpg) with MIDIntrinsics' albedo.png: blocks of albedo
     levels, some within 10% of each other (0.50 / 0.53), some far apart (0.2 / 0.8)."""
     levels, seed = np.array([0.2, 0.5, 0.53, 0.6, 0.8, 0.52, 0.21]), 1100  # 0.5 vs 0.6: rel 0.17
-    for pool, scenes in (("train", 3), ("test", 1)):
+    for pool, scenes in (("train", 4), ("test", 2)):
         for s in range(scenes):
             d = os.path.join(root, pool, f"scene{s}_{pool}")
             rng = np.random.default_rng(s + (10 if pool == "test" else 0))
@@ -423,7 +430,7 @@ def mid_fixture(root: str) -> None:
             alb = np.kron(grid, np.ones((24, 24)))  # 96 x 144, constant 24-px blocks
             save(Image.fromarray((np.repeat(alb[..., None], 3, 2) * 255).round().astype(np.uint8)),
                  os.path.join(d, "albedo.png"))
-            for k in range(3):
+            for k in range(4):
                 seed += 1
                 save(picture(seed, 144, 96), os.path.join(d, f"dir_{k}_mip2.jpg"), format="PNG")
 
@@ -431,14 +438,15 @@ def mid_fixture(root: str) -> None:
 def test_relative_reflectance(tmp_path):
     src, out = str(tmp_path / "mid"), str(tmp_path / "out")
     mid_fixture(src)
-    build("Relative_Reflectance", src, out, train=6, val=3, test=3, seed=4, progress=False)
+    build("Relative_Reflectance", src, out, train=8, val=4, test=8, seed=4, progress=False)
     def disk_mean(Y, x, y, r):  # written here, not imported: the rule is checked independently
         yy, xx = np.mgrid[0:Y.shape[0], 0:Y.shape[1]]
         return Y[(xx - x) ** 2 + (yy - y) ** 2 <= r * r].mean()
 
     for split in ("train", "val", "test"):
         rs, ps = rows(out, "Relative_Reflectance", split), provenance(out, "Relative_Reflectance", split)
-        assert_balanced(rs, 3)
+        if split != "val":  # A : B : C = 3 : 3 : 2 per block of 8 ("About the same" a quarter, as the paper)
+            assert Counter(r["answer"] for r in rs) == {"(A)": 3, "(B)": 3, "(C)": 2}
         for r, p in zip(rs, ps):
             alb = np.asarray(Image.open(p["files"][1]).convert("RGB"), dtype=float) / 255
             Y = alb @ np.array([0.2126, 0.7152, 0.0722])
@@ -453,29 +461,49 @@ def test_relative_reflectance(tmp_path):
 
 # --------------------------------------------------------------------------------------------- FunKPoint
 def test_functional_correspondence(tmp_path):
+    """FunKPoint as released: FunKPoint/labels.csv (p1_x..p5_y normalised, difficulty, image_path relative to the
+    csv's folder, action, wnid, object_category) + FunKPoint/images/<wnid>/<file>.jpg; some images have 2 actions."""
     src, out = str(tmp_path / "funk"), str(tmp_path / "out")
+    root = os.path.join(src, "FunKPoint")
     rng, lines, kps, seed = np.random.default_rng(3), [], {}, 1300
-    header = "action,image_path," + ",".join(f"p{i}_{a}" for i in range(1, 6) for a in "xy")
+    header = ",".join(f"p{i}_{a}" for i in range(1, 6) for a in "xy") + ",difficulty,image_path,action,wnid,object_category"
     for action in ("Pour", "Mash/Pound"):
         for n in range(20):
             seed += 1
             rel = f"images/n0{seed}/{n:04d}.jpg"
-            save(picture(seed, 80, 60), os.path.join(src, rel), format="PNG")
+            if action == "Pour" or n >= 4:  # the first 4 Mash/Pound rows reuse Pour images: one image, 2 actions
+                save(picture(seed, 80, 60), os.path.join(root, rel), format="PNG")
+            else:
+                rel = next(r for (r, a) in kps if a == "Pour" and r.endswith(f"/{n:04d}.jpg"))
             pts = [(0.1 + 0.2 * i + rng.uniform(-0.05, 0.05), rng.uniform(0.1, 0.9)) for i in range(5)]
-            kps[rel] = (action, [(x * 79, y * 59) for x, y in pts])
-            lines.append(f"{action},{rel}," + ",".join(f"{v:.6f}" for p in pts for v in p))
-    with open(os.path.join(src, "annotations.csv"), "w") as f:
+            kps[(rel, action)] = [(x * 79, y * 59) for x, y in pts]
+            lines.append(",".join(f"{v:.6f}" for p in pts for v in p) + f",easy,{rel},{action},n0{seed},pot")
+    with open(os.path.join(root, "labels.csv"), "w") as f:
         f.write("\n".join([header, *lines]) + "\n")
-    build("Functional_Correspondence", src, out, train=8, val=2, test=2, seed=9, progress=False)
+    m = build("Functional_Correspondence", src, out, train=8, val=2, test=2, seed=9, progress=False)
+    assert not any(c.get("cross-split image overlap") for c in m["counts"].values())  # split by image, not row
+    from livr.data.build import funkpoint
+    from livr.data.build.driver import partition
+
+    spec, where = funkpoint.FUNCTIONAL, {}
+    for seed in range(5):  # the 4 two-action images: each goes to one split with all its actions
+        parts = partition(spec["scan"](src), spec["splits"], {"train": 8, "val": 2, "test": 2}, seed, "F",
+                          spec["fractions"])
+        for split, units in parts.items():
+            for u in units:
+                assert where.setdefault((seed, u["group"]), split) == split
+    split_of = {}
     for split in ("train", "val", "test"):
         rs, ps = rows(out, "Functional_Correspondence", split), provenance(out, "Functional_Correspondence", split)
         if split == "train":
             assert_balanced(rs, 4)
-        used = [i for p in ps for i in p["images"]]
-        assert len(used) == len(set(used))  # each image in at most one pair
+        for i in (i for p in ps for i in p["images"]):
+            assert split_of.setdefault(i, split) == split  # an image (with all its actions) in one split
+        used = [(i, p["action"]) for p in ps for i in p["images"]]
+        assert len(used) == len(set(used))  # each image in at most one pair per action
         for r, p in zip(rs, ps):
-            (a_src, src_pts), (a_trg, trg_pts) = kps[p["images"][0]], kps[p["images"][1]]
-            assert a_src == a_trg and f'action: "{a_src}"' in r["prompt"]
+            src_pts, trg_pts = kps[(p["images"][0], p["action"])], kps[(p["images"][1], p["action"])]
+            assert f'action: "{p["action"]}"' in r["prompt"]
             k = p["keypoint"] - 1
             assert np.allclose(p["ref"], src_pts[k], atol=1e-3)
             cand = p["candidates"]["ABCD".index(r["answer"][1])]

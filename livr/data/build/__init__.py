@@ -18,12 +18,13 @@ REGISTRY: dict[str, dict] = {
                   "hub's files) and SRC/images/<image_sha256>[.ext] (the images, downloaded by you from image_url)",
         "obtain": "https://huggingface.co/datasets/allenai/pixmo-count (parquet); images from each row's image_url",
         "construction": "counts 2-10, open-ended ('How many {label} are there in the image?' + 'Answer with a "
-                        "number.'), counts balanced; train/val/test from PixMo's train/validation/test (test: "
-                        "all 540 rows whose image you have)",
+                        "number.'), counts balanced; train/val/test from PixMo's train/validation/test (paper: "
+                        "1,000 / 534 / 528, what remains of PixMo's 540 / 540 after dead URLs)",
         "assumed": "images are named by their sha256 (the file's sha256 is checked; a missing image, i.e. a dead "
                    "URL, is skipped and counted)",
         "builder": "livr.data.build.pixmo:COUNTING",
-        "test": 540,
+        "val": 534,
+        "test": 528,
     },
     "Jigsaw": {
         "source": "COCO 2017 images",
@@ -35,7 +36,6 @@ REGISTRY: dict[str, dict] = {
                         "train2017, val/test from val2017",
         "assumed": "images narrower than 400 px use a canvas as wide as the image (the paper does not say)",
         "builder": "livr.data.build.coco:JIGSAW",
-        "test": 0,
     },
     "Object_Localization": {
         "source": "COCO 2017 detection",
@@ -48,7 +48,6 @@ REGISTRY: dict[str, dict] = {
                    "colours are not documented); every qualifying instance is a candidate (an image may give "
                    "several rows, all in one split)",
         "builder": "livr.data.build.coco:LOCALIZATION",
-        "test": 0,
     },
     "Visual_Correspondence": {
         "source": "HPatches sequences (hpatches-sequences-release)",
@@ -59,41 +58,41 @@ REGISTRY: dict[str, dict] = {
                         "(viewpoint and illumination separately)",
         "assumed": "distractors are >= 1/8 of the long side from the truth and each other",
         "builder": "livr.data.build.hpatches:CORRESPONDENCE",
+        "val": 500,
         "test": 700,
     },
     "Art_Style": {
         "source": "ArtBench-10 (256x256 ImageFolder)",
-        "layout": "SRC/{train,test}/<style>/*.jpg",
+        "layout": "SRC/{train,test}/<style>/*.jpg (or SRC/artbench-10-imagefolder-split/...)",
         "obtain": "https://github.com/liaopeiyuan/artbench (artbench-10-imagefolder-split.tar)",
         "construction": "reference + same-style positive + other-style negative, 2-way; images split "
                         "train/val (from ArtBench train) and test (from ArtBench test)",
         "assumed": "-",
         "builder": "livr.data.build.artbench:ART_STYLE",
-        "test": 0,
     },
     "Semantic_Correspondence": {
         "source": "SPair-71k",
-        "layout": "SRC/PairAnnotation/{trn,val,test}/*.json and SRC/JPEGImages/<category>/*.jpg",
+        "layout": "SRC/PairAnnotation/{trn,test}/*.json and SRC/JPEGImages/<category>/*.jpg (or SRC/SPair-71k/...)",
         "obtain": "https://cvlab.postech.ac.kr/research/SPair-71k/ (SPair-71k.tar.gz)",
         "construction": "a pair with >= 4 keypoints; REF at one source keypoint; 4 labelled target candidates "
-                        "(its match + 3 other annotated keypoints); 4-way; train/val/test from trn/val/test",
-        "assumed": "val comes from SPair's val split (the paper draws train and val from trn; SPair's pairs "
-                   "share images, so that would break image-disjoint splits)",
+                        "(its match + 3 other annotated keypoints); 4-way; train and val from trn (as the paper), "
+                        "test from test",
+        "assumed": "trn images go to val with probability 1/3 (a hash of the name), a pair to its images' split; "
+                   "pairs across the two are unused (so train and val share no image)",
         "builder": "livr.data.build.spair:SEMANTIC",
-        "test": 0,
     },
     "Functional_Correspondence": {
         "source": "FunKPoint (Lai et al., ICCV 2021)",
-        "layout": "ASSUMED: SRC/annotations.csv (columns action, image_path or source_image_path relative to "
-                  "SRC, p1_x, p1_y, ..., p5_x, p5_y in [0, 1]) and the images, e.g. SRC/images/<wnid>/<nnnn>.jpg",
-        "obtain": "https://agi-labs.github.io/FuncCorr (FunKPoint); convert its annotations to the csv above",
+        "layout": "SRC/labels.csv or SRC/FunKPoint/labels.csv (p1_x..p5_y normalised to [0, 1], difficulty, "
+                  "image_path relative to the csv's folder, action, wnid, object_category) + images/<wnid>/*.jpg",
+        "obtain": "https://agi-labs.github.io/FuncCorr (FunKPoint)",
         "construction": "images split 80/10/10 per action; within a split and action, images shuffled and paired "
                         "(each used once); REF at keypoint k on the first, candidates k + 3 other keypoints "
                         "on the second; 4-way",
-        "assumed": "FunKPoint's release format was not found in public material: the csv layout is the one a "
-                   "public derivative (Qifei-C/funkpoint_curated_dataset) quotes; BLINK's prompt reconstructed "
-                   "from its published fragments",
+        "assumed": "keypoints scaled by (width - 1, height - 1); an image with several actions is split as one "
+                   "unit; BLINK's prompt reconstructed from published fragments (3 characters off BLINK's)",
         "builder": "livr.data.build.funkpoint:FUNCTIONAL",
+        "val": 144,
         "test": 146,
     },
     "Relative_Reflectance": {
@@ -108,13 +107,12 @@ REGISTRY: dict[str, dict] = {
                         "if |Y_A - Y_B| / max(Y_A, Y_B, 1e-8) <= 0.10, else the lower Y is darker; 3-way; "
                         "scenes are the groups: train/val from MID train, test from MID test",
         "assumed": "albedo.png is linear (as MIDIntrinsics writes it; the ratio ignores its min-max scaling); "
-                   "the three answers are balanced (the paper has ~1/4 'About the same'); BLINK's prompt",
+                   "answers A, B, C in the ratio 3 : 3 : 2 ('About the same' a quarter, as the paper)",
         "builder": "livr.data.build.mid:REFLECTANCE",
-        "test": 0,
     },
     "Visual_Similarity": {
         "source": "NIGHTS (DreamSim)",
-        "layout": "SRC/data.csv (ref_path, left_path, right_path, split, votes and the preference column) "
+        "layout": "SRC/data.csv or SRC/nights/data.csv (ref_path, left_path, right_path, split, votes and the preference column) "
                   "and SRC/ref/<xxx>/<yyy>.png, SRC/distort/<xxx>/<yyy>_{0,1}.png",
         "obtain": "https://github.com/ssundaram21/dreamsim (dataset/download_dataset.sh: nights.zip)",
         "construction": "reference + the two distortions, the human-preferred one correct; 2-way; "
@@ -123,7 +121,6 @@ REGISTRY: dict[str, dict] = {
                    "else columns 5-7, and the preference 'right_vote', else column 3 (DreamSim reads these by "
                    "position; p = the share of votes for right_path); votes < 6 and ties dropped, as DreamSim",
         "builder": "livr.data.build.nights:SIMILARITY",
-        "test": 0,
     },
 }
 assert tuple(REGISTRY) == PAPER_TASKS
@@ -141,7 +138,10 @@ def get_spec(task: str) -> dict:
 
 
 def default_sizes(task: str) -> dict:
-    return {"train": 1000, "val": 250, "test": REGISTRY[task]["test"]}
+    """The paper's split sizes (Appendix A): 1,000 train; val 250 (Counting 534, Visual_Correspondence 500,
+    Functional_Correspondence 144); test only where the paper tests on its own split (BLINK val otherwise)."""
+    r = REGISTRY[task]
+    return {"train": 1000, "val": r.get("val", 250), "test": r.get("test", 0)}
 
 
 def describe() -> str:
@@ -151,12 +151,14 @@ def describe() -> str:
         state = "ready" if r["builder"] else "NOT BUILT YET"
         lines += [f"{task} [{state}] - {r['source']}", f"  layout:       {r['layout']}",
                   f"  obtain:       {r['obtain']}", f"  construction: {r['construction']}",
-                  f"  assumed:      {r['assumed']}", f"  default test rows: {r['test']}", ""]
+                  f"  assumed:      {r['assumed']}",
+                  "  default rows: train {train}, val {val}, test {test}".format(**default_sizes(task)), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def build(task: str, source: str, out: str, *, train: int | None = None, val: int | None = None,
-          test: int | None = None, seed: int = 42, exclude=(), workers: int = 1, progress: bool = True) -> dict:
+          test: int | None = None, seed: int = 42, exclude=(), clip: str | None = None, workers: int = 1,
+          progress: bool = True) -> dict:
     """Build `task` from `source` into out/<task>/ (see livr.data.build.driver.run_build)."""
     from livr.data.build.driver import run_build
 
@@ -169,5 +171,5 @@ def build(task: str, source: str, out: str, *, train: int | None = None, val: in
             sizes[k] = v
     if workers < 1:
         raise DataError(f"{task}: --workers must be >= 1, got {workers}")
-    return run_build(task, spec, source, out, sizes, seed=seed, exclude=exclude, workers=workers,
+    return run_build(task, spec, source, out, sizes, seed=seed, exclude=exclude, clip=clip, workers=workers,
                      progress=progress)

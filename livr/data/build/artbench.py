@@ -1,7 +1,8 @@
 """Art_Style from ArtBench-10 (paper Appendix A.5), in BLINK's format: a reference painting and two
 candidates, one of the reference's style (a different painting) and one of another style; 2-way.
 
-Layout: the official 256x256 ImageFolder release, SRC/{train,test}/<style>/*.jpg. Images are split first
+Layout: the official 256x256 ImageFolder release, SRC/{train,test}/<style>/*.jpg (or, as the tar unpacks,
+SRC/artbench-10-imagefolder-split/{train,test}/...). Images are split first
 (train and val from ArtBench's train, test from its test), and a row only uses images of its own split."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ QUESTION = "Which image shares the same style as the reference image?"
 
 
 def scan(source: str) -> dict:
+    inner = os.path.join(source, "artbench-10-imagefolder-split")
+    source = inner if os.path.isdir(inner) else source
     pools = {}
     for pool in ("train", "test"):
         d = os.path.join(source, pool)
@@ -56,7 +59,7 @@ def prepare(unit: dict, rng, ctx: dict) -> dict:
         open_image(u["path"])  # Skip if unreadable
     units = [unit, pos, neg]
     return {"paths": [u["path"] for u in units], "images": [u["key"] for u in units],
-            "hashes": [phash_file(u["path"]) for u in units],
+            "hashes": [phash_file(u["path"]) for u in units], "sources": [u["path"] for u in units],
             "prov": {"files": [u["path"] for u in units], "styles": [u["style"] for u in units]}}
 
 
@@ -68,4 +71,5 @@ def render(sample: dict, label: int) -> dict:
 
 
 ART_STYLE = {"scan": scan, "prepare": prepare, "render": render, "context": context, "labels": 2,
+             "prompt": {"end": "\n"}, "dedup": "image",
              "splits": {"train": "train", "val": "train", "test": "test"}}

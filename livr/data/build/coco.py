@@ -81,7 +81,8 @@ def prepare_jigsaw(unit: dict, rng, ctx) -> dict:
     else:
         raise Skip("no room for a distractor patch", unit["path"])
     return {"path": unit["path"], "canvas": canvas, "true": true, "fake": fake, "images": unit["images"],
-            "hashes": [phash(img)], "prov": {"files": [unit["path"]], "canvas": canvas, "true": true, "fake": fake}}
+            "hashes": [phash(img)], "sources": [unit["path"]],
+            "prov": {"files": [unit["path"]], "canvas": canvas, "true": true, "fake": fake}}
 
 
 def render_jigsaw(sample: dict, label: int) -> dict:
@@ -95,7 +96,8 @@ def render_jigsaw(sample: dict, label: int) -> dict:
             "answer": label}
 
 
-JIGSAW = {"scan": scan_jigsaw, "prepare": prepare_jigsaw, "render": render_jigsaw, "labels": 2, "splits": SPLITS}
+JIGSAW = {"scan": scan_jigsaw, "prepare": prepare_jigsaw, "render": render_jigsaw, "labels": 2, "splits": SPLITS,
+          "prompt": {"blank": True, "end": "\n"}}
 
 
 # --------------------------------------------------------------------------------------------- Localization
@@ -161,7 +163,7 @@ def prepare_localization(unit: dict, rng, ctx, lo: float = 0.2, hi: float = 0.5)
         raise Skip("no distractor box with IoU in range", unit["path"])
     other = [float(v) for v in other]
     return {"path": unit["path"], "box": box, "other": other, "obj": unit["obj"], "images": unit["images"],
-            "hashes": hashes,
+            "hashes": hashes, "sources": [unit["path"]],
             "prov": {"files": [unit["path"]], "box": box, "distractor": other, "object": unit["obj"]}}
 
 
@@ -177,4 +179,4 @@ def render_localization(sample: dict, label: int) -> dict:
 
 
 LOCALIZATION = {"scan": scan_localization, "prepare": prepare_localization, "render": render_localization,
-                "labels": 2, "splits": SPLITS}
+                "labels": 2, "splits": SPLITS, "prompt": {"select": "options"}, "dedup": "annotated"}

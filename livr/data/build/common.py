@@ -1,5 +1,5 @@
 """Shared machinery of the training-set builders: errors, seeded randomness, group-disjoint splits, balanced
-labels, perceptual-hash exclusion, BLINK-style markers and prompts, and the atomic, streaming parquet writer.
+labels, perceptual hashes, BLINK-style markers and prompts, and the atomic, streaming parquet writer.
 
 A builder (one per task, see livr.data.build) is a dict of plain functions:
   scan(source) -> {pool: [unit, ...]}    lightweight units (ids, paths, annotations; never pixels)
@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from livr.data.prompts import SELECT_LINE, choice_letters
+from livr.data.prompts import choice_letters
 from livr.data.tasks import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -51,9 +50,12 @@ def rng_for(seed: int, *parts) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
-def balanced_label(seed: int, task: str, split: str, i: int, k: int) -> int:
-    """Row i's answer class: each block of k rows holds every class once, in a seeded order."""
-    return int(rng_for(seed, task, split, "labels", i // k).permutation(k)[i % k])
+def balanced_label(seed: int, task: str, split: str, i: int, k: int, weights=None) -> int:
+    """Row i's answer class: each block of k rows holds every class once, in a seeded order; with weights
+    (one int per class), each block of sum(weights) rows holds class c weights[c] times."""
+    pattern = [c for c in range(k) for _ in range(weights[c])] if weights else list(range(k))
+    n = len(pattern)
+    return int(pattern[rng_for(seed, task, split, "labels", i // n).permutation(n)[i % n]])
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -92,49 +94,6 @@ def phash(img: Image.Image) -> int:
 @functools.lru_cache(maxsize=65536)
 def phash_file(path: str) -> int:
     return phash(open_image(path))
-
-
-def iter_exclude_images(dirs):
-    """Every image under the given directories: image files, and image cells of parquet files (a local copy
-    of BLINK, `datasets` parquet exports). Yields (where, PIL image); streams row group by row group."""
-    import pyarrow.parquet as pq
-
-    for d in dirs:
-        if not os.path.isdir(d):
-            raise SourceError(f"--exclude {d}: not a directory")
-        for root, subdirs, files in os.walk(d):
-            subdirs.sort()
-            for name in sorted(files):
-                path = os.path.join(root, name)
-                low = name.lower()
-                if low.endswith(IMAGE_EXTS):
-                    try:
-                        yield path, open_image(path)
-                    except Skip:
-                        continue
-                elif low.endswith(".parquet"):
-                    pf = pq.ParquetFile(path)
-                    for g in range(pf.num_row_groups):
-                        table = pf.read_row_group(g)
-                        for col in table.column_names:
-                            for cell in table.column(col).to_pylist():
-                                data = cell.get("bytes") if isinstance(cell, dict) else None
-                                if isinstance(data, (bytes, bytearray)):
-                                    try:
-                                        with Image.open(io.BytesIO(data)) as im:
-                                            yield f"{path}:{col}", im.convert("RGB")
-                                    except Exception:  # noqa: BLE001, S112 - not an image cell
-                                        continue
-
-
-def load_exclude(dirs, progress: bool = False) -> np.ndarray:
-    """pHashes (uint64) of every image under the --exclude directories."""
-    it = iter_exclude_images(dirs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="hashing --exclude images", unit="img", leave=False)
-    return np.array([phash(im) for _, im in it], dtype=np.uint64)
 
 
 def near_duplicate(hashes, table: np.ndarray, max_distance: int = PHASH_MAX_DISTANCE) -> bool:
@@ -206,10 +165,14 @@ def far_points(rng, n: int, w: float, h: float, margin: float, min_dist: float, 
 
 
 # --------------------------------------------------------------------------------------------- prompts
-def prompt(text: str, choices, select_line: str = SELECT_LINE) -> str:
-    """BLINK's full prompt: the instruction, the select line, one '(X) choice' line per choice."""
+def prompt(text: str, choices, select: str = "choices", sep: str = "\n", blank: bool = False, end: str = "") -> str:
+    """BLINK's full prompt: the instruction; `sep` (a newline, or a space: the select line on the question's own
+    line); "Select from the following {select}."; a blank line if `blank`; one '(X) choice' line per choice;
+    then `end` (BLINK's Jigsaw, Art_Style and Semantic_Correspondence prompts end with a newline). Each builder's
+    spec["prompt"] holds its task's layout (docs/data.md says what each rests on)."""
     lines = [f"({l}) {c}" for l, c in zip(choice_letters(len(choices)), choices)]
-    return "\n".join([text, select_line, *lines])
+    head = f"{text}{sep}Select from the following {select}." + ("\n" if blank else "")
+    return "\n".join([head, *lines]) + end
 
 
 def encode_png(img: Image.Image) -> dict:

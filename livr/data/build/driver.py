@@ -26,15 +26,15 @@ from livr.data.build.common import (
     SourceError,
     balanced_label,
     encode_png,
-    load_exclude,
     near_duplicate,
     prompt,
     rng_for,
 )
+from livr.data.build.dedup import load_index
 from livr.data.prompts import OPEN_SUFFIX, choice_letters
 from livr.data.tasks import IMAGE_COLUMNS
 
-BUILD_VERSION = 1  # bump when any builder's output changes: invalidates finished builds
+BUILD_VERSION = 2  # bump when any builder's output changes: invalidates finished builds
 MANIFEST = "livr_build.json"
 SPLIT_ORDER = ("train", "val", "test")
 BUILD_ORDER = ("test", "val", "train")  # held-out first: later splits drop near-duplicates of earlier ones
@@ -76,11 +76,11 @@ def partition(units_by_pool: dict, splits: dict, sizes: dict, seed: int, task: s
     return out
 
 
-def _row(task: str, split: str, i: int, out: dict) -> dict:
+def _row(task: str, split: str, i: int, out: dict, layout: dict) -> dict:
     choices, images = list(out["choices"]), out["images"]
     if choices:
         answer = f"({choice_letters(len(choices))[out['answer']]})"
-        full = prompt(out["text"], choices, out.get("select_line") or "Select from the following choices.")
+        full = prompt(out["text"], choices, **layout)
     else:
         answer, full = str(out["answer"]), f"{out['text']}\n{OPEN_SUFFIX}"
     row = {"idx": f"{task}_{split}_{i}", "question": out["question"], "sub_task": task}
@@ -92,7 +92,7 @@ def _row(task: str, split: str, i: int, out: dict) -> dict:
 def _fill(spec: dict, task: str, split: str, units: list, n: int, seed: int, exclude, used: dict, pool,
           progress: bool, stats: Counter, taken_hashes):
     """Yield (row, provenance) for up to n rows of one split, in a deterministic order."""
-    k = spec["labels"]
+    k, weights = spec["labels"], spec.get("weights")
     ctx = spec["context"](units) if spec.get("context") else None
     others = set().union(*[v for s, v in used.items() if s != split])
     mine = used.setdefault(split, set())
@@ -113,7 +113,7 @@ def _fill(spec: dict, task: str, split: str, units: list, n: int, seed: int, exc
 
     def accept(sample):
         nonlocal done
-        label = balanced_label(seed, task, split, done, k)
+        label = balanced_label(seed, task, split, done, k, weights)
         ok = sample.get("labels")
         if ok is not None and label not in ok:
             return None
@@ -127,7 +127,7 @@ def _fill(spec: dict, task: str, split: str, units: list, n: int, seed: int, exc
         for (sample, label, i), out in zip(batch, rendered):
             prov = {"idx": f"{task}_{split}_{i}", "label": label, "images": list(sample["images"]),
                     "hashes": list(sample.get("hashes", ())), **sample.get("prov", {}), **out.pop("prov", {})}
-            yield _row(task, split, i, out), prov
+            yield _row(task, split, i, out, spec.get("prompt", {})), prov
         if bar:
             bar.update(len(batch))
 
@@ -151,7 +151,7 @@ def _fill(spec: dict, task: str, split: str, units: list, n: int, seed: int, exc
                     if others & set(s["images"]):
                         stats["cross-split image overlap"] += 1
                         continue
-                    if near_duplicate(s.get("hashes", ()), exclude):
+                    if exclude.duplicate(s.get("sources", ()), spec.get("dedup", "image")):
                         stats["excluded (near-duplicate of --exclude)"] += 1
                         continue
                     if near_duplicate(s.get("hashes", ()), taken_hashes):
@@ -163,7 +163,7 @@ def _fill(spec: dict, task: str, split: str, units: list, n: int, seed: int, exc
                         continue
                     batch.append(got)
                     while done < n:  # a waiting sample may fit the next label now
-                        nxt = balanced_label(seed, task, split, done, k)
+                        nxt = balanced_label(seed, task, split, done, k, weights)
                         j = next((j for j, p in enumerate(pending) if p.get("labels") is None
                                   or nxt in p["labels"]), None)
                         if j is None:
@@ -206,7 +206,7 @@ def _clean_stale(out_dir: str, task: str) -> None:
 
 
 def run_build(task: str, spec: dict, source: str, out_dir: str, sizes: dict, *, seed: int = 42, exclude=(),
-              workers: int = 1, progress: bool = True) -> dict:
+              clip: str | None = None, workers: int = 1, progress: bool = True) -> dict:
     """Build one task; returns the manifest ({"request", "counts", "path"})."""
     import pyarrow.parquet as pq
 
@@ -217,8 +217,9 @@ def run_build(task: str, spec: dict, source: str, out_dir: str, sizes: dict, *, 
         raise SourceError(f"{task}: --source {source}: not a directory")
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     exclude = [os.path.abspath(os.path.expanduser(d)) for d in exclude]
+    clip = os.path.abspath(os.path.expanduser(clip)) if clip else None
     request = {"build_version": BUILD_VERSION, "task": task, "source": source, "sizes": dict(sizes),
-               "seed": seed, "exclude": exclude}
+               "seed": seed, "exclude": exclude, "clip": clip}
     path = os.path.join(out_dir, task)
     if _recorded(path) == request:
         with open(os.path.join(path, MANIFEST)) as f:
@@ -226,7 +227,7 @@ def run_build(task: str, spec: dict, source: str, out_dir: str, sizes: dict, *, 
     os.makedirs(out_dir, exist_ok=True)
     _clean_stale(out_dir, task)
     units_by_pool = spec["scan"](source)
-    table = load_exclude(exclude, progress=progress)
+    table = load_index(exclude, clip=clip, progress=progress)
     parts = partition(units_by_pool, spec["splits"], sizes, seed, task, spec.get("fractions"), spec.get("regroup"))
     schema = features().arrow_schema
     tmp = tempfile.mkdtemp(prefix=f".{task}.tmp-{os.getpid()}-", dir=out_dir)

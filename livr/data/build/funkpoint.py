@@ -1,12 +1,11 @@
 """Functional_Correspondence from FunKPoint (paper Appendix A.7), in BLINK's format.
 
-FunKPoint's own release layout could not be learned from public material here. The layout built against is
-the one its public derivative (github.com/Qifei-C/funkpoint_curated_dataset, references.csv) quotes from it:
-per image an action label and five functional keypoints normalised to [0, 1], images under
-images/<wnid>/<nnnn>.<ext>. So: SRC/annotations.csv with columns action, image_path (or source_image_path;
-relative to SRC), p1_x, p1_y, ..., p5_x, p5_y. Images are split 80/10/10 per action (each image in one
-split), then paired within their split and action, each image used once (shuffled, consecutive pairs); the
-first of a pair is the source: REF at keypoint k, candidates k and three other keypoints on the target."""
+Layout: FunKPoint's release (SRC, or SRC/FunKPoint): labels.csv, one row per (image, action), with columns
+p1_x, p1_y, ..., p5_x, p5_y (the five functional keypoints, normalised to [0, 1]), difficulty, image_path
+(relative to the csv's folder, images/<wnid>/<file>.jpg), action, wnid, object_category. Images are split
+80/10/10 (each image in one split, with all its actions; stratified by action), then paired within their split
+and action, each image used once per action (shuffled, consecutive pairs); the first of a pair is the source:
+REF at keypoint k, candidates k and three other keypoints on the target."""
 
 from __future__ import annotations
 
@@ -30,26 +29,41 @@ QUESTION = "For the action \"{action}\", which point is corresponding to the ref
 KP = [f"p{i}_{a}" for i in range(1, 6) for a in ("x", "y")]
 
 
+def labels_path(source: str) -> str:
+    for d in (source, os.path.join(source, "FunKPoint")):
+        if os.path.isfile(os.path.join(d, "labels.csv")):
+            return os.path.join(d, "labels.csv")
+    raise SourceError(f"Functional_Correspondence: {os.path.join(source, 'labels.csv')}: missing annotation file "
+                      f"(FunKPoint's labels.csv; see `livr data build --list`)")
+
+
 def scan(source: str) -> dict:
-    path = os.path.join(source, "annotations.csv")
-    if not os.path.isfile(path):
-        raise SourceError(f"Functional_Correspondence: {path}: missing annotation file (see `livr data build --list`)")
+    path = labels_path(source)
+    root = os.path.dirname(path)
     units = []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        img_col = "image_path" if "image_path" in cols else "source_image_path"
-        miss = [c for c in ("action", img_col, *KP) if c not in cols]
+        cols = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = cols
+        miss = [c for c in ("action", "image_path", *KP) if c not in cols]
         if miss:
             raise SourceError(f"Functional_Correspondence: {path}: missing column(s) {', '.join(miss)}")
         for line, r in enumerate(reader, start=2):
             try:
                 kps = [(float(r[f"p{i}_x"]), float(r[f"p{i}_y"])) for i in range(1, 6)]
             except (TypeError, ValueError):
-                raise SourceError(f"Functional_Correspondence: {path}:{line}: non-numeric keypoint") from None
-            rel = r[img_col]
-            units.append({"key": f"{rel}|{r['action']}", "group": rel, "stratum": r["action"], "images": [rel],
-                          "action": r["action"], "path": os.path.join(source, rel), "kps": kps, "line": line})
+                raise SourceError(f"Functional_Correspondence: {path}:{line}: non-numeric keypoint "
+                                  f"(p1_x..p5_y)") from None
+            rel, action = (r["image_path"] or "").strip(), (r["action"] or "").strip()
+            if not rel or not action:
+                raise SourceError(f"Functional_Correspondence: {path}:{line}: empty image_path or action")
+            units.append({"key": f"{rel}|{action}", "group": rel, "images": [rel], "action": action,
+                          "path": os.path.join(root, rel), "kps": kps, "line": line})
+    first: dict = {}  # an image's stratum: its first action (sorted), so all its rows go to one split
+    for u in units:
+        first[u["group"]] = min(first.get(u["group"], u["action"]), u["action"])
+    for u in units:
+        u["stratum"] = first[u["group"]]
     return {"all": units}
 
 
@@ -72,7 +86,7 @@ def _pixels(u: dict, size) -> list:
     pts = []
     for x, y in u["kps"]:
         if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= 1 and 0 <= y <= 1):
-            raise Skip("keypoint outside the image", f"{u['path']} (annotations.csv line {u['line']})")
+            raise Skip("keypoint outside the image", f"{u['path']} (labels.csv line {u['line']})")
         pts.append((x * (w - 1), y * (h - 1)))
     return pts
 
@@ -90,8 +104,8 @@ def prepare(unit: dict, rng, ctx) -> dict:
     dists = [rest[j] for j in rng.permutation(len(rest))[:3]]
     return {"src": s["path"], "trg": t["path"], "ref": src_pts[k], "true": true, "distractors": dists,
             "action": unit["action"], "images": unit["images"],
-            "hashes": hashes,
-            "prov": {"files": [s["path"], t["path"]], "keypoint": k + 1, "ref": src_pts[k], "true": true}}
+            "hashes": hashes, "sources": [s["path"], t["path"]],
+            "prov": {"files": [s["path"], t["path"]], "action": unit["action"], "keypoint": k + 1, "ref": src_pts[k], "true": true}}
 
 
 def render(sample: dict, label: int) -> dict:

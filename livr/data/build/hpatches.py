@@ -21,7 +21,6 @@ TEXT = ("A point is circled on the first image, labeled with REF. We change the 
         "\"A, B, C, D\" are drawn beside each circle. Which point on the second image corresponds to the point "
         "in the first image?")
 QUESTION = "Which point on the second image corresponds to the point in the first image?"
-SELECT = "Select from the following options."
 PAIRS = [(i, j) for i in range(1, 7) for j in range(i + 2, 7)]
 ROUNDS = 8
 
@@ -87,7 +86,7 @@ def prepare(unit: dict, rng, ctx) -> dict:
         raise Skip("no reference point maps inside the target", unit["key"])
     dists = far_points(rng, 3, w2, h2, 0.08 * min(w2, h2), max(w2, h2) / 8, avoid=[true])
     return {"src": src_p, "trg": trg_p, "ref": ref, "true": true, "distractors": dists, "images": unit["images"],
-            "hashes": hashes,
+            "hashes": hashes, "sources": [src_p, trg_p],
             "prov": {"files": [src_p, trg_p], "ref": ref, "true": true}}
 
 
@@ -95,9 +94,10 @@ def render(sample: dict, label: int) -> dict:
     src, trg, cands = render_points(sample["src"], sample["trg"], sample["ref"], sample["true"],
                                     sample["distractors"], label)
     return {"images": [src, trg], "question": QUESTION, "text": TEXT, "choices": POINT_CHOICES, "answer": label,
-            "select_line": SELECT, "prov": {"candidates": cands}}
+            "prov": {"candidates": cands}}
 
 
 CORRESPONDENCE = {"scan": scan, "prepare": prepare, "render": render, "labels": 4, "rounds": ROUNDS,
+                  "prompt": {"select": "options", "sep": " "}, "dedup": "pair",
                   "splits": {"train": "all", "val": "all", "test": "all"},
                   "fractions": {"train": 0.8, "val": 0.1, "test": 0.1}}

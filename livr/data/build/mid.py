@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw
 
 from livr.data.build.common import Skip, SourceError, draw_point, image_size, marker_scale, open_image, phash_file
 
-TEXT = ("Two points are annotated on the image, labeled by A and B. Which point has darker surface color, or the "
-        "colors is about the same?")
+TEXT = ("Two points are annotated on the image, labeled by A and B. Consider the surface color of the points (the "
+        "albedo of the surface, without the effect of shading). Which point has darker surface color, or the colors "
+        "is about the same?")
 QUESTION = "Which point has darker surface color, or the colors is about the same?"
 CHOICES = ["A is darker", "B is darker", "About the same"]
 SAME = 0.10
@@ -50,36 +51,57 @@ def scan(source: str) -> dict:
         d = _pool_dir(source, pool)
         if d is None:
             raise SourceError(f"Relative_Reflectance: {os.path.join(source, pool)}: missing (MID {pool} scenes)")
-        units = []
+        units, exr_only = [], None
         for scene in sorted(e.name for e in os.scandir(d) if e.is_dir()):
             sd = os.path.join(d, scene)
             alb = albedo_path(sd)
-            for n in sorted(os.listdir(sd)):
+            names = sorted(os.listdir(sd))
+            for n in names:
                 m = IMAGE.match(n)
                 if m:
                     units.append({"key": f"{pool}/{scene}/{n}", "group": f"{pool}/{scene}", "albedo": alb,
                                   "images": [f"{pool}/{scene}/{n}"], "path": os.path.join(sd, n)})
+            if exr_only is None and "dir_0_mip2.exr" in names and not any(IMAGE.match(n) for n in names):
+                exr_only = sd
+        if not units and exr_only:
+            raise SourceError(f"Relative_Reflectance: {exr_only}: only EXR images (dir_<k>_mip2.exr); the rows are "
+                              f"drawn on MID's sRGB images: unpack multi_illumination_{pool}_mip2_jpg.zip here too")
         pools[pool] = units
+    exr = next((u["albedo"] for us in pools.values() for u in us if (u["albedo"] or "").endswith(".exr")), None)
+    if exr:
+        read_exr(exr)  # fail at once, in one line, if EXR cannot be read here
     return pools
+
+
+EXR_NEEDS = ("needs OpenCV (pip install opencv-python-headless) or imageio with an EXR plugin; or write "
+             "MIDIntrinsics' albedo with --png (albedo.png)")
+
+
+def read_exr(path: str) -> np.ndarray:
+    """An EXR albedo as HxWx3 float (RGB); a SourceError naming the file and what is missing if no reader can."""
+    try:
+        os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
+        import cv2
+
+        a = cv2.imread(path, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+        if a is not None:
+            a = np.asarray(a, dtype=np.float64)
+            return a[..., ::-1] if a.ndim == 3 else a
+    except ImportError:
+        pass
+    try:
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(path), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - ImportError, or imageio without an EXR plugin
+        raise SourceError(f"Relative_Reflectance: {path}: cannot read EXR albedo: {EXR_NEEDS}") from None
 
 
 @functools.lru_cache(maxsize=8)
 def luminance(path: str) -> np.ndarray:
     """The albedo's linear luminance (Rec. 709), HxW float."""
     if path.lower().endswith(".exr"):
-        try:
-            import imageio.v3 as iio
-
-            a = np.asarray(iio.imread(path), dtype=np.float64)
-        except ImportError:
-            try:
-                os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
-                import cv2
-
-                a = np.asarray(cv2.imread(path, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH), dtype=np.float64)[..., ::-1]
-            except ImportError:
-                raise SourceError(f"Relative_Reflectance: {path}: reading EXR needs imageio or OpenCV; or use "
-                                  f"MIDIntrinsics' --png albedo") from None
+        a = read_exr(path)
     else:
         try:
             with Image.open(path) as im:
@@ -129,7 +151,7 @@ def prepare(unit: dict, rng, ctx, tries: int = 200) -> dict:
         raise Skip("no usable point pair", unit["path"])
     labels = ([0, 1] if "diff" in found else []) + ([2] if "same" in found else [])
     return {"path": unit["path"], "pairs": found, "images": unit["images"], "labels": labels,
-            "hashes": hashes, "prov": {"files": [unit["path"], unit["albedo"]]}}
+            "hashes": hashes, "sources": [unit["path"]], "prov": {"files": [unit["path"], unit["albedo"]]}}
 
 
 def render(sample: dict, label: int) -> dict:
@@ -146,5 +168,7 @@ def render(sample: dict, label: int) -> dict:
             "prov": {"A": list(a), "B": list(b)}}
 
 
-REFLECTANCE = {"scan": scan, "prepare": prepare, "render": render, "labels": 3,
+# "About the same" is about a quarter of the rows (paper, Appendix A.8): blocks of 8 rows hold A, B 3 times each, C twice
+REFLECTANCE = {"scan": scan, "prepare": prepare, "render": render, "labels": 3, "weights": [3, 3, 2],
+               "prompt": {"sep": " "}, "dedup": "annotated",
                "splits": {"train": "train", "val": "train", "test": "test"}}

@@ -1,7 +1,7 @@
 """Visual_Similarity from NIGHTS (DreamSim; paper Appendix A.9), in BLINK's format: the reference and its
 two distortions, the one the human votes prefer correct; 2-way.
 
-Layout: the official nights.zip, SRC/data.csv with SRC/ref/<xxx>/<yyy>.png and SRC/distort/<xxx>/<yyy>_{0,1}.png.
+Layout: the official nights.zip, SRC/data.csv (or SRC/nights/data.csv, as the zip unpacks) with SRC/ref/<xxx>/<yyy>.png and SRC/distort/<xxx>/<yyy>_{0,1}.png.
 Columns: split (train/val/test: our splits follow it) and votes by name, as DreamSim's TwoAFCDataset reads
 them; ref_path, left_path, right_path by name, else the 5th-7th columns, and the preference from right_vote,
 else the 3rd column, as that loader reads them by position (p = the share of votes for right_path). Like DreamSim, triplets with votes < 6 are dropped; ties are too."""
@@ -20,6 +20,8 @@ MIN_VOTES = 6
 
 
 def scan(source: str) -> dict:
+    if not os.path.isfile(os.path.join(source, "data.csv")) and os.path.isdir(os.path.join(source, "nights")):
+        source = os.path.join(source, "nights")
     path = os.path.join(source, "data.csv")
     if not os.path.isfile(path):
         raise SourceError(f"Visual_Similarity: {path}: missing annotation file (NIGHTS data.csv)")
@@ -60,7 +62,7 @@ def prepare(unit: dict, rng, ctx) -> dict:
     ref, left, right = unit["paths"]
     best, worst = (right, left) if unit["right_preferred"] else (left, right)
     return {"paths": [ref, best, worst], "images": unit["images"],
-            "hashes": [phash_file(p) for p in unit["paths"]], "prov": {"files": [ref, best, worst]}}
+            "hashes": [phash_file(p) for p in unit["paths"]], "sources": list(unit["paths"]), "prov": {"files": [ref, best, worst]}}
 
 
 def render(sample: dict, label: int) -> dict:
@@ -71,4 +73,5 @@ def render(sample: dict, label: int) -> dict:
 
 
 SIMILARITY = {"scan": scan, "prepare": prepare, "render": render, "labels": 2,
+              "prompt": {"blank": True, "end": "\n"}, "dedup": "image",
               "splits": {"train": "train", "val": "val", "test": "test"}}

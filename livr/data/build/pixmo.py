@@ -77,7 +77,7 @@ def prepare(unit: dict, rng, ctx) -> dict:
     except Exception as e:  # noqa: BLE001
         raise Skip("unreadable image", f"{unit['path']} ({type(e).__name__})") from None
     return {"path": unit["path"], "count": unit["count"], "label": unit["label"], "images": unit["images"],
-            "hashes": [phash(img)], "labels": [unit["count"] - MIN_COUNT],
+            "hashes": [phash(img)], "sources": [unit["path"]], "labels": [unit["count"] - MIN_COUNT],
             "prov": {"files": [unit["path"]], "count": unit["count"]}}
 
 

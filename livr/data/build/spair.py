@@ -4,8 +4,11 @@ Layout: the official SPair-71k release: SRC/PairAnnotation/{trn,val,test}/<pair>
 trg_imname, category, src_kps, trg_kps: [[x, y], ...] matched by position) and SRC/JPEGImages/<category>/
 <imname>. Pairs with at least four valid correspondences (finite, non-negative, inside both images) are used;
 REF is one source keypoint, the candidates its annotated match and three other annotated target keypoints.
-Train/val/test follow SPair's trn/val/test (the paper draws train and val from trn; we take val from SPair's
-val so that the splits share no image)."""
+Train and val both come from SPair's trn, as in the paper, with no image (hence no pair) in both: each trn
+image goes to val with probability 1/3 (by a hash of <category>/<image name>, so every build agrees), a pair
+joins the split of its two images, and the ~4/9 of pairs whose images fall in different splits are not used
+(1/9 of the pairs are val-only, 4/9 train-only: the paper's 1,000 : 250). Test comes from SPair's test; SPair's
+val is not used."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import json
 import math
 import os
 
-from livr.data.build.common import Skip, SourceError, image_size, phash_file
+from livr.data.build.common import Skip, SourceError, crc, image_size, phash_file
 from livr.data.build.points import POINT_CHOICES, render_points
 
 TEXT = ("Humans can find corresponding points for different objects in the same category. For instance, if there "
@@ -24,20 +27,42 @@ TEXT = ("Humans can find corresponding points for different objects in the same 
         "each circle. Select between the choices on the second image and find the corresponding point for the "
         "reference point. Which point is corresponding to the reference point?")
 QUESTION = "Which point is corresponding to the reference point?"
-POOLS = ("trn", "val", "test")
+POOLS = ("trn", "test")
+VAL_SHARE = 3  # 1 in VAL_SHARE trn images goes to val
 KEYS = ("src_imname", "trg_imname", "category", "src_kps", "trg_kps")
 
 
+def _root(source: str) -> str:
+    inner = os.path.join(source, "SPair-71k")
+    return inner if os.path.isdir(os.path.join(inner, "PairAnnotation")) else source
+
+
+def pair_images(path: str, name: str) -> list[str]:
+    """['<category>/<src image>', '<category>/<trg image>'] from the file name (<id>-<src>-<trg>:<category>.json,
+    as SPair names them), else from the json."""
+    stem, _, cat = name[: -len(".json")].partition(":")
+    parts = stem.split("-")
+    if cat and len(parts) == 3:
+        return [f"{cat}/{parts[1]}.jpg", f"{cat}/{parts[2]}.jpg"]
+    return read_pair(path, "")["images"]
+
+
 def scan(source: str) -> dict:
-    pools = {}
+    source = _root(source)
+    pools: dict = {"trn_train": [], "trn_val": [], "test": []}
     for pool in POOLS:
         d = os.path.join(source, "PairAnnotation", pool)
         if not os.path.isdir(d):
             raise SourceError(f"Semantic_Correspondence: {d}: missing (SPair-71k PairAnnotation/{pool}/*.json)")
-        units = [{"key": f"{pool}/{n}", "group": f"{pool}/{n}", "ann": os.path.join(d, n), "root": source,
-                  "images": []}
-                 for n in sorted(x for x in os.listdir(d) if x.endswith(".json"))]
-        pools[pool] = units
+        for n in sorted(x for x in os.listdir(d) if x.endswith(".json")):
+            u = {"key": f"{pool}/{n}", "group": f"{pool}/{n}", "ann": os.path.join(d, n), "root": source,
+                 "images": []}
+            if pool == "test":
+                pools["test"].append(u)
+                continue
+            side = {crc(i) % VAL_SHARE == 0 for i in pair_images(u["ann"], n)}
+            if len(side) == 1:  # both images on one side
+                pools["trn_val" if side.pop() else "trn_train"].append(u)
     return pools
 
 
@@ -78,7 +103,7 @@ def prepare(unit: dict, rng, ctx) -> dict:
         raise Skip("fewer than 3 distinct distractor keypoints", unit["ann"])
     dists = [rest[j][:2] for j in rng.permutation(len(rest))[:3]]
     return {"src": unit["src"], "trg": unit["trg"], "ref": ref[:2], "true": true[:2], "distractors": dists,
-            "images": unit["images"], "hashes": hashes,
+            "images": unit["images"], "hashes": hashes, "sources": [unit["src"], unit["trg"]],
             "prov": {"files": [unit["src"], unit["trg"], unit["ann"]], "ref": ref[:2], "true": true[:2]}}
 
 
@@ -89,5 +114,6 @@ def render(sample: dict, label: int) -> dict:
             "prov": {"candidates": cands}}
 
 
-SEMANTIC = {"scan": scan, "prepare": prepare, "render": render, "labels": 4,
-            "splits": {"train": "trn", "val": "val", "test": "test"}}
+SEMANTIC = {"scan": scan, "prepare": prepare, "render": render, "labels": 4, "prompt": {"end": "\n"},
+            "dedup": "pair",
+            "splits": {"train": "trn_train", "val": "trn_val", "test": "test"}}
