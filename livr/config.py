@@ -29,8 +29,9 @@ class ModelConfig:
     cache_dir: str = "~/.cache/livr/backbones"  # where tiny presets are materialised
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # Stage 1 (4-D mask): sdpa, eager, or flex_attention (livr/flex.py; trains on GPU)
-    attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1
+    attn_implementation: str = "auto"  # Stage 1: auto (flex_attention on CUDA, sdpa on CPU) | sdpa | eager | flex_attention
+    attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1 (also flash_attention_2/3)
+    attn_implementation_vision: str = "auto"  # the vision tower: auto (flash_attention_2 on CUDA if installed, else sdpa)
     gradient_checkpointing: bool = False
     cache_vision: bool = False  # compute each image's frozen vision features once, reuse them (livr/vision_cache.py)
     vision_cache_mib: int = 4096  # host memory for cached features per process; beyond it: vision_cache_dir
@@ -417,7 +418,9 @@ def validate(cfg: Config) -> Config:
 
         declared_family(cfg.model.family)
     _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager", "flex_attention"))
+    _one_of("model.attn_implementation", cfg.model.attn_implementation, ("auto", "sdpa", "eager", "flex_attention"))
+    _one_of("model.attn_implementation_vision", cfg.model.attn_implementation_vision,
+            ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"))
     if cfg.model.attn_implementation_stage2:
         _one_of("model.attn_implementation_stage2", cfg.model.attn_implementation_stage2,
                 ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))

@@ -7,6 +7,7 @@ Stage-1 mask is applied to the prefix and to every generated (answer) token.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
@@ -104,7 +105,8 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
     total, preds = defaultdict(int), []
     for b, batch in enumerate(tqdm(loader, total=n_batches, desc="evaluate", disable=quiet, leave=False)):
         checked(batch)
-        outs = generate(lm, batch, bottleneck=bottleneck, max_new_tokens=max_new_tokens, sync=sync)
+        with lm.bottleneck_attention() if bottleneck else contextlib.nullcontext():  # a kernel that takes the mask
+            outs = generate(lm, batch, bottleneck=bottleneck, max_new_tokens=max_new_tokens, sync=sync)
         for i, r, o in zip(batches[b][: scored[b]], batch["meta"], outs):
             ok = None
             if not hidden:

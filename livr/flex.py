@@ -41,7 +41,9 @@ def register() -> None:
 @functools.cache
 def _flex():
     """flex_attention, compiled on CUDA (or anywhere with LIVR_FLEX_COMPILE=1: on CPU the first call of each shape
-    compiles for tens of seconds, so CPU forwards default to the eager, unfused implementation)."""
+    compiles for tens of seconds, so CPU forwards default to the eager, unfused implementation). Compiled with
+    dynamic shapes: every sequence length and batch size of a run shares one graph (measured on CPU/inductor for
+    L 351-4197 and batches 1 and 8: one graph; tests/test_gpu_readiness.py), so lengths need no padding or buckets."""
     import os
 
     from torch.nn.attention.flex_attention import flex_attention
@@ -61,8 +63,11 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
         raise RuntimeError("model.attn_implementation=flex_attention: torch has no flex_attention backward on CPU; "
                            "train Stage 1 with sdpa there (flex needs a GPU to train)")
-    out = _flex()(query, key, value, block_mask=attention_mask, scale=scaling,
-                  enable_gqa=query.shape[1] != key.shape[1])
+    # past dynamo's recompile limit a compiled function silently runs eager (the unfused reference: memory ~ L²);
+    # here that is an error instead
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        out = _flex()(query, key, value, block_mask=attention_mask, scale=scaling,
+                      enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 

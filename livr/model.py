@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from livr import flex
-from livr.backbones import Backbone, load_backbone
+from livr import attention, flex
+from livr.backbones import Backbone, family_for, load_backbone, resolve_backbone_path
 from livr.backbones.declared import declared_family
 from livr.config import Config, ConfigError
 from livr.latents import add_latent_tokens
@@ -47,6 +47,7 @@ class LivrModel:
     device: torch.device
     dtype: torch.dtype
     vision_cache: object = None  # a livr.vision_cache.VisionCache (model.cache_vision)
+    attention: attention.AttentionPlan | None = None  # the kernels of Stage 1, Stage 2 and the vision tower
 
     @property
     def family(self):
@@ -115,10 +116,35 @@ class LivrModel:
         return getattr(self.model.get_base_model().config, "_attn_implementation", "")
 
     def set_attn_implementation(self, name: str) -> None:
+        """The language model's kernel (the vision tower keeps its own: `livr.attention`)."""
         base = self.model.get_base_model()
-        name = flex.impl_name(name)
-        if name and getattr(base.config, "_attn_implementation", name) != name:
-            base.set_attn_implementation(name)
+        plan = self.attention or attention.AttentionPlan(name, name, getattr(base.config.get_text_config(),
+                                                                              "_attn_implementation", name))
+        want = plan.implementation(name, type(base.config)) if name else None
+        if want and want != self._current(base, want):
+            base.set_attn_implementation(want)
+
+    @staticmethod
+    def _current(base, want):
+        if not isinstance(want, dict):
+            return getattr(base.config, "_attn_implementation", want)
+        return {k: getattr(base.config if k == "" else getattr(base.config, k), "_attn_implementation", None)
+                for k in want}
+
+    @contextlib.contextmanager
+    def bottleneck_attention(self):
+        """Stage 1's kernel while a forward takes the Stage-1 mask (evaluation under the bottleneck after Stage 2 ran
+        a kernel that takes no 4-D mask, e.g. FlashAttention); the kernel before is restored."""
+        before = self.attn_implementation()
+        stage1 = self.attention.stage1 if self.attention else before
+        if before in (flex.NAME, *attention.MASK_KERNELS) or not stage1:
+            yield
+            return
+        self.set_attn_implementation(stage1)
+        try:
+            yield
+        finally:
+            self.set_attn_implementation(self.attention.stage2 if self.attention else before)
 
 
 def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -157,10 +183,15 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_zero_stage(cfg, 3 if loading else 0)
+    attention.check(cfg, device)
+    family = declared_family(cfg.model.family) if cfg.model.family else family_for(
+        resolve_backbone_path(cfg.model.backbone, cfg.model.cache_dir, cfg.model.num_layers), cfg.model.trust_remote_code)
+    kernels = attention.resolve(cfg, device, family)
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
-        attn_implementation=flex.impl_name(cfg.model.attn_implementation), trust_remote_code=cfg.model.trust_remote_code,
-        num_layers=cfg.model.num_layers, family=declared_family(cfg.model.family) if cfg.model.family else None,
+        attn_implementation=kernels.implementation(kernels.stage1, getattr(family.model_class, "config_class", None)),
+        trust_remote_code=cfg.model.trust_remote_code, num_layers=cfg.model.num_layers,
+        family=family if cfg.model.family else None,
     )
     if cfg.data.max_pixels or cfg.data.min_pixels:
         set_pixel_limits(bb.processor.image_processor, cfg.data.min_pixels, cfg.data.max_pixels)
@@ -180,7 +211,7 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
         raise RuntimeError(f"vision/projector parameters would train: {leaks[:3]}")
     builder = SequenceBuilder(bb.tokenizer, bb.processor, bb.family, ids, cfg.data.answer_format)
     builder.position_fn = lambda x, mm: bb.family.position_ids(model, x, torch.ones_like(x), mm)
-    lm = LivrModel(model, bb, ids, builder, base_vocab, device, dtype)
+    lm = LivrModel(model, bb, ids, builder, base_vocab, device, dtype, attention=kernels)
     lm.vision_cache = build_vision_cache(cfg, lm)
     return lm
 

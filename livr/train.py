@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from livr import flex
+from livr import attention
 from livr.backbones import resolve_backbone_path
 from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
@@ -30,7 +30,7 @@ from livr.data.tasks import DataError
 from livr.engine import gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
-from livr.model import build_model
+from livr.model import build_model, resolve_device
 from livr.runlock import check_same_run, lock_held, run_lock
 from livr.sequence import IGNORE
 from livr.tracking import Tracker, preflight
@@ -88,14 +88,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def plan_stages(cfg: Config, steps_per_epoch: int) -> list[Stage]:
-    t, attn2 = cfg.train, cfg.model.attn_implementation_stage2 or cfg.model.attn_implementation
+def plan_stages(cfg: Config, steps_per_epoch: int, kernels=None) -> list[Stage]:
+    """The stages and their steps; `kernels` (livr.attention.AttentionPlan, resolved for the device) names each
+    stage's attention kernel (else the config's names as written)."""
+    t = cfg.train
+    attn1 = kernels.stage1 if kernels else cfg.model.attn_implementation
+    attn2 = kernels.stage2 if kernels else (cfg.model.attn_implementation_stage2 or cfg.model.attn_implementation)
     def steps(epochs: float, explicit: int) -> int:
         return explicit if explicit > 0 else round(epochs * steps_per_epoch)
     if t.mode == "sft":
         return [Stage("sft", False, steps(t.sft_epochs, t.sft_steps), attn2)]
     return [
-        Stage("stage1", True, steps(t.stage1_epochs, t.stage1_steps), cfg.model.attn_implementation),
+        Stage("stage1", True, steps(t.stage1_epochs, t.stage1_steps), attn1),
         Stage("stage2", False, steps(t.stage2_epochs, t.stage2_steps), attn2),
     ]
 
@@ -161,7 +165,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
 def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dict:
     # ---------------------------------------------------------------- setup
     ctx = setup_distributed(cfg)
-    flex.check_trainable(cfg)  # before the model loads: Stage 1 under flex_attention cannot train on a CPU
+    attention.check(cfg, resolve_device(cfg.model.device), training=True)  # before anything loads: kernels that cannot run here
     quiet = ctx.rank != 0 or os.environ.get("LIVR_QUIET") == "1"
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
     last = os.path.join(ckpt_dir, "last")
@@ -192,7 +196,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     engine = make_engine(lm, cfg, ctx.rank, ctx.world)  # AdamW (DeepSpeed's CPU Adam when ZeRO offloads it)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world
     steps_per_epoch = max(1, len(train_rows) // global_batch)
-    stages = plan_stages(cfg, steps_per_epoch)
+    stages = plan_stages(cfg, steps_per_epoch, lm.attention)
     plan = {"planned_steps": sum(s.steps for s in stages),  # what a full run uses (Tune budget accounting)
             "planned_epochs": sum(math.ceil(s.steps / steps_per_epoch) for s in stages)}
     state = {"stage": 0, "step": 0, "global_step": 0, "best": -1.0, "best_at": None, "history": []}

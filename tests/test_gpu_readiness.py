@@ -59,3 +59,134 @@ def test_one_process_zero3_offload_trains_two_stages_and_resumes_exactly(backbon
             assert same, (f, k, (a[k] - b[k]).abs().max().item())
     moments = load_file(str(runs / "whole" / "checkpoints" / "last" / "optimizer.safetensors"))
     assert any(k.endswith("exp_avg_sq") and v.abs().sum() > 0 for k, v in moments.items())
+
+
+# ----------------------------------------------------------------------------- flex_attention: graphs per run
+def _groups(images: int, tokens_per_image: int, batch: int = 1) -> torch.Tensor:
+    from livr.sequence import ANSWER, IMAGE, LATENT, PROMPT, TEXT
+
+    seq = [TEXT] * 14
+    for _ in range(images):
+        seq += [IMAGE] * tokens_per_image + [PROMPT] * 2
+    seq += [PROMPT] * 60 + [LATENT] * 17 + [ANSWER] * 2
+    return torch.tensor([seq] * batch)
+
+
+def test_compiled_flex_makes_at_most_two_graphs_over_a_runs_lengths(monkeypatch):
+    """One to four 1024x768 images (Qwen2.5-VL: 999 tokens each) and smaller ones, L 351-4197, at the paper's
+    micro-batch 1, through livr's own compiled flex (inductor, dynamic shapes, GQA): at most 2 graphs, and the
+    outputs equal the eager reference. CPU forward only: torch has no flex backward on CPU, and torch 2.13's CPU
+    flex template fails to compile GQA at batch > 1 (C++ error "cur_kvSplitSize9 was not declared", measured);
+    CUDA compiles Triton templates instead (bench/gpu_check.py runs batch 8 there)."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from livr import flex
+    from livr.backbones import FAMILIES
+
+    monkeypatch.setenv("LIVR_FLEX_COMPILE", "1")
+    flex._flex.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    fam = FAMILIES["qwen2_5_vl"]
+    try:
+        calls = []
+        for images, tokens, batch in ((1, 256, 1), (1, 999, 1), (2, 700, 1), (3, 999, 1), (4, 999, 1), (2, 300, 1),
+                                      (4, 1024, 1)):
+            g = _groups(images, tokens, batch)
+            gen = torch.Generator().manual_seed(g.shape[1])
+            q, k, v = (torch.randn(batch, h, g.shape[1], 16, generator=gen) for h in (4, 2, 2))  # GQA 4:2
+            bm = flex.block_mask(fam, g)
+            calls.append((q, k, v, bm, flex.flex_forward(None, q, k, v, bm, scaling=0.25)[0]))
+        graphs = counters["stats"]["unique_graphs"]  # (read first: eager flex_attention compiles a wrapper itself)
+        assert 1 <= graphs <= 2, dict(counters["stats"])
+        for q, k, v, bm, out in calls:
+            want = flex_attention(q, k, v, block_mask=bm, scale=0.25, enable_gqa=True).transpose(1, 2)
+            assert torch.allclose(out, want, atol=1e-4), (q.shape, (out - want).abs().max().item())
+    finally:
+        flex._flex.cache_clear()
+        torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- kernels per part, checked before loading
+def _tiny(backbone_cache, data_cache, tmp_path, **extra):
+    from livr.config import load_config
+
+    return load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, **extra))
+
+
+def test_auto_kernels_per_device_and_family(backbone_cache, data_cache, tmp_path):
+    """auto: flex for Stage 1 on CUDA (sdpa for a family with its own mask rules, and on a CPU); the vision tower's
+    FlashAttention only where flash-attn imports (not in this CPU stack: sdpa)."""
+    from livr.attention import AttentionPlan, flash_available, resolve
+    from livr.backbones import FAMILIES
+
+    cfg = _tiny(backbone_cache, data_cache, tmp_path)
+    assert cfg.model.attn_implementation == "auto" and cfg.model.attn_implementation_vision == "auto"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve(cfg, cpu, FAMILIES["qwen2_5_vl"]) == AttentionPlan("sdpa", "sdpa", "sdpa")
+    plan = resolve(cfg, cuda, FAMILIES["qwen2_5_vl"])
+    assert (plan.stage1, plan.stage2) == ("flex_attention", "flex_attention")
+    assert plan.vision == ("flash_attention_2" if flash_available("flash_attention_2") else "sdpa")
+    assert resolve(cfg, cuda, FAMILIES["gemma3"]).stage1 == "sdpa"  # bidirectional images, sliding windows
+    cfg.model.attn_implementation, cfg.model.attn_implementation_stage2 = "eager", "sdpa"
+    plan = resolve(cfg, cuda, FAMILIES["qwen3_vl"])
+    assert (plan.stage1, plan.stage2) == ("eager", "sdpa")
+
+
+def test_vision_tower_keeps_its_kernel_across_stage_switches(backbone_cache, data_cache, tmp_path):
+    from livr.model import build_model
+
+    lm = build_model(_tiny(backbone_cache, data_cache, tmp_path, **{"model.attn_implementation_vision": "eager"}))
+    cfg = lm.model.get_base_model().config
+    visual = lm.model.get_base_model().model.visual
+    for name in ("sdpa", "eager", "flex_attention", "sdpa"):
+        lm.set_attn_implementation(name)
+        want = "livr_flex" if name == "flex_attention" else name
+        assert cfg._attn_implementation == cfg.text_config._attn_implementation == want
+        assert cfg.vision_config._attn_implementation == visual.config._attn_implementation == "eager", name
+
+
+@pytest.mark.parametrize("key", ["model.attn_implementation_stage2", "model.attn_implementation_vision"])
+def test_a_kernel_that_cannot_load_is_one_line_before_anything_loads(key, backbone_cache, data_cache, tmp_path):
+    from livr.config import ConfigError
+    from livr.train import train_worker
+
+    fresh = tmp_path / "empty-cache"
+    cfg = _tiny(str(fresh), data_cache, tmp_path, **{key: "flash_attention_2"})
+    with pytest.raises(ConfigError) as e:
+        train_worker(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{key}='flash_attention_2'" in msg and "CUDA" in msg
+    assert not fresh.exists() or not any(fresh.iterdir()), "nothing was materialised or loaded"
+
+
+def test_evaluation_under_the_bottleneck_runs_a_kernel_that_takes_the_mask(backbone_cache, data_cache, tmp_path):
+    """Stage 2 may run a kernel that takes no 4-D mask (FlashAttention): `eval.bottleneck` evaluates under Stage 1's
+    kernel and restores Stage 2's. The stand-in for FlashAttention is an attention function that refuses a 4-D mask."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from livr.attention import AttentionPlan
+    from livr.data.synthetic import generate_task
+    from livr.evaluate import evaluate_rows
+    from livr.model import build_model
+
+    def no_4d_mask(module, q, k, v, mask, **kw):
+        if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
+            raise RuntimeError("this kernel takes no 4-D mask")
+        return sdpa_attention_forward(module, q, k, v, None if mask is None else mask, **kw)
+
+    AttentionInterface.register("no_4d_mask", no_4d_mask)
+    lm = build_model(_tiny(backbone_cache, data_cache, tmp_path))
+    lm.attention = AttentionPlan("sdpa", "no_4d_mask", "sdpa")
+    lm.set_attn_implementation("no_4d_mask")
+    rows = generate_task("Counting", 3, seed=1)
+    plain = evaluate_rows(lm, rows, batch_size=3)  # the 2-D path: this kernel is fine
+    assert lm.attn_implementation() == "no_4d_mask"
+    with pytest.raises(RuntimeError, match="no 4-D mask"):  # what FlashAttention would meet without the switch
+        from livr.evaluate import generate
+        generate(lm, [lm.builder.encode(r, with_answer=False) for r in rows], bottleneck=True)
+    res = evaluate_rows(lm, rows, bottleneck=True, batch_size=3)
+    assert lm.attn_implementation() == "no_4d_mask", "Stage 2's kernel is restored"
+    assert res["n"] == plain["n"] == {"Counting": 3}
