@@ -26,11 +26,12 @@ def check_config(cfg: Config) -> None:
     if d.num_workers < 1:
         raise ConfigError(f"config: distributed.num_workers={d.num_workers}: Ray Train needs >= 1 worker")
     if d.deepspeed:
-        from livr.engine import load_ds_config
+        from livr.engine import check_zero3, load_ds_config
         from livr.vision_cache import check_zero_stage
 
         ds = load_ds_config(d.deepspeed)  # parses, and the ZeRO stage exists
         check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0))
+        check_zero3(cfg, ds)
     if not d.use_gpu:  # (GPU workers check their own kernels: the driver may have no GPU or flash-attn)
         import torch
 

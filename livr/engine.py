@@ -66,6 +66,38 @@ def resolve_ds_config(ds: dict, cfg: Config, world: int, dtype: torch.dtype) -> 
     return out
 
 
+ZERO3_CHECKPOINTING_MIN = (0, 19, 3)  # DeepSpeed PR #8148 (transformers #47254): non-reentrant checkpointing
+
+
+def check_zero3(cfg: Config, ds: dict, version: str | None = None) -> None:
+    """One-line ConfigErrors before anything loads: ZeRO-3 with gradient checkpointing on a DeepSpeed older than
+    0.19.3 (its non-reentrant checkpointing breaks partitioned parameters)."""
+    if ds.get("zero_optimization", {}).get("stage") != 3 or not cfg.model.gradient_checkpointing:
+        return
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    have = tuple(int(x) for x in version.split("+")[0].split(".")[:3] if x.isdigit())
+    if have < ZERO3_CHECKPOINTING_MIN:
+        raise ConfigError(f"config: model.gradient_checkpointing=true under ZeRO-3 needs deepspeed >= 0.19.3 (this is "
+                          f"{version}: transformers #47254, DeepSpeed PR #8148); upgrade DeepSpeed or use ZeRO-2")
+
+
+def check_zero3_rows(splits: dict) -> None:
+    """Under ZeRO-3 every rank must run the partitioned vision tower the same number of times: a row without an
+    image would make its rank skip it while the others wait in the gather (a hang). A one-line DataError."""
+    from livr.data.tasks import DataError
+
+    for name, rows in splits.items():
+        i = rows.first_without_image() if hasattr(rows, "first_without_image") else None
+        if i is not None:
+            row = rows[i]
+            raise DataError(f"{name} split: task {row.get('sub_task')} idx={row.get('idx')} has no image; under ZeRO-3 "
+                            "every row needs one (a text-only row stalls the other ranks' vision gather); drop it "
+                            "or use ZeRO-2")
+
+
 def offloads_optimizer(ds: dict) -> bool:
     """True when the ZeRO config moves the optimizer states to the host (offload_optimizer to cpu or nvme)."""
     off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
@@ -312,6 +344,7 @@ def zero3_loading(cfg: Config, world: int) -> Zero3Loading | None:
 
     dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
     ds = resolve_ds_config(load_ds_config(cfg.distributed.deepspeed), cfg, world, dtype)
+    check_zero3(cfg, ds)
     return Zero3Loading(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
 
 

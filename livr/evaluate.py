@@ -33,7 +33,7 @@ def generate(lm, items: list[dict] | dict, *, bottleneck: bool = False, max_new_
     left padding), KV-cached. `sync`: keep decoding until every rank is done (ZeRO-3 forwards are collectives)."""
     model, fam = lm.model, lm.family
     batch = items if isinstance(items, dict) else collate(items, lm.tokenizer.pad_token_id, "left")
-    batch = {k: v.to(lm.device) for k, v in batch.items() if torch.is_tensor(v)}
+    batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
     ids, attn, groups = batch["input_ids"], batch["attention_mask"], batch["groups"]
     mm = lm.mm_inputs(batch)
     pos = batch["position_ids"] if "position_ids" in batch else fam.position_ids(model, ids, attn, mm)
@@ -164,7 +164,7 @@ def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_wo
     scored = [len(mine[b * batch_size : (b + 1) * batch_size]) for b in range(n_batches)]
     loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes), batches,
                          lm.tokenizer.pad_token_id, num_workers=num_workers if n_batches > 1 else 0,
-                         padding_side="left", persistent=persistent)
+                         padding_side="left", persistent=persistent, pin_memory=lm.device.type == "cuda")
     return loader, batches, scored
 
 

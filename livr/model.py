@@ -59,7 +59,7 @@ class LivrModel:
 
     def model_inputs(self, batch: dict, bottleneck: bool) -> dict:
         """Forward kwargs for a collated batch: the 4-D bottleneck mask + explicit positions, or 2-D."""
-        batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}  # pinned
         ids, attn = batch["input_ids"], batch["attention_mask"]
         mm = self.mm_inputs(batch)
         inputs = {"input_ids": ids, **mm}

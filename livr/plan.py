@@ -43,6 +43,15 @@ P = all parameters, T = trainable, N = GPUs, V = vocab rows, h = hidden, A = lab
              the backward builds a dense V×h gradient before keeping the rows (measured on CPU for the
              Qwen2.5-VL-3B width: 2 merged copies + 2 dense gradients of 1.16 GiB each allocated per step)
   overhead   1 GiB            CUDA context, kernels, allocator slack
+Evaluation (greedy generation of eval.batch_size B rows of length L during training: weights and optimizer states stay
+resident, gradients are freed; no activations are kept for backward):
+  KV cache   layers·2·B·(L + max_new_tokens)·kv·b
+  prefill    B·L·b·(3h + q + 2kv + 2i)      one layer's transient tensors (the layers run one after another)
+             + 2·B·heads·L²·b under eager attention (scores + probabilities)
+  mask       B·L²·b                          under eval.bottleneck with an additive 4-D mask (flex: a BlockMask, ~0)
+  logits     B·V·(b + 4)                     the LM head at the last position only (`logits_to_keep=1`): never B·L·V
+  pixels     B × the row's pixel_values in model.dtype
+The binding phase is the larger of training's and evaluation's totals.
 A GPU of C GB "fits" when the total is at most 0.9·C GiB. Estimates, not measurements: expect ±20%.
 
 Host RAM per rank (GiB):
@@ -175,6 +184,20 @@ def estimate(c: dict, *, b: int, stage: int, gpus: int, seq: int, micro: int, ch
     return out
 
 
+def estimate_eval(c: dict, train: dict, *, b: int, seq: int, batch: int, new_tokens: int, eager: bool = False,
+                  bottleneck_mask: bool = False, pixel_bytes: int = 0) -> dict:
+    """Bytes per GPU while evaluating (see the module docstring); `train`: the same setting's training estimate,
+    whose weights and optimizer states stay resident."""
+    h, q, kv, i = c["hidden"], c["q_dim"], c["kv_dim"], c["intermediate"]
+    out = {"weights": train["weights"], "optimizer": train["optimizer"],
+           "kv_cache": c["layers"] * 2 * batch * (seq + new_tokens) * kv * b,
+           "prefill": batch * seq * b * (3 * h + q + 2 * kv + 2 * i) + (2 * batch * c["heads"] * seq * seq * b if eager else 0),
+           "mask": batch * seq * seq * b if bottleneck_mask else 0,
+           "logits": batch * c["vocab"] * (b + 4), "pixels": batch * pixel_bytes * b / 4, "overhead": OVERHEAD}
+    out["total"] = sum(out.values())
+    return out
+
+
 def loader_workers(cfg) -> tuple[int, str]:
     """(loader processes per rank, how that was decided) from data.num_workers (-1: counted as the maximum)."""
     n = getattr(cfg.data, "num_workers", 2)
@@ -228,6 +251,7 @@ def plan(cfg, seq_len: int | None = None, *, images: int = 0, image_size: tuple[
                "zero_stage": z["stage"], "gpus": max(1, cfg.distributed.num_workers), "seq_len": seq_len,
                "micro_batch": cfg.train.micro_batch_size, "lora_r": cfg.lora.r,
                "gradient_checkpointing": cfg.model.gradient_checkpointing, "loader_workers": workers,
+               "eval_batch": cfg.eval.batch_size,
                "loader_workers_how": workers_how, "num_layers": getattr(cfg.model, "num_layers", 0), **z}
     common = {"b": b, "seq": seq_len, "micro": cfg.train.micro_batch_size,
               "eager": cfg.model.attn_implementation == "eager", "lora_dropout": cfg.lora.dropout > 0,
@@ -235,6 +259,15 @@ def plan(cfg, seq_len: int | None = None, *, images: int = 0, image_size: tuple[
     configured = {ck: estimate(c, stage=z["stage"], gpus=setting["gpus"], checkpointing=ck, **common,
                                offload_optimizer=z["offload_optimizer"], offload_param=z["offload_param"])
                   for ck in (False, True)}
+    stage1 = cfg.model.attn_implementation
+    evaluation = {ck: estimate_eval(c, configured[ck], b=b, seq=seq_len, batch=cfg.eval.batch_size,
+                                    new_tokens=cfg.eval.max_new_tokens, eager=stage1 == "eager",
+                                    bottleneck_mask=cfg.eval.bottleneck and stage1 in ("sdpa", "eager"),
+                                    pixel_bytes=seq["pixel_bytes"]) for ck in (False, True)}
+    for ck in (False, True):  # what the GPU must hold: the larger of the two phases
+        configured[ck]["train_total"], configured[ck]["eval_total"] = configured[ck]["total"], evaluation[ck]["total"]
+        configured[ck]["binds"] = "evaluation" if evaluation[ck]["total"] > configured[ck]["total"] else "training"
+        configured[ck]["total"] = max(configured[ck]["total"], evaluation[ck]["total"])
     zero3 = {n: estimate(c, stage=3, gpus=n, checkpointing=True, **common)["total"] for n in (1, 2, 4, 8)}
     zero3_offload = estimate(c, stage=3, gpus=1, checkpointing=True, offload_optimizer=True, offload_param=True,
                              **common)["total"]
@@ -243,7 +276,8 @@ def plan(cfg, seq_len: int | None = None, *, images: int = 0, image_size: tuple[
                     pixel_bytes=seq["pixel_bytes"], dataset=seq.get("dataset"),
                     vision_cache=(cfg.model.vision_cache_mib << 20) if cfg.model.cache_vision else 0)
     return {"counts": c, "setting": setting, "sequence": seq, "configured": {"no_checkpointing": configured[False],
-            "checkpointing": configured[True]}, "host": host, "zero3_checkpointing": zero3,
+            "checkpointing": configured[True]}, "evaluation": {"no_checkpointing": evaluation[False],
+            "checkpointing": evaluation[True]}, "host": host, "zero3_checkpointing": zero3,
             "zero3_offload_1gpu": zero3_offload, "recommendation": recommend(configured, zero3, zero3_offload, setting)}
 
 
@@ -253,6 +287,15 @@ def fits(total: float) -> int | None:
 
 
 def recommend(configured: dict, zero3: dict, zero3_offload: float, s: dict) -> str:
+    text = _recommend(configured, zero3, zero3_offload, s)
+    ck = configured[s["gradient_checkpointing"]]
+    if ck["binds"] == "evaluation":
+        text += (f"; evaluation binds ({ck['eval_total'] / GIB:.1f} GiB at eval.batch_size={s['eval_batch']} vs "
+                 f"{ck['train_total'] / GIB:.1f} GiB training): a smaller eval.batch_size lowers the peak")
+    return text
+
+
+def _recommend(configured: dict, zero3: dict, zero3_offload: float, s: dict) -> str:
     how = f"ZeRO-{s['zero_stage']}, {s['gpus']} GPU(s)"
     plain, ckpt = fits(configured[False]["total"]), fits(configured[True]["total"])
     if plain and not s["gradient_checkpointing"] and plain <= ckpt:
@@ -308,8 +351,14 @@ def format_plan(p: dict) -> str:
         f"  per GPU (GiB)         {'no ckpt':>9} {'grad ckpt':>10}",
     ]
     for key in ("weights", "gradients", "optimizer", "activations", "mask", "logits", "latent_rows", "overhead",
-                "total"):
+                "train_total"):
         lines.append(f"    {key:<19} {a[key] / GIB:9.2f} {g[key] / GIB:10.2f}")
+    ea, eg = p["evaluation"]["no_checkpointing"], p["evaluation"]["checkpointing"]
+    lines.append(f"  evaluating (batch {s['eval_batch']}, same GPU)")
+    for key in ("kv_cache", "prefill", "mask", "logits", "pixels"):
+        lines.append(f"    {key:<19} {ea[key] / GIB:9.2f} {eg[key] / GIB:10.2f}")
+    lines.append(f"    {'eval_total':<19} {ea['total'] / GIB:9.2f} {eg['total'] / GIB:10.2f}   (incl. weights, optimizer, overhead)")
+    lines.append(f"    {'total (peak)':<19} {a['total'] / GIB:9.2f} {g['total'] / GIB:10.2f}   binds: {a['binds']} / {g['binds']}")
     if a["cpu_offload"]:
         lines.append(f"    CPU RAM (offload)   {a['cpu_offload'] / GIB:9.2f}")
     z3 = ", ".join(f"{n}: {t / GIB:.1f}" for n, t in p["zero3_checkpointing"].items())

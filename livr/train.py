@@ -27,7 +27,7 @@ from livr.config import Config, from_dict, save_config
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
-from livr.engine import gathered, make_engine, restore_best, zero3_loading
+from livr.engine import check_zero3_rows, gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model, resolve_device
@@ -184,10 +184,12 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         if ctx.world > 1:
             load_splits(cfg, only=needed)
     _barrier(ctx)
-    torch.manual_seed(cfg.train.seed)
-    loading = zero3_loading(cfg, ctx.world)
-    lm = build_model(cfg, loading=loading)
+    loading = zero3_loading(cfg, ctx.world)  # (ZeRO-3: its version check; the rows' below, before the model loads)
     splits = load_splits(cfg, progress=not quiet, only=needed)
+    if loading is not None:
+        check_zero3_rows(splits)
+    torch.manual_seed(cfg.train.seed)
+    lm = build_model(cfg, loading=loading)
     if hidden_answers(splits["val"], f"data.val_split={cfg.data.val_split!r}"):
         raise DataError(f"data.val_split={cfg.data.val_split!r}: its answers are hidden (BLINK test); validation and "
                         "model selection need a split with public answers")

@@ -190,3 +190,53 @@ def test_evaluation_under_the_bottleneck_runs_a_kernel_that_takes_the_mask(backb
     res = evaluate_rows(lm, rows, bottleneck=True, batch_size=3)
     assert lm.attn_implementation() == "no_4d_mask", "Stage 2's kernel is restored"
     assert res["n"] == plain["n"] == {"Counting": 3}
+
+
+def test_plan_counts_evaluation_memory_and_says_which_phase_binds():
+    """Qwen2.5-VL-3B at L 4200: evaluation holds a KV cache, one layer's prefill and the last position's logits
+    (B·V, never the B·L·V of a full prefill: ~10 GB of bf16 at B 8); a large eval batch makes evaluation bind."""
+    from livr.config import load_config
+    from livr.plan import GIB, format_plan, plan
+
+    cfg = load_config(os.path.join(ROOT, "configs/paper/qwen2.5-vl-3b/Jigsaw_livr.yaml"), ["eval.batch_size=8"])
+    p = plan(cfg, seq_len=4200)
+    c, ev = p["counts"], p["evaluation"]["no_checkpointing"]
+    assert (c["layers"], c["kv_dim"], c["vocab"]) == (36, 256, 151936)
+    assert ev["kv_cache"] == 36 * 2 * 8 * (4200 + cfg.eval.max_new_tokens) * 256 * 2
+    assert ev["logits"] == 8 * 151936 * (2 + 4) < 0.01 * GIB  # full-prefill logits would be 8·4200·151936·2 ≈ 9.5 GiB
+    train = p["configured"]["no_checkpointing"]
+    assert train["binds"] == "training" and train["total"] == train["train_total"] >= train["eval_total"]
+    assert "evaluating (batch 8" in format_plan(p)
+    big = plan(load_config(os.path.join(ROOT, "configs/paper/qwen2.5-vl-3b/Jigsaw_livr.yaml"),
+                           ["eval.batch_size=64", "model.attn_implementation=eager"]), seq_len=4200)
+    b = big["configured"]["no_checkpointing"]
+    assert b["binds"] == "evaluation" and b["total"] == b["eval_total"] > b["train_total"]
+    assert "eval.batch_size=64" in big["recommendation"]
+
+
+def test_zero3_refusals_before_the_model_loads(backbone_cache, data_cache, tmp_path):
+    """ZeRO-3 + gradient checkpointing on a DeepSpeed older than 0.19.3, and a row without an image under ZeRO-3
+    (its rank would skip the partitioned vision gather the others wait in): one line each, nothing loaded."""
+    from livr.config import ConfigError
+    from livr.data.loader import Rows
+    from livr.data.synthetic import generate_task
+    from livr.data.tasks import DataError
+    from livr.engine import check_zero3, check_zero3_rows
+
+    cfg = _tiny(backbone_cache, data_cache, tmp_path, **{"model.gradient_checkpointing": True})
+    z3, z2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ConfigError, match=r"deepspeed >= 0.19.3 \(this is 0.19.2"):
+        check_zero3(cfg, z3, version="0.19.2")
+    check_zero3(cfg, z3, version="0.19.3+abc")
+    check_zero3(cfg, z2, version="0.15.0")
+    check_zero3(cfg, z3)  # the installed one (0.19.8)
+    import datasets
+
+    rows = generate_task("Counting", 4, seed=0)
+    text_only = {**rows[2], "image_1": None, "idx": "Counting_7"}
+    arrow = datasets.Dataset.from_list(rows[:2] + [text_only])
+    assert Rows([rows[:2], arrow]).first_without_image() == 4
+    check_zero3_rows({"train": Rows([rows]), "val": Rows([datasets.Dataset.from_list(rows[:2])])})
+    with pytest.raises(DataError) as e:
+        check_zero3_rows({"train": Rows([rows]), "val": Rows([rows[:1], arrow])})
+    assert "\n" not in str(e.value) and "val split: task Counting idx=Counting_7 has no image" in str(e.value)

@@ -71,8 +71,11 @@ def run_config(short: str, tasks: list[str], mode: str, multitask: bool = False)
         "output_dir": "runs/paper",
         # gradient checkpointing: BLINK's multi-image examples reach thousands of tokens at the processors'
         # default resolution (`livr plan --seq-len 4096`: ~45 GiB per GPU without, ~20 GiB with, on the 4B)
-        "model": {"backbone": BACKBONES[short], "dtype": "auto", "attn_implementation": "sdpa",
-                  "gradient_checkpointing": True},
+        # auto kernels: flex_attention for Stage 1 on CUDA (sdpa on a CPU and for Gemma 3), FlashAttention 2 for the
+        # vision tower where flash-attn is installed; each image's frozen vision features are computed once
+        # (model.cache_vision; host memory up to vision_cache_mib, about 4-15 MiB per 1024x768 image)
+        "model": {"backbone": BACKBONES[short], "dtype": "auto", "attn_implementation": "auto",
+                  "attn_implementation_vision": "auto", "gradient_checkpointing": True, "cache_vision": True},
         "latents": {"num_latents": 16 if mode == "livr" else 0},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
         "data": data,

@@ -75,6 +75,24 @@ class Rows(Sequence):
             if hasattr(part, "select_columns") else part[j]
         return f"{meta.get('sub_task', '?')} idx={meta.get('idx')}"
 
+    def first_without_image(self) -> int | None:
+        """Index of the first row with no image (`image_1` empty), read from the Arrow column's validity (no image
+        is decoded); None when every row has one."""
+        start = 0
+        for p in self.parts:
+            if hasattr(p, "data") and "image_1" in getattr(p, "column_names", ()):
+                col = p.data.column("image_1")
+                if col.null_count:
+                    import pyarrow.compute as pc
+
+                    return start + pc.index(pc.is_null(col), True).as_py()
+            else:
+                for j, r in enumerate(p):
+                    if r.get("image_1") is None:
+                        return start + j
+            start += len(p)
+        return None
+
     def column(self, name: str) -> list:
         """A text column for every row, without decoding any image."""
         out = []
