@@ -133,3 +133,62 @@ def test_planted_leaks_fail(plant, monkeypatch, backbone_cache, data_cache, tmp_
         monkeypatch.setattr(gated_deltanet, "blind_conv_input", lambda m, qkv, image: qkv)
     a, b = _batches(lm, "right")
     assert _leak(a, _run(lm, a), _run(lm, b)) > 0
+
+
+@pytest.mark.parametrize("backbone", HYBRID)
+@pytest.mark.parametrize("plant", [None, "stock state"])
+def test_bottleneck_decode_keeps_the_image_blind_state(backbone, plant, monkeypatch, backbone_cache, data_cache,
+                                                       tmp_path):
+    """A Stage-1 prefix with a cache, then answer tokens one at a time, equals the full Stage-1 recompute at every
+    step (left padded, 1 and 3 images); a cache that kept the stock recurrence's state instead differs."""
+    lm = _lm(backbone_cache, data_cache, tmp_path, backbone, 3)
+    if plant:
+        monkeypatch.setattr(gated_deltanet, "decode_state", lambda qkv, qkv_blind, state, state_blind: (qkv, state))
+    rows = generate_task("Visual_Similarity", 1, seed=8) + generate_task("Counting", 1, seed=8)
+    batch = collate([lm.builder.encode(r, with_answer=False) for r in rows], lm.tokenizer.pad_token_id, "left")
+    fam, model = lm.family, lm.model
+    ids, groups = batch["input_ids"], batch["groups"]
+    mm = lm.mm_inputs(batch)
+    pos = batch["position_ids"]
+    new = torch.tensor([lm.tokenizer.convert_tokens_to_ids(["A", "B", "C"])] * 2)
+    worst = 0.0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=fam.stage1_mask(model, groups, lm.dtype), position_ids=pos,
+                    use_cache=True, **mm)
+        for t in range(new.shape[1]):
+            ids = torch.cat([ids, new[:, t:t + 1]], 1)
+            groups = torch.cat([groups, torch.full_like(groups[:, :1], ANSWER)], 1)
+            pos = torch.cat([pos, fam.next_position_ids(pos)], -1)
+            out = model(input_ids=new[:, t:t + 1], attention_mask=fam.stage1_mask(model, groups, lm.dtype, rows=1),
+                        position_ids=pos[..., -1:], cache=out.cache, use_cache=True)
+            full = model(input_ids=ids, attention_mask=fam.stage1_mask(model, groups, lm.dtype), position_ids=pos,
+                         use_cache=False, **{**mm, "mm_token_type_ids": torch.nn.functional.pad(
+                             mm["mm_token_type_ids"], (0, t + 1))}).logits[:, -1]
+            worst = max(worst, (out.logits[:, -1] - full).abs().max().item())
+    if plant:
+        assert worst > 1e-3
+    else:
+        assert worst < 5e-5, worst
+
+
+def test_two_stage_run_trains_saves_resumes(monkeypatch, backbone_cache, data_cache, tmp_path):
+    """A two-stage `livr train` of tiny-qwen3.5: killed after Stage 1, resumed into Stage 2 from its checkpoint."""
+    import json
+    import os
+
+    from livr.train import train_worker
+
+    cfg = load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, name="hybrid", **{
+        "model.backbone": HYBRID[0], "train.stage1_steps": 2, "train.stage2_steps": 2, "tracking.enabled": False}))
+    monkeypatch.setenv("LIVR_FAIL_AT_STEP", "3")
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        train_worker(cfg)
+    last = os.path.join(cfg.run_dir, "checkpoints", "last")
+    with open(os.path.join(last, "state.json")) as f:
+        assert json.load(f)["global_step"] == 2
+    monkeypatch.delenv("LIVR_FAIL_AT_STEP")
+    assert train_worker(cfg)["global_step"] == 4
+    with open(os.path.join(last, "state.json")) as f:
+        state = json.load(f)
+    assert [h["stage"] for h in state["history"]] == ["stage1", "stage2"]
+    assert all(torch.isfinite(torch.tensor(h.get("loss", 0.0))) for h in state["history"])

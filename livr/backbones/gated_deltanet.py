@@ -98,8 +98,9 @@ def two_recurrences(self, hidden_states, g, cache=None):
                                                       output_final_state=cache is not None, use_qk_l2norm_in_kernel=True)
     core = torch.where(blind[..., None, None], out[b:], out[:b])
     if cache is not None:  # decoding continues with answer tokens: keep the image-blind state
-        cache.update_conv_state(qkv_blind, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        cache.update_recurrent_state(state[b:], self.layer_idx)
+        conv_in, rec = decode_state(qkv, qkv_blind, state[:b], state[b:])
+        cache.update_conv_state(conv_in, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        cache.update_recurrent_state(rec, self.layer_idx)
     core = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim)).reshape(b, n, -1)
     return self.out_proj(core)
 
@@ -114,3 +115,9 @@ def mute_images(layer, beta: torch.Tensor, decay: torch.Tensor, image: torch.Ten
     no decay) at image positions, so an image position leaves the state as it found it."""
     mute = image[..., None]
     return beta.masked_fill(mute, 0.0), decay.masked_fill(mute, 0.0)
+
+
+def decode_state(qkv, qkv_blind, state, state_blind):
+    """What the cache keeps after a Stage-1 prefix: the image-blind recurrence's convolution inputs and final state
+    (every decoded token is an answer token)."""
+    return qkv_blind, state_blind

@@ -92,6 +92,17 @@ class HybridQwen(QwenVL):
             gated_deltanet.tag(out["linear_attention"], allowed.groups, allowed.bottleneck)
         return out
 
+    def init_random(self, model) -> None:
+        """transformers draws each Gated DeltaNet head's decay rate A from U(0.01, 16): at a random init most heads
+        forget within a few tokens, so a random preset could not show what reaches (or leaks into) a later position.
+        A random preset draws A from U(0.01, 0.5) (trained checkpoints keep many slow heads)."""
+        import torch
+
+        for m in model.modules():
+            if isinstance(m, self.gdn_class):
+                with torch.no_grad():
+                    m.A_log.copy_(torch.empty_like(m.A_log).uniform_(0.01, 0.5).log())
+
     def truncate_depth(self, cfg, n: int):
         """The first n decoder layers (their linear/full pattern kept) and the first min(n, depth) vision blocks."""
         truncate_text(cfg.get_text_config(), n)
