@@ -34,6 +34,7 @@ SPEC = {
     "llava_onevision": {"image": "<image>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
     # Qwen3.5's chat template: thinking on by default, so the generation prompt opens a think block
     "qwen3_5": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n<think>\n", "eot": "<|im_end|>"},
+    "qwen3_5_moe": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n<think>\n", "eot": "<|im_end|>"},
     "gemma3": {"image": "<image_soft_token>", "header": "<start_of_turn>model\n", "eot": "<end_of_turn>",
                "bidirectional_images": True},
 }
