@@ -79,6 +79,13 @@ class HybridQwen(QwenVL):
     def stage1_mask(self, model, groups, dtype, rows=None):
         from livr.mask import bottleneck_blocked
 
+        from ..base import _inner_with
+
+        unknown = set(_inner_with(model, "get_rope_index").config.get_text_config().layer_types) - set(self.layer_kinds)
+        if unknown:
+            raise ValueError(f"{self.name}: layer types {sorted(unknown)} have no Stage-1 bottleneck in livr "
+                             f"(known: {list(self.layer_kinds)})")
+
         own = self.own_allowed(model, groups, rows)["full_attention"]
         allowed = own & ~bottleneck_blocked(groups, rows=rows)
         return self.as_mask(model, GroupsDict(groups, True, {"full_attention": allowed, "linear_attention": allowed}),
