@@ -255,7 +255,7 @@ def _peft(cfg: Config, bb: Backbone, ids: list[int], adapter_dir: str | None, tr
     tokens = {"embed_tokens": ids, **({head: ids} if head else {})} if ids else None
     lcfg = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=lora_regex(bb.family.lora_target_regex, cfg.lora.targets),
+        target_modules=lora_regex(bb.family.lora_target_regex, bb.family.lora_targets(cfg.lora.targets)),
         trainable_token_indices=tokens,  # the untied head's rows: saved, frozen (see _freeze_head_rows)
     )
     with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only (not on whether a

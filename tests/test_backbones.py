@@ -201,7 +201,10 @@ def test_kv_cache_decode_with_next_position_ids(bb, mask_kind):
         pre = model(input_ids=ids, attention_mask=pre_mask, position_ids=pos_prefix, use_cache=True, **fwd)
         step_mask = full_mask if mask_kind == "2d" else _mask4d(bb, full_ids, full_mask, torch.float32, n_query=1)
         step = model(input_ids=new, attention_mask=step_mask, position_ids=nxt, cache=pre.cache, use_cache=True)
-    torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=0)
+    # a linear-attention layer decodes with the per-token recurrent kernel, the full forward with the chunked one:
+    # the same recurrence summed in another order (stock transformers: the 2-D path differs by ~1e-5 too)
+    atol = 5e-5 if hasattr(fam, "gdn_class") else 1e-5
+    torch.testing.assert_close(step.logits[:, -1], full, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)
@@ -212,8 +215,11 @@ def test_lora_and_frozen_regexes(name):
     model, tok, _ = build_tiny(name)
     vision_prefixes = ("model.visual", "model.vision_tower", "model.multi_modal_projector", "model.image_newline")
     lora = [n for n, _ in model.named_modules() if re.fullmatch(fam.lora_target_regex, n)]
-    n_layers = model.config.get_text_config().num_hidden_layers
-    assert len(lora) == 7 * n_layers
+    # every linear projection of the LM's layers (attention q/k/v/o, a hybrid's linear-attention projections, the
+    # MLP or a MoE's shared-expert MLP), never a MoE router (`mlp.gate`, `shared_expert_gate`)
+    proj = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and n.startswith("model.language_model.layers.") and not re.search(r"\.(gate|shared_expert_gate)$", n)]
+    assert sorted(lora) == sorted(proj) and len(lora) >= 7 * model.config.get_text_config().num_hidden_layers
     assert all(n.startswith("model.language_model.layers.") for n in lora)
     assert not any(re.fullmatch(fam.frozen_module_regex, n) for n in lora)
     for n, _ in model.named_parameters():
@@ -222,7 +228,7 @@ def test_lora_and_frozen_regexes(name):
                or "projector" in n)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=fam.lora_target_regex))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    assert len(trainable) == 2 * 7 * n_layers and all(".language_model.layers." in n for n in trainable)
+    assert len(trainable) == 2 * len(lora) and all(".language_model.layers." in n for n in trainable)
     # position_ids sees through the PeftModel wrapper
     content = [{"type": "image"}, {"type": "text", "text": "hi"}]
     text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
@@ -275,8 +281,7 @@ def test_every_family_is_registered_once_with_a_tiny_preset():
 
 def test_unknown_and_refused_model_types_are_one_line_errors(tmp_path):
     for model_type, words in (("bert", ["unsupported model_type 'bert'", "docs/backbones.md"]),
-                              ("qwen3_5", ["not supported", "Gated DeltaNet", "recurrent state"]),
-                              ("qwen3_5_moe", ["Gated DeltaNet"])):
+                              ("qwen3_next", ["not supported", "text-only", "Qwen3.5"])):
         d = tmp_path / model_type
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": model_type}))

@@ -19,6 +19,8 @@ from livr.data.synthetic import generate_task
 from livr.model import answer_loss, build_model
 from livr.sequence import GROUP_NAMES, collate
 from livr.sequence import IMAGE as GROUP_IMAGE
+from livr.sequence import LATENT as GROUP_LATENT
+from livr.sequence import PROMPT as GROUP_PROMPT
 from livr.sequence import PAD as GROUP_PAD
 
 FAMILIES = list(TINY_PRESETS)  # every registered family, through its tiny preset
@@ -30,6 +32,9 @@ SPEC = {
     "qwen2_5_vl": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
     "qwen3_vl": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
     "llava_onevision": {"image": "<image>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
+    # Qwen3.5's chat template: thinking on by default, so the generation prompt opens a think block
+    "qwen3_5": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n<think>\n", "eot": "<|im_end|>"},
+    "qwen3_5_moe": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n<think>\n", "eot": "<|im_end|>"},
     "gemma3": {"image": "<image_soft_token>", "header": "<start_of_turn>model\n", "eot": "<end_of_turn>",
                "bidirectional_images": True},
 }
@@ -318,9 +323,13 @@ def test_multi_image_gradient_reaches_pixels_only_through_latents(backbone, back
     image_cols = torch.tensor([i for i, g in enumerate(groups) if g == IMAGE])
 
     def blind(m):  # the latents' rows lose the image columns too
-        m = m.clone()
-        m[0, 0, latent_rows[:, None], image_cols[None]] = torch.finfo(lm.dtype).min
-        return m
+        out = m.clone()
+        out[0, 0, latent_rows[:, None], image_cols[None]] = torch.finfo(lm.dtype).min
+        if hasattr(m, "livr_groups"):  # a linear-attention layer's (livr/backbones/gated_deltanet.py): no matrix to
+            from livr.backbones.gated_deltanet import tag  # mask, so its latents read the image-blind recurrence
+
+            tag(out, torch.where(m.livr_groups == GROUP_LATENT, GROUP_PROMPT, m.livr_groups), m.livr_bottleneck)
+        return out
 
     blinded = {k: blind(m) for k, m in mask.items()} if isinstance(mask, dict) else blind(mask)
 

@@ -74,6 +74,11 @@ class Family:
     def __repr__(self) -> str:
         return f"<livr family {self.name}>"
 
+    def lora_targets(self, targets: list[str]) -> list[str]:
+        """The module names LoRA targets for the configured `lora.targets` (a hybrid family adds its linear-attention
+        projections where attention projections are asked for)."""
+        return list(targets)
+
     # --- positions
     def position_ids(self, model, input_ids, attention_mask_2d, mm: dict) -> torch.Tensor:
         """Explicit positions for a forward that gets a 4-D mask (see module docstring for shapes)."""
