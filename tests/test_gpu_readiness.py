@@ -240,3 +240,28 @@ def test_zero3_refusals_before_the_model_loads(backbone_cache, data_cache, tmp_p
     with pytest.raises(DataError) as e:
         check_zero3_rows({"train": Rows([rows]), "val": Rows([rows[:1], arrow])})
     assert "\n" not in str(e.value) and "val split: task Counting idx=Counting_7 has no image" in str(e.value)
+
+
+def test_process_group_timeout_reaches_ray_and_the_one_process_group(backbone_cache, data_cache, tmp_path):
+    """distributed.timeout_s (default 2 h: local rank 0 may download a backbone while the others wait) is Ray
+    Train's TorchConfig timeout, and the timeout of the group livr makes itself."""
+    from livr.config import ConfigError, load_config
+    from livr.distributed import make_trainer
+
+    cfg = _tiny(backbone_cache, data_cache, tmp_path, **{"distributed.num_workers": 2, "distributed.timeout_s": 321})
+    assert load_config(None, []).distributed.timeout_s == 7200
+    assert make_trainer(cfg).backend_config.timeout_s == 321
+    with pytest.raises(ConfigError, match="distributed.timeout_s"):
+        _tiny(backbone_cache, data_cache, tmp_path, **{"distributed.timeout_s": 0})
+    code = ("import os, datetime, torch.distributed as dist\n"
+            "from livr.config import load_config\nfrom livr.train import setup_distributed\n"
+            f"cfg = load_config(None, {tiny_overrides(backbone_cache, data_cache, tmp_path)!r} + "
+            "['distributed.deepspeed=deepspeed_configs/zero2.json', 'distributed.timeout_s=321'])\n"
+            "ctx = setup_distributed(cfg)\n"
+            "from torch.distributed.distributed_c10d import _get_default_group\n"
+            "import torch\nopts = _get_default_group()._get_backend(torch.device('cpu')).options\n"
+            "print(ctx.world, dist.get_world_size(), opts._timeout.total_seconds())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-3:] == ["1", "1", "321.0"], r.stdout
