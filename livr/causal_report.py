@@ -264,7 +264,7 @@ def causal_inspect(run_dir: str, *, split: str = "val", limit: int = 64, seeds: 
     from livr.evaluate import hidden_answers
     from livr.runs import load_run
 
-    cfg, lm = load_run(run_dir, overrides)
+    cfg, lm = load_run(run_dir, overrides, needs_data=True)
     rows = load_splits(cfg, only=[split])[split][: limit or None]
     if hidden_answers(rows, split):
         raise DataError(f"livr inspect --causal: split {split!r} has hidden answers (BLINK test); use --split val")

@@ -14,8 +14,15 @@ def _config(args):
     return load_config(args.config, args.overrides)
 
 
+def _launch_config(args):
+    """The config of a launch (train, tune): its data paths checked too, before anything loads or is written."""
+    from livr.config import check_data_paths
+
+    return check_data_paths(_config(args))
+
+
 def cmd_train(args) -> int:
-    cfg = _config(args)
+    cfg = _launch_config(args)
     if cfg.distributed.num_workers > 0:
         try:
             from livr.distributed import run_distributed
@@ -35,7 +42,7 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     from livr.tune import main_tune
 
-    return main_tune(_config(args))
+    return main_tune(_launch_config(args))
 
 
 def cmd_export(args) -> int:

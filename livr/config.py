@@ -401,6 +401,31 @@ def check_paths(cfg: Config) -> Config:
     return cfg
 
 
+def check_data_paths(cfg: Config) -> Config:
+    """Where a launch (`livr train`, `livr tune`, `livr eval`) reads its data, checked before anything loads or is
+    written: a `data.source` / `data.test_source` that is neither synthetic nor hub must be a directory. (Not in
+    `load_config`: `livr plan` and `livr config show` work on configs whose data is elsewhere.)"""
+    for key in ("source", "test_source"):
+        src = getattr(cfg.data, key)
+        if src and src not in ("synthetic", "hub") and not os.path.isdir(os.path.expanduser(src)):
+            _fail(f"data.{key}", src, "no such directory (give synthetic for procedural tasks, hub for "
+                  "BLINK-Benchmark/BLINK, or a directory in BLINK's schema)")
+    return cfg
+
+
+def _task_hint(task: str, valid: tuple) -> str:
+    """' (did you mean 'Counting'?)' for a near miss; the list syntax for a comma-separated string."""
+    if "," in task:
+        names = [t.strip() for t in task.split(",")]
+        return f" (a list is written data.tasks=[{','.join(names)}])"
+    import difflib
+
+    folded = {v.lower(): v for v in valid}
+    close = [folded[task.lower()]] if task.lower() in folded else \
+        [folded[m] for m in difflib.get_close_matches(task.lower(), list(folded), n=1, cutoff=0.6)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def validate(cfg: Config) -> Config:
     """Every value checked, cheaply and without touching the filesystem (see `check_paths` for that); the
     first problem is a one-line ConfigError naming the key."""
@@ -454,8 +479,8 @@ def validate(cfg: Config) -> Config:
     valid = SYNTHETIC_TASKS if synthetic else BLINK_TASKS
     for t in cfg.data.tasks:
         if t not in valid:
-            _fail("data.tasks", t, f"unknown task for source '{'synthetic' if synthetic else cfg.data.source}' "
-                  f"(valid: {', '.join(valid)})")
+            _fail("data.tasks", t, f"unknown task {t!r}{_task_hint(t, valid)} for source "
+                  f"'{'synthetic' if synthetic else cfg.data.source}' (valid: {', '.join(valid)})")
     if cfg.data.cache_mib < 0:
         _fail("data.cache_mib", cfg.data.cache_mib, "must be >= 0")
     if cfg.data.num_workers < -1:

@@ -116,7 +116,7 @@ def inspect_run(run_dir: str, *, split: str = "val", limit: int = 64, heatmaps: 
     from livr.data.splits import load_splits
     from livr.runs import load_run
 
-    cfg, lm = load_run(run_dir, overrides)
+    cfg, lm = load_run(run_dir, overrides, needs_data=True)
     rows = load_splits(cfg, only=[split])[split][: limit or None]
     from livr.data.tasks import DataError
     from livr.evaluate import hidden_answers

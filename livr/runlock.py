@@ -121,6 +121,9 @@ def run_lock(run_dir: str):
         yield
         return
     created = not os.path.isdir(canonical)
+    top = canonical  # the outermost directory this call creates (runs/ itself on a first launch)
+    while created and not os.path.isdir(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
     os.makedirs(canonical, exist_ok=True)
     lock = FileLock(os.path.join(canonical, ".lock"))
     try:
@@ -142,11 +145,16 @@ def run_lock(run_dir: str):
             os.environ[HELD_ENV] = previous
         _let_go(canonical, mine, created)
         lock.release()
-        if created:
-            try:
-                os.rmdir(canonical)  # only if the block wrote nothing (e.g. a config error before the run began)
-            except OSError:
-                pass
+        if created:  # only if the block wrote nothing (e.g. a config or data error before the run began)
+            d = canonical
+            while True:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                if d == top:
+                    break
+                d = os.path.dirname(d)
 
 
 def _let_go(run_dir: str, mine: dict | None, created: bool) -> None:

@@ -173,19 +173,21 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         check_same_run(cfg, os.path.join(run_dir, "config.yaml"))
     if ctx.rank == 0:
         preflight(cfg)  # an unreachable tracking server: one line now, not a hang after the model loaded
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
     needed = list(dict.fromkeys(["train", "val", *cfg.eval.splits]))  # a test split is loaded only if evaluated
     # one process per node downloads the backbone (or materialises a preset) and the data; the others wait (the
     # process group's distributed.timeout_s). Also in one process: a preset must be written before ZeRO-3's
     # zero.Init is active (under it the weights are partitioned and a preset would be saved empty).
+    # The data first: its errors (an empty directory, a bad row) come before a backbone is downloaded or built.
+    splits = load_splits(cfg, progress=not quiet, only=needed) if ctx.world == 1 else None
     if ctx.local_rank == 0:
-        resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir), cfg.model.num_layers,
-                              download=True)
         if ctx.world > 1:
             load_splits(cfg, only=needed)
+        resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir), cfg.model.num_layers,
+                              download=True)
     _barrier(ctx)
     loading = zero3_loading(cfg, ctx.world)  # (ZeRO-3: its version check; the rows' below, before the model loads)
-    splits = load_splits(cfg, progress=not quiet, only=needed)
+    if splits is None:
+        splits = load_splits(cfg, progress=not quiet, only=needed)
     if loading is not None:
         check_zero3_rows(splits)
     torch.manual_seed(cfg.train.seed)
@@ -193,6 +195,8 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     if hidden_answers(splits["val"], f"data.val_split={cfg.data.val_split!r}"):
         raise DataError(f"data.val_split={cfg.data.val_split!r}: its answers are hidden (BLINK test); validation and "
                         "model selection need a split with public answers")
+    if ctx.rank == 0:  # the checks passed: from here the run directory holds a run (a failed launch leaves none)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
     train_rows = splits["train"]  # memory-mapped rows: each rank encodes only its own micro-batches, on demand
     workers = auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     engine = make_engine(lm, cfg, ctx.rank, ctx.world)  # AdamW (DeepSpeed's CPU Adam when ZeRO offloads it)

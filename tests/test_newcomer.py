@@ -1,0 +1,69 @@
+"""A newcomer's mistakes (issue 31): each is one line naming the key or path, before anything loads, and a launch
+that fails its checks leaves nothing behind (no run directory, no MLflow run)."""
+import os
+
+import pytest
+
+from conftest import tiny_overrides
+from livr.cli import main
+from livr.config import ConfigError, load_config
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("counting", "unknown task 'counting' (did you mean 'Counting'?)"),
+    ("[jigsaw]", "unknown task 'jigsaw' (did you mean 'Jigsaw'?)"),
+    ("Countng", "(did you mean 'Counting'?)"),
+    ("Counting,Jigsaw", "a list is written data.tasks=[Counting,Jigsaw]"),
+])
+def test_task_names_hint_the_spelling_and_the_list_syntax(value, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"data.tasks={value}"])
+    assert hint in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_data_source_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--config", DEMO, "data.source=./nowhere", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    err = _err(capsys)
+    assert code == 2 and "data.source='./nowhere'" in err and "synthetic" in err and "hub" in err
+    assert os.listdir(tmp_path) == []  # no runs/<name>/, no mlflow.db
+    code = main(["train", "--config", DEMO, "data.test_source=/no/such/dir"])
+    assert code == 2 and "data.test_source='/no/such/dir'" in _err(capsys)
+
+
+def test_eval_of_a_missing_run_says_so(tmp_path, capsys):
+    (tmp_path / "runs" / "first").mkdir(parents=True)
+    (tmp_path / "runs" / "second").mkdir()
+    assert main(["eval", "--run", str(tmp_path / "runs" / "frist")]) == 2
+    err = _err(capsys)
+    assert f"no such run: {tmp_path / 'runs' / 'frist'}" in err and f"did you mean {tmp_path / 'runs' / 'first'}" in err
+    assert main(["eval", "--run", str(tmp_path / "elsewhere" / "x")]) == 2
+    assert f"no such run: {tmp_path / 'elsewhere' / 'x'}" in _err(capsys)
+    assert main(["eval", "--run", str(tmp_path / "runs" / "first")]) == 2  # there but not a run: what it lacks
+    assert "is incomplete (missing config.yaml" in _err(capsys)
+
+
+def test_a_launch_failing_its_data_checks_leaves_nothing(data_cache, tmp_path, capsys):
+    """Data that exists but holds no rows: a DataError after the lock was taken; no run dir, no runs/, no MLflow run."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bb").mkdir()
+    over = tiny_overrides(str(tmp_path / "bb"), data_cache, tmp_path, **{"data.source": str(tmp_path / "empty"),
+                                                                         "data.tasks": "[Jigsaw]"})
+    assert main(["train", "--config", DEMO, *over]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("livr: error: Jigsaw/train: no data in")
+    assert not (tmp_path / "runs").exists()
+    assert os.listdir(tmp_path / "bb") == []  # checked before the backbone was built
+    import mlflow
+
+    if (tmp_path / "mlflow.db").exists():
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())
