@@ -63,7 +63,11 @@ def cmd_eval(args) -> int:
     from livr.evaluate import table1
 
     tasks = [t for t in PAPER_TASKS if t in results["n"]] + sorted(set(results["n"]) - set(PAPER_TASKS))
-    print(table1([(os.path.basename(os.path.normpath(args.run)), results["accuracy"])], tasks))
+    label = results["label"] + (" bottlenecked" if args.bottleneck else "")
+    print(table1([(label, results["accuracy"])], tasks))
+    how = ("under the Stage-1 bottleneck mask (--bottleneck: prompt and answer do not see the image)"
+           if args.bottleneck else "under the causal mask")
+    print(f"{args.run}: {args.split} split evaluated {how}; wrote {results['path']}")
     print(f"scored with eval.parser={results['parser']}" if results["accuracy"] is not None else
           f"answers hidden: no accuracy; BLINK submission file (EvalAI): {results['submission']}")
     return 0

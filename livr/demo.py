@@ -52,5 +52,5 @@ def run_demo(config_path: str, overrides: list[str] | None = None, warmup_steps:
     uri = tracking_uri(cfg)
     print(f"\n[demo] done in {time.time() - t0:.0f} s. Runs: {', '.join(runs)}")
     print(f"[demo] MLflow store: {uri} (experiment '{cfg.tracking.experiment}')")
-    print(f"[demo] open it with:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    print(f"[demo] open it with:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return 0

@@ -216,6 +216,11 @@ def split_accuracy(res: dict, parser: str | None = None, where: str = "") -> dic
     return by[parser]
 
 
+def run_label(mode: str | None, num_latents) -> str:
+    """How `livr eval` and `livr report` name a run's row: SFT or LIVR (K=…)."""
+    return "SFT" if mode == "sft" else f"LIVR (K={num_latents})"
+
+
 def run_rows(run_dirs: list[str], split: str = "test", parser: str | None = None) -> list[tuple[str, dict[str, float]]]:
     """Rows for `table1` from run directories: zero-shot (when recorded), then each run by its mode; `parser`:
     the accuracy under that parser (eval.json's accuracy_by_parser) instead of the configured one."""
@@ -227,6 +232,6 @@ def run_rows(run_dirs: list[str], split: str = "test", parser: str | None = None
                 rows.insert(0, ("zero-shot", split_accuracy(json.load(f)["results"][split], parser, zs)))
         with open(os.path.join(d, "eval.json")) as f:
             ev = json.load(f)
-        label = "SFT" if ev.get("mode") == "sft" else f"LIVR (K={ev.get('num_latents')})"
+        label = run_label(ev.get("mode"), ev.get("num_latents"))
         rows.append((label, split_accuracy(ev["results"][split], parser, os.path.join(d, "eval.json"))))
     return rows

@@ -52,8 +52,12 @@ def evaluate_run(run_dir: str, split: str = "test", bottleneck: bool = False, ov
     res = evaluate_rows(lm, rows, bottleneck=bottleneck, batch_size=cfg.eval.batch_size,
                         max_new_tokens=cfg.eval.max_new_tokens, quiet=False, parser=cfg.eval.parser, split=split)
     suffix = f"{split}{'_bottleneck' if bottleneck else ''}"
-    write_eval(os.path.join(run_dir, f"eval_{suffix}.json"), {split: res},
-               meta={"mode": cfg.train.mode, "num_latents": cfg.latents.num_latents})
+    path = os.path.join(run_dir, f"eval_{suffix}.json")
+    write_eval(path, {split: res}, meta={"mode": cfg.train.mode, "num_latents": cfg.latents.num_latents})
+    res["path"] = path
+    from livr.evaluate import run_label
+
+    res["label"] = run_label(cfg.train.mode, cfg.latents.num_latents)
     if res["accuracy"] is None:
         res["submission"] = write_submission(os.path.join(run_dir, f"blink_submission_{suffix}.json"), res["predictions"])
     return res

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from livr import attention
 from livr.backbones import resolve_backbone_path
-from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
+from livr.checkpoint import recover_last, save_best, verify_checkpoint, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.splits import load_splits
@@ -148,6 +148,14 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     if report is None and os.environ.get("RANK", "0") == "0" and not lock_held(cfg.run_dir):
         with run_lock(cfg.run_dir):  # running alone, this process owns the run: one live run per directory
             return train_worker(cfg, resume_from=resume_from)
+    if report is None and resume_from is None and os.environ.get("WORLD_SIZE", "1") == "1":
+        done = finished_run(cfg)
+        if done is not None:  # nothing to resume: say so, and re-evaluate nothing
+            if os.environ.get("LIVR_QUIET") != "1":
+                print(f"[livr] run already finished: {cfg.run_dir} (results: {os.path.join(cfg.run_dir, 'eval.json')}); "
+                      f"nothing trained or evaluated. To train again: name=OTHER_NAME, or train.resume=false to start "
+                      f"over in this directory; to re-evaluate: livr eval --run {cfg.run_dir}", flush=True)
+            return done
     life = Lifecycle(cfg.run_dir)
     try:
         return _train(cfg, report, resume_from, life)
@@ -160,6 +168,27 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         raise
     finally:
         life.restore()
+
+
+def finished_run(cfg: Config) -> dict | None:
+    """The final metrics of the finished run in `cfg.run_dir` that `train.resume` would continue (its last
+    checkpoint is past its last stage and final_metrics.json is of the same global step), else None. A different
+    config there is `check_same_run`'s one-line error."""
+    last = os.path.join(cfg.run_dir, "checkpoints", "last")
+    if not cfg.train.resume or not os.path.isfile(os.path.join(cfg.run_dir, "final_metrics.json")):
+        return None
+    verify_checkpoint(last)  # a damaged checkpoint is its one-line error, finished or not
+    try:
+        with open(os.path.join(last, "state.json")) as f:
+            state = json.load(f)
+        with open(os.path.join(cfg.run_dir, "final_metrics.json")) as f:
+            final = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if state.get("stage", 0) < len(plan_stages(cfg, 1)) or final.get("global_step") != state.get("global_step"):
+        return None
+    check_same_run(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    return final
 
 
 def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dict:
@@ -216,8 +245,9 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         state = engine.load(source)
         state.setdefault("resumed_from", []).append(state["global_step"])
         if ctx.rank == 0:
-            print(f"[livr] resumed from {source}: stage {state['stage'] + 1} step {state['step']} "
-                  f"(global step {state['global_step']})", flush=True)
+            where = (f"stage {state['stage'] + 1} of {len(stages)}, step {state['step']}" if state["stage"] < len(stages)
+                     else "every stage trained; selecting, saving and evaluating")
+            print(f"[livr] resumed from {source}: {where} (global step {state['global_step']})", flush=True)
     else:  # the training RNG starts from the seed alone (building a preset or data above may have drawn from it)
         seed_rng(cfg.train.seed)
     tracker = Tracker(cfg, ctx.rank, run_dir, run_id=state.get("mlflow_run_id"))

@@ -158,7 +158,11 @@ def test_cli_eval_and_report(livr_run, capsys):
     from livr.cli import main
 
     cfg, _, _ = livr_run
+    capsys.readouterr()
     assert main(["eval", "--run", cfg.run_dir, "--bottleneck"]) == 0
+    printed = capsys.readouterr().out  # labelled as livr report labels it; says it was bottlenecked and where it wrote
+    assert "| LIVR (K=4) bottlenecked |" in printed and "under the Stage-1 bottleneck mask" in printed
+    assert f"wrote {os.path.join(cfg.run_dir, 'eval_test_bottleneck.json')}" in printed
     out = _json(os.path.join(cfg.run_dir, "eval_test_bottleneck.json"))
     assert out["results"]["test"]["n"] == {"Counting": 8}
     assert len(out["results"]["test"]["predictions"]) == 8
@@ -167,6 +171,21 @@ def test_cli_eval_and_report(livr_run, capsys):
     table = capsys.readouterr().out
     acc = _json(os.path.join(cfg.run_dir, "eval.json"))["results"]["test"]["accuracy"]["Counting"]
     assert "| method | Count | mean |" in table and f"| LIVR (K=4) | {100 * acc:.2f} |" in table
+
+
+def test_rerunning_a_finished_run_says_so_and_evaluates_nothing(livr_run, capsys, monkeypatch):
+    from livr.cli import main
+
+    cfg, result, _ = livr_run
+    monkeypatch.setenv("LIVR_QUIET", "0")
+    stamp = os.stat(os.path.join(cfg.run_dir, "eval.json")).st_mtime_ns
+    capsys.readouterr()
+    assert main(["train", "--config", os.path.join(cfg.run_dir, "config.yaml")]) == 0  # as documented
+    out = capsys.readouterr().out
+    assert f"[livr] run already finished: {cfg.run_dir}" in out and "train.resume=false" in out
+    assert "resumed from" not in out and "stage 3" not in out
+    assert os.stat(os.path.join(cfg.run_dir, "eval.json")).st_mtime_ns == stamp  # not evaluated again
+    assert json.loads(out[out.index("{"):out.rindex("}") + 1])["global_step"] == result["global_step"]
 
 
 def test_resume_with_a_different_config_is_an_error(livr_run, backbone_cache, data_cache):
