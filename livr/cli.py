@@ -36,7 +36,23 @@ def cmd_train(args) -> int:
         result = train_worker(cfg)
     print(json.dumps(result, indent=1))
     print(f"run directory: {cfg.run_dir}")
+    print(mlflow_pointer(cfg))
     return 0
+
+
+def mlflow_pointer(cfg) -> str:
+    """Where the run's MLflow record is (tracking URI, experiment, run id) and how to browse it."""
+    from livr.tracking import tracking_uri
+
+    id_file = os.path.join(cfg.run_dir, "mlflow_run_id")
+    if not cfg.tracking.enabled or not os.path.isfile(id_file):
+        return "MLflow: no run recorded (tracking.enabled=false)"
+    with open(id_file) as f:
+        run_id = f.read().strip()
+    uri = tracking_uri(cfg)
+    browse = (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri}"
+              if uri.startswith("sqlite") else uri)
+    return f"MLflow run: {run_id} (experiment {cfg.tracking.experiment!r}, tracking URI {uri}); browse: {browse}"
 
 
 def cmd_tune(args) -> int:
@@ -319,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from livr.console import setup
+
+    setup()  # known third-party noise filtered; plain output when not on a terminal
     from livr.checkpoint import CheckpointError
     from livr.config import ConfigError
     from livr.data.tasks import DataError

@@ -103,7 +103,8 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
     n_batches = len(batches)
     correct = {p: defaultdict(int) for p in PARSERS}
     total, preds = defaultdict(int), []
-    for b, batch in enumerate(tqdm(loader, total=n_batches, desc="evaluate", disable=quiet, leave=False)):
+    for b, batch in enumerate(tqdm(loader, total=n_batches, desc="evaluate",
+                                         disable=True if quiet else None, leave=False)):
         checked(batch)
         with lm.bottleneck_attention() if bottleneck else contextlib.nullcontext():  # a kernel that takes the mask
             outs = generate(lm, batch, bottleneck=bottleneck, max_new_tokens=max_new_tokens, sync=sync)

@@ -24,6 +24,7 @@ from livr import attention
 from livr.backbones import resolve_backbone_path
 from livr.checkpoint import recover_last, save_best, verify_checkpoint, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
+from livr.console import progress_disabled
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
@@ -269,7 +270,8 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             continue
         lm.set_attn_implementation(stage.attn)
         lm.model.train()
-        bar = tqdm(total=stage.steps, initial=state["step"], desc=stage.name, disable=quiet, leave=False)
+        bar = tqdm(total=stage.steps, initial=state["step"], desc=stage.name,
+                   disable=progress_disabled(quiet), leave=False)
         batches = micro_batches(len(train_rows), seed=cfg.train.seed, stage=si, start_step=state["step"],
                                 steps=stage.steps, micro_batch=cfg.train.micro_batch_size, accum=cfg.train.grad_accum,
                                 world=ctx.world, rank=ctx.rank)
@@ -327,6 +329,8 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                     _save_best(engine, ckpt_dir, ctx.rank, state)
                 lm.model.train()
             tracker.log_metrics(metrics, state["global_step"])
+            if not quiet:  # one line per epoch: what a log file keeps
+                print(epoch_line(stage, epoch, steps_per_epoch, state["global_step"], metrics), flush=True)
             done = state["step"] >= stage.steps
             if done:
                 state["stage"], state["step"] = si + 1, 0
@@ -341,6 +345,15 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
 
     # ---------------------------------------------------------------- save + evaluate
     return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders)
+
+
+def epoch_line(stage: Stage, epoch: int, steps_per_epoch: int, global_step: int, metrics: dict) -> str:
+    """`[livr] stage1 epoch 2/4 (global step 8): loss 1.2345, val_accuracy 0.5000`"""
+    parts = [f"loss {metrics['train_loss']:.4f}"] if "train_loss" in metrics else []
+    if "val_accuracy" in metrics:
+        parts.append(f"val_accuracy {metrics['val_accuracy']:.4f}")
+    epochs = max(1, math.ceil(stage.steps / steps_per_epoch))
+    return f"[livr] {stage.name} epoch {epoch + 1}/{epochs} (global step {global_step}): {', '.join(parts) or '-'}"
 
 
 def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> torch.Tensor:

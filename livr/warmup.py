@@ -40,11 +40,12 @@ def warm_up(src: str, out_dir: str, *, tasks: list[str], steps: int = 300, batch
     per_task = max(1, steps * batch_size // len(tasks))
     rows = [r for t in tasks for r in generate_task(t, per_task, seed=seed + 1, split="warmup", image_size=image_size,
                                                     **(options or {}))]
-    items = [builder.encode(r) for r in tqdm(rows, desc="warm-up data", disable=not progress, leave=False)]
+    items = [builder.encode(r) for r in tqdm(rows, desc="warm-up data", disable=None if progress else True,
+                                                    leave=False)]
     model = bb.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    bar = tqdm(range(steps), desc="warm-up", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="warm-up", disable=None if progress else True, leave=False)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 20))

@@ -111,3 +111,54 @@ def test_short_runs_and_written_paths_are_documented():
         assert "train.stage1_steps=" in _read(rel) and "train.stage2_steps=" in _read(rel), rel
     ignored = {line.strip() for line in _read(".gitignore").splitlines()}
     assert {"/data/", "/exported/", "runs/", "mlflow.db", "mlartifacts/"} <= ignored  # root-anchored: not livr/data/
+
+
+# ----------------------------------------------------------------------------- the console
+def test_known_third_party_noise_is_filtered_and_nothing_else():
+    import logging
+    import warnings
+
+    from livr.console import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+
+    def kept(logger: str, msg: str) -> bool:
+        return bool(logging.getLogger(logger).filter(logging.LogRecord(logger, logging.WARNING, "", 0, msg, (), None)))
+
+    ray = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    assert not kept("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+    assert not kept(ray, "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
+    assert kept("DeepSpeed", "ZeRO: some real warning") and kept(ray, "another message")
+
+
+def test_console_of_a_short_run_in_a_log_file(backbone_cache, data_cache, tmp_path):
+    """`livr train ... > log 2>&1`: no progress-bar escape codes, one line per epoch with loss and validation
+    accuracy, no known noise, and at the end the run directory and the MLflow run."""
+    import subprocess
+    import sys
+
+    over = tiny_overrides(backbone_cache, data_cache, tmp_path, name="console", **{
+        "train.stage1_steps": 4, "train.stage2_steps": 2, "data.train_size": 8, "data.val_size": 4, "data.test_size": 4})
+    env = {**os.environ, "LIVR_QUIET": "0", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(key, None)
+    p = subprocess.run([sys.executable, "-m", "livr.cli", "train", "--config", DEMO, *over], cwd=tmp_path, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    log = p.stdout
+    assert p.returncode == 0, log[-3000:]
+    assert "\r" not in log and "\x1b[" not in log, log[:2000]
+    assert "is_gradient_checkpointing" not in log and "Setting accelerator to CPU" not in log
+    import re
+
+    epochs = re.findall(r"^\[livr\] (stage[12]) epoch (\d)/(\d) \(global step \d+\): loss \d+\.\d+, "
+                        r"val_accuracy \d\.\d+$", log, re.M)
+    assert [e[:1] for e in epochs] == [("stage1",), ("stage1",), ("stage2",)], log  # 8 rows / batch 4: 2 steps an epoch
+    tail = log.strip().splitlines()[-2:]
+    assert tail[0] == f"run directory: {tmp_path / 'runs' / 'console'}"
+    with open(tmp_path / "runs" / "console" / "mlflow_run_id") as f:
+        assert tail[1].startswith(f"MLflow run: {f.read().strip()} (experiment 'livr-demo', tracking URI sqlite:///")
