@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 import numpy as np
 import torch
@@ -152,8 +154,21 @@ def representations(lm, rows, seed: int = 0) -> dict:
 def run_causal(lm, rows, *, seeds: int = 3, layers: list[int] | None = None) -> dict:
     if not rows:
         raise ValueError("livr inspect --causal: no rows to analyse")
-    return {"interventions": interventions(lm, rows, seeds), "patching": patching(lm, rows, seeds, layers),
-            "representations": representations(lm, rows)}
+    t0, out = time.perf_counter(), {}
+    phases = (("interventions", lambda: interventions(lm, rows, seeds)),
+              ("patching", lambda: patching(lm, rows, seeds, layers)),
+              ("representations", lambda: representations(lm, rows)))
+    for i, (name, run) in enumerate(phases):
+        _progress(f"{i + 1}/{len(phases)} {name} on {len(rows)} rows ({time.perf_counter() - t0:.0f} s so far)")
+        out[name] = run()
+    _progress(f"done in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def _progress(text: str) -> None:
+    """One line per phase of the suite on stderr (it runs minutes on a CPU); silent under LIVR_QUIET=1."""
+    if os.environ.get("LIVR_QUIET") != "1":
+        print(f"[livr inspect --causal] {text}", file=sys.stderr, flush=True)
 
 
 def _fmt(c: dict | None, pct: bool = True, signed: bool = True) -> str:
@@ -292,7 +307,6 @@ def log_causal(cfg, run_dir: str, metrics: dict) -> str | None:
     run_id = recorded_run_id(cfg, run_dir, "inspect --causal")
     if run_id is None:
         return None
-    import time
 
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient

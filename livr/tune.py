@@ -249,6 +249,9 @@ def run_sweep(cfg: Config) -> dict:
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a trial that just finished is not rerun after a kill
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # forced by num_to_keep: wanted
+    import ray
+
+    started_ray = not ray.is_initialized()
     init_ray_for_sweep(cfg)
     check_capacity(cfg)
     t0 = time.time()
@@ -300,6 +303,8 @@ def run_sweep(cfg: Config) -> dict:
         signer.sign_storage("tuner.pkl")  # Tune wrote it straight to the storage, just now
     grid = tuner.fit()
     signer.sign()  # the final state (also after SIGINT: Tune saves it before fit() returns)
+    if started_ray:  # the trials' last log lines reach the console now, not after the summary (which is printed last)
+        ray.shutdown()
     from livr.sweep_report import summarise
 
     summary = summarise(cfg, dims, grid, expected_trials(cfg, dims), parent, time.time() - t0)

@@ -162,3 +162,21 @@ def test_console_of_a_short_run_in_a_log_file(backbone_cache, data_cache, tmp_pa
     assert tail[0] == f"run directory: {tmp_path / 'runs' / 'console'}"
     with open(tmp_path / "runs" / "console" / "mlflow_run_id") as f:
         assert tail[1].startswith(f"MLflow run: {f.read().strip()} (experiment 'livr-demo', tracking URI sqlite:///")
+
+
+def test_causal_suite_reports_progress(monkeypatch, capsys):
+    """`livr inspect --causal` runs minutes on a CPU: one line per phase on stderr, none under LIVR_QUIET=1."""
+    from livr import causal_report
+
+    for name in ("interventions", "patching", "representations"):
+        monkeypatch.setattr(causal_report, name, lambda *a, _n=name, **k: {"ran": _n})
+    monkeypatch.setenv("LIVR_QUIET", "0")
+    out = causal_report.run_causal(None, [{}, {}], seeds=1)
+    assert out == {n: {"ran": n} for n in ("interventions", "patching", "representations")}
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [ln.split(" on ")[0] for ln in lines[:3]] == [
+        "[livr inspect --causal] 1/3 interventions", "[livr inspect --causal] 2/3 patching",
+        "[livr inspect --causal] 3/3 representations"] and lines[3].startswith("[livr inspect --causal] done in")
+    monkeypatch.setenv("LIVR_QUIET", "1")
+    causal_report.run_causal(None, [{}], seeds=1)
+    assert capsys.readouterr().err == ""
