@@ -68,6 +68,8 @@ def cmd_export(args) -> int:
     what = "adapter layout" if info["layout"] == "adapter" else \
         f"merged {info['family']} checkpoint, {info['num_latents']} latents in its chat template"
     print(f"exported {args.run} -> {args.out} ({what})")
+    if info.get("processor_note"):
+        print(f"note: {info['processor_note']}")
     return 0
 
 

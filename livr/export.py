@@ -36,6 +36,24 @@ def latent_chat_template(template: str, latent_text: str) -> str:
     return template + "{%- if add_generation_prompt %}{{- '" + latent_text + "' }}{%- endif %}"
 
 
+def processor_note(processor_class: type) -> str | None:
+    """Why stock `AutoProcessor.from_pretrained(DIR)` cannot load this export here, or None: the family's stock
+    processor builds a video processor (Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-OneVision), which needs torchvision, and
+    this environment has none (the CPU stack: PyPI's torchvision 0.28.0 is built against CUDA torch and does not load
+    against torch 2.13.0+cpu, measured). Gemma 3's processor has no video processor and loads without it."""
+    import importlib.util
+    import inspect
+
+    if "video_processor" not in inspect.signature(processor_class).parameters:
+        return None
+    if importlib.util.find_spec("torchvision") is not None:
+        return None
+    return (f"stock AutoProcessor.from_pretrained(DIR) needs torchvision here ({processor_class.__name__} builds a "
+            "video processor) and this environment has none; install torchvision==0.28.0 (CUDA stack: PyPI; CPU "
+            "stack: --index-url https://download.pytorch.org/whl/cpu), or load AutoTokenizer and AutoImageProcessor "
+            "from DIR; the model, tokenizer, image processor and chat template load as they are")
+
+
 def export_run(run_dir: str, out_dir: str, *, adapter_only: bool = False) -> dict:
     """Write the export of `run_dir` to `out_dir` (replacing it); returns what livr_export.json records."""
     if adapter_only:
@@ -75,6 +93,9 @@ def export_run(run_dir: str, out_dir: str, *, adapter_only: bool = False) -> dic
         with open(os.path.join(tmp, "livr_export.json"), "w") as f:
             json.dump(info, f, indent=1)
     info["mlflow_run_id"] = log_export(cfg, run_dir, out_dir)
+    note = processor_note(lm.family.processor_class)
+    if note:
+        info["processor_note"] = note
     return info
 
 

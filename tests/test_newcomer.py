@@ -180,3 +180,33 @@ def test_causal_suite_reports_progress(monkeypatch, capsys):
     monkeypatch.setenv("LIVR_QUIET", "1")
     causal_report.run_causal(None, [{}], seeds=1)
     assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- the export on the CPU stack
+def test_export_says_when_stock_autoprocessor_needs_torchvision(monkeypatch):
+    """Stock processors with a video processor (Qwen, LLaVA-OneVision) need torchvision, which the CPU stack lacks:
+    `livr export` says so, with the fix; Gemma 3's processor needs none. Checked against stock transformers in a
+    process that never imports livr: the class really takes a video processor, and AutoVideoProcessor refuses."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from transformers import Gemma3Processor, Qwen2_5_VLProcessor
+
+    from livr.export import processor_note
+
+    have_tv = importlib.util.find_spec("torchvision") is not None
+    note = processor_note(Qwen2_5_VLProcessor)
+    assert (note is None) == have_tv
+    if note:
+        assert "torchvision" in note and "Qwen2_5_VLProcessor" in note and "\n" not in note
+    assert processor_note(Gemma3Processor) is None
+    code = ("import inspect, sys; import transformers as t\n"
+            "assert 'video_processor' in inspect.signature(t.Qwen2_5_VLProcessor).parameters\n"
+            "assert 'video_processor' not in inspect.signature(t.Gemma3Processor).parameters\n"
+            "assert 'livr' not in sys.modules\n"
+            "print(t.utils.is_torchvision_available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(have_tv)
