@@ -210,3 +210,48 @@ def test_export_says_when_stock_autoprocessor_needs_torchvision(monkeypatch):
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(have_tv)
+
+
+def _doc_commands():
+    """(file, command line) of every `livr ...` command in a fenced block of README.md and docs/*.md: continuation
+    lines joined, the comment and leading VAR=value assignments dropped, optional `[--flag ...]` groups removed."""
+    import re
+
+    out = []
+    for rel in DOCS:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", _read(rel), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#\s.*$", "", line).strip()
+                line = re.sub(r"^(?:[A-Z_]+=\S*\s+)+", "", line)
+                if line.startswith("livr ") and not line.startswith("livr verify:"):
+                    out.append((rel, re.sub(r"\s\[--[^\]]*\]", "", line)))
+    return out
+
+
+def test_every_documented_livr_command_parses_and_its_config_resolves(monkeypatch):
+    """A documented command whose flags or config keys stop existing fails here: each one parses with livr's CLI, and
+    where it names a config in the repository, that config with its overrides resolves (placeholders such as RUN,
+    DIR, $VAR and configs written by earlier commands are parsed only)."""
+    import shlex
+
+    from livr.cli import build_parser
+
+    monkeypatch.chdir(ROOT)
+    commands = _doc_commands()
+    assert len(commands) > 40
+    resolved = 0
+    for rel, line in commands:
+        argv = shlex.split(line)[1:]
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            raise AssertionError(f"{rel}: `{line}` does not parse") from None
+        config = getattr(args, "config", None)
+        if "$" in line or not hasattr(args, "overrides") or (config and not os.path.isfile(config)):
+            continue
+        try:
+            load_config(config, args.overrides)
+        except ConfigError as e:
+            raise AssertionError(f"{rel}: `{line}`: {e}") from None
+        resolved += 1
+    assert resolved > 20
