@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from livr import attention
 from livr.backbones import resolve_backbone_path
-from livr.checkpoint import recover_last, save_best, verify_checkpoint, save_run_artifacts, seed_rng, swap_into_place, trainable_state
+from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.console import progress_disabled
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
@@ -32,6 +32,7 @@ from livr.engine import check_zero3_rows, gathered, make_engine, restore_best, z
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model, resolve_device
+from livr.run_status import epoch_line, finished_message, finished_run
 from livr.runlock import check_same_run, lock_held, run_lock
 from livr.sequence import IGNORE
 from livr.tracking import Tracker, preflight
@@ -153,9 +154,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         done = finished_run(cfg)
         if done is not None:  # nothing to resume: say so, and re-evaluate nothing
             if os.environ.get("LIVR_QUIET") != "1":
-                print(f"[livr] run already finished: {cfg.run_dir} (results: {os.path.join(cfg.run_dir, 'eval.json')}); "
-                      f"nothing trained or evaluated. To train again: name=OTHER_NAME, or train.resume=false to start "
-                      f"over in this directory; to re-evaluate: livr eval --run {cfg.run_dir}", flush=True)
+                print(finished_message(cfg), flush=True)
             return done
     life = Lifecycle(cfg.run_dir)
     try:
@@ -169,27 +168,6 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         raise
     finally:
         life.restore()
-
-
-def finished_run(cfg: Config) -> dict | None:
-    """The final metrics of the finished run in `cfg.run_dir` that `train.resume` would continue (its last
-    checkpoint is past its last stage and final_metrics.json is of the same global step), else None. A different
-    config there is `check_same_run`'s one-line error."""
-    last = os.path.join(cfg.run_dir, "checkpoints", "last")
-    if not cfg.train.resume or not os.path.isfile(os.path.join(cfg.run_dir, "final_metrics.json")):
-        return None
-    verify_checkpoint(last)  # a damaged checkpoint is its one-line error, finished or not
-    try:
-        with open(os.path.join(last, "state.json")) as f:
-            state = json.load(f)
-        with open(os.path.join(cfg.run_dir, "final_metrics.json")) as f:
-            final = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if state.get("stage", 0) < len(plan_stages(cfg, 1)) or final.get("global_step") != state.get("global_step"):
-        return None
-    check_same_run(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    return final
 
 
 def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dict:
@@ -345,15 +323,6 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
 
     # ---------------------------------------------------------------- save + evaluate
     return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders)
-
-
-def epoch_line(stage: Stage, epoch: int, steps_per_epoch: int, global_step: int, metrics: dict) -> str:
-    """`[livr] stage1 epoch 2/4 (global step 8): loss 1.2345, val_accuracy 0.5000`"""
-    parts = [f"loss {metrics['train_loss']:.4f}"] if "train_loss" in metrics else []
-    if "val_accuracy" in metrics:
-        parts.append(f"val_accuracy {metrics['val_accuracy']:.4f}")
-    epochs = max(1, math.ceil(stage.steps / steps_per_epoch))
-    return f"[livr] {stage.name} epoch {epoch + 1}/{epochs} (global step {global_step}): {', '.join(parts) or '-'}"
 
 
 def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> torch.Tensor:
