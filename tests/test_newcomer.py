@@ -153,6 +153,7 @@ def test_console_of_a_short_run_in_a_log_file(backbone_cache, data_cache, tmp_pa
     assert p.returncode == 0, log[-3000:]
     assert "\r" not in log and "\x1b[" not in log, log[:2000]
     assert "is_gradient_checkpointing" not in log and "Setting accelerator to CPU" not in log
+    assert "Creating initial MLflow database tables" not in log  # (a new sqlite store: MLflow's INFO lines)
     import re
 
     epochs = re.findall(r"^\[livr\] (stage[12]) epoch (\d)/(\d) \(global step \d+\): loss \d+\.\d+, "
