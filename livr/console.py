@@ -61,6 +61,12 @@ def plain_progress() -> None:
         return
     for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(key, "1")  # (transformers follows huggingface_hub's setting)
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's worker-log prefixes without ANSI colour codes
+
+
+# Ray workers and actors (the Train controller's placement-group cleaner among them) run this at start-up:
+# `ray.init(runtime_env={"worker_process_setup_hook": WORKER_SETUP})` (livr.distributed, livr.tune).
+WORKER_SETUP = "livr.console.quiet_third_party"
 
 
 def setup() -> None:

@@ -50,11 +50,14 @@ def init_ray(cfg: Config) -> None:
     if not cfg.distributed.use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
     address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
+    from livr.console import WORKER_SETUP
+
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": WORKER_SETUP}  # known noise filtered in workers too
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(num_cpus=os.cpu_count(), object_store_memory=100 * 1024**2, include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+                 runtime_env=runtime_env, log_to_driver=True)
 
 
 def check_capacity(cfg: Config) -> None:
@@ -182,11 +185,16 @@ def run_distributed(cfg: Config) -> dict:
         prebuild_cpu_comm_op()
     from livr.runlock import check_resume, run_lock
 
+    import ray
+
     with run_lock(cfg.run_dir):  # the driver owns the run; the workers get LIVR_RUN_LOCK_HELD (livr.runlock)
         check_resume(cfg)
+        started_ray = not ray.is_initialized()
         init_ray(cfg)
         check_capacity(cfg)
         result = make_trainer(cfg).fit()
+        if started_ray:  # the workers' last log lines reach the console now, before the run's summary
+            ray.shutdown()
     path = os.path.join(cfg.run_dir, "final_metrics.json")
     final = {}
     if os.path.exists(path):

@@ -202,6 +202,7 @@ def init_ray_for_sweep(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    from livr.console import WORKER_SETUP
     from livr.distributed import _WORKER_ENV, init_ray
 
     if cfg.distributed.address or os.environ.get("RAY_ADDRESS"):
@@ -211,7 +212,7 @@ def init_ray_for_sweep(cfg: Config) -> None:
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     ray.init(num_cpus=max(os.cpu_count() or 1, per_trial * max(1, t.max_concurrent_trials)),
              object_store_memory=100 * 1024**2, include_dashboard=bool(t.workers_per_trial),
-             runtime_env={"env_vars": env}, log_to_driver=True)
+             runtime_env={"env_vars": env, "worker_process_setup_hook": WORKER_SETUP}, log_to_driver=True)
 
 
 def check_capacity(cfg: Config) -> None:
