@@ -183,9 +183,9 @@ def run_distributed(cfg: Config) -> dict:
         from livr.engine import prebuild_cpu_comm_op
 
         prebuild_cpu_comm_op()
-    from livr.runlock import check_resume, run_lock
-
     import ray
+
+    from livr.runlock import check_resume, run_lock
 
     with run_lock(cfg.run_dir):  # the driver owns the run; the workers get LIVR_RUN_LOCK_HELD (livr.runlock)
         check_resume(cfg)
