@@ -189,6 +189,12 @@ def run_distributed(cfg: Config) -> dict:
 
     with run_lock(cfg.run_dir):  # the driver owns the run; the workers get LIVR_RUN_LOCK_HELD (livr.runlock)
         check_resume(cfg)
+        from livr.run_status import finished_message, finished_run
+
+        done = finished_run(cfg)
+        if done is not None:  # nothing to resume: no worker starts, nothing is evaluated again
+            print(finished_message(cfg), flush=True)
+            return {**done, "ray_checkpoint": None}
         started_ray = not ray.is_initialized()
         init_ray(cfg)
         check_capacity(cfg)

@@ -186,6 +186,13 @@ def test_rerunning_a_finished_run_says_so_and_evaluates_nothing(livr_run, capsys
     assert "resumed from" not in out and "stage 3" not in out
     assert os.stat(os.path.join(cfg.run_dir, "eval.json")).st_mtime_ns == stamp  # not evaluated again
     assert json.loads(out[out.index("{"):out.rindex("}") + 1])["global_step"] == result["global_step"]
+    # the same with Ray workers: no worker starts (no Ray at all here), nothing is evaluated again
+    from livr.distributed import run_distributed
+
+    again = run_distributed(load_config(os.path.join(cfg.run_dir, "config.yaml"), ["distributed.num_workers=2"]))
+    assert again["global_step"] == result["global_step"] and again["ray_checkpoint"] is None
+    assert "[livr] run already finished" in capsys.readouterr().out
+    assert os.stat(os.path.join(cfg.run_dir, "eval.json")).st_mtime_ns == stamp
 
 
 def test_resume_with_a_different_config_is_an_error(livr_run, backbone_cache, data_cache):
