@@ -136,33 +136,63 @@ def test_known_third_party_noise_is_filtered_and_nothing_else():
     assert kept("DeepSpeed", "ZeRO: some real warning") and kept(ray, "another message")
 
 
-def test_console_of_a_short_run_in_a_log_file(backbone_cache, data_cache, tmp_path):
-    """`livr train ... > log 2>&1`: no progress-bar escape codes, one line per epoch with loss and validation
-    accuracy, no known noise, and at the end the run directory and the MLflow run."""
+def _marked_blocks(kind: str) -> list[tuple[str, str]]:
+    """(file, livr command) of the fenced blocks marked `<!-- docs-test: KIND ... -->` in README.md and docs/."""
+    import re
+
+    out = []
+    for rel in DOCS:
+        for block in re.findall(r"<!-- docs-test: " + kind + r"\b[^>]*-->\s*\n```[a-z]*\n(.*?)```", _read(rel), re.DOTALL):
+            out += [(rel, line) for line in _commands(block)]
+    return out
+
+
+def test_docs_cpu_blocks_run_as_written_and_the_console_says_what_matters(backbone_cache, data_cache, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Each command of a block marked `docs-test: cpu` (docs/quickstart.md's first run) runs as written, from a
+    directory holding the repository's configs, with tiny sizes appended by this test. Its `livr train`, logged to a
+    file: no progress-bar escape codes, one line per epoch with loss and validation accuracy, no known noise, and at
+    the end the run directory and the MLflow run."""
+    import re
+    import shlex
     import subprocess
     import sys
 
-    over = tiny_overrides(backbone_cache, data_cache, tmp_path, name="console", **{
-        "train.stage1_steps": 4, "train.stage2_steps": 2, "data.train_size": 8, "data.val_size": 4, "data.test_size": 4})
+    blocks = _marked_blocks("cpu")
+    assert {rel for rel, _ in blocks} >= {"docs/quickstart.md"}
+    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
+        monkeypatch.setenv(key, "1")  # (restored after: livr.console sets them in this process)
+    tiny = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
+        "output_dir": "runs", "train.stage1_steps": 4, "train.stage2_steps": 2, "data.train_size": 8,
+        "data.val_size": 4, "data.test_size": 4})
     env = {**os.environ, "LIVR_QUIET": "0", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
         env.pop(key, None)
-    p = subprocess.run([sys.executable, "-m", "livr.cli", "train", "--config", DEMO, *over], cwd=tmp_path, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
-    log = p.stdout
-    assert p.returncode == 0, log[-3000:]
-    assert "\r" not in log and "\x1b[" not in log, log[:2000]
-    assert "is_gradient_checkpointing" not in log and "Setting accelerator to CPU" not in log
-    assert "Creating initial MLflow database tables" not in log  # (a new sqlite store: MLflow's INFO lines)
-    import re
-
-    epochs = re.findall(r"^\[livr\] (stage[12]) epoch (\d)/(\d) \(global step \d+\): loss \d+\.\d+, "
-                        r"val_accuracy \d\.\d+$", log, re.MULTILINE)
-    assert [e[:1] for e in epochs] == [("stage1",), ("stage1",), ("stage2",)], log  # 8 rows / batch 4: 2 steps an epoch
-    tail = log.strip().splitlines()[-2:]
-    assert tail[0] == f"run directory: {tmp_path / 'runs' / 'console'}"
-    with open(tmp_path / "runs" / "console" / "mlflow_run_id") as f:
-        assert tail[1].startswith(f"MLflow run: {f.read().strip()} (experiment 'livr-demo', tracking URI sqlite:///")
+    ran = []
+    for rel, line in blocks:
+        argv = shlex.split(line)[1:]
+        ran.append(argv[0])
+        if argv[0] != "train":
+            assert main(argv) == 0, f"{rel}: `{line}` failed: {capsys.readouterr().err[-2000:]}"
+            continue
+        p = subprocess.run([sys.executable, "-m", "livr.cli", *argv, *tiny], cwd=tmp_path, env=env, check=False,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        log = p.stdout
+        assert p.returncode == 0, f"{rel}: `{line}` failed: {log[-3000:]}"
+        assert "\r" not in log and "\x1b[" not in log, log[:2000]
+        assert "is_gradient_checkpointing" not in log and "Setting accelerator to CPU" not in log
+        assert "Creating initial MLflow database tables" not in log  # (a new sqlite store: MLflow's INFO lines)
+        epochs = re.findall(r"^\[livr\] (stage[12]) epoch (\d)/(\d) \(global step \d+\): loss \d+\.\d+, "
+                            r"val_accuracy \d\.\d+$", log, re.MULTILINE)
+        assert [e[0] for e in epochs] == ["stage1", "stage1", "stage2"], log  # 8 rows / batch 4: 2 steps an epoch
+        name = next(a.split("=", 1)[1] for a in argv if a.startswith("name="))
+        tail = log.strip().splitlines()[-2:]
+        assert tail[0] == f"run directory: {os.path.join('runs', name)}"
+        with open(tmp_path / "runs" / name / "mlflow_run_id") as f:
+            assert tail[1].startswith(f"MLflow run: {f.read().strip()} (experiment 'livr-demo', tracking URI sqlite:///")
+    assert {"train", "eval", "report"} <= set(ran), ran
 
 
 def test_causal_suite_reports_progress(monkeypatch, capsys):
@@ -213,20 +243,26 @@ def test_export_says_when_stock_autoprocessor_needs_torchvision(monkeypatch):
     assert out.stdout.strip() == str(have_tv)
 
 
-def _doc_commands():
-    """(file, command line) of every `livr ...` command in a fenced block of README.md and docs/*.md: continuation
-    lines joined, the comment and leading VAR=value assignments dropped, optional `[--flag ...]` groups removed."""
+def _commands(block: str) -> list[str]:
+    """The `livr ...` command lines of a fenced block: continuation lines joined, the comment and leading VAR=value
+    assignments dropped, optional `[--flag ...]` groups removed."""
     import re
 
     out = []
-    for rel in DOCS:
-        for block in re.findall(r"```[a-z]*\n(.*?)```", _read(rel), re.DOTALL):
-            for line in block.replace("\\\n", " ").splitlines():
-                line = re.sub(r"\s+#\s.*$", "", line).strip()
-                line = re.sub(r"^(?:[A-Z_]+=\S*\s+)+", "", line)
-                if line.startswith("livr ") and not line.startswith("livr verify:"):
-                    out.append((rel, re.sub(r"\s\[--[^\]]*\]", "", line)))
+    for line in block.replace("\\\n", " ").splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).strip()
+        line = re.sub(r"^(?:[A-Z_]+=\S*\s+)+", "", line)
+        if line.startswith("livr ") and not line.startswith("livr verify:"):
+            out.append(re.sub(r"\s\[--[^\]]*\]", "", line))
     return out
+
+
+def _doc_commands() -> list[tuple[str, str]]:
+    """(file, command line) of every `livr ...` command in a fenced block of README.md and docs/*.md."""
+    import re
+
+    return [(rel, line) for rel in DOCS for block in re.findall(r"```[a-z]*\n(.*?)```", _read(rel), re.DOTALL)
+            for line in _commands(block)]
 
 
 def test_every_documented_livr_command_parses_and_its_config_resolves(monkeypatch):
