@@ -292,3 +292,19 @@ def test_every_documented_livr_command_parses_and_its_config_resolves(monkeypatc
             raise AssertionError(f"{rel}: `{line}`: {e}") from None
         resolved += 1
     assert resolved > 20
+
+
+def test_every_docs_block_with_a_livr_command_says_where_it_runs():
+    """Each bash block of docs/*.md holding a livr command is marked `<!-- docs-test: KIND ... -->`: cpu (run by
+    the suite, above), slow (runs on a CPU, in minutes), gpu, cluster, server, data (needs files you download) or
+    hub. (README.md's blocks are not marked yet.)"""
+    import re
+
+    kinds = ("cpu", "slow", "gpu", "cluster", "server", "data", "hub")
+    unmarked = []
+    for rel in DOCS[1:]:
+        text = _read(rel)
+        for m in re.finditer(r"(?:<!-- docs-test: (\w+)[^>]*-->\s*\n)?```bash\n(.*?)```", text, re.DOTALL):
+            if _commands(m.group(2)) and m.group(1) not in kinds:
+                unmarked.append(f"{rel}:{text[:m.start()].count(chr(10)) + 1} ({m.group(1) or 'no marker'})")
+    assert not unmarked, unmarked
