@@ -49,6 +49,7 @@ def init_ray(cfg: Config) -> None:
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     if not cfg.distributed.use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print once (the patch tees it to a logger too)
     address = cfg.distributed.address or os.environ.get("RAY_ADDRESS")
     from livr.console import WORKER_SETUP
 

@@ -210,6 +210,7 @@ def init_ray_for_sweep(cfg: Config) -> None:
     t, d = cfg.tune, cfg.distributed
     per_trial = 1 + t.workers_per_trial * d.cpus_per_worker if t.workers_per_trial else d.cpus_per_worker
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's print once (the patch tees it to a logger too)
     ray.init(num_cpus=max(os.cpu_count() or 1, per_trial * max(1, t.max_concurrent_trials)),
              object_store_memory=100 * 1024**2, include_dashboard=bool(t.workers_per_trial),
              runtime_env={"env_vars": env, "worker_process_setup_hook": WORKER_SETUP}, log_to_driver=True)
