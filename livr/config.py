@@ -97,6 +97,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     resume: bool = True  # continue from <run_dir>/checkpoints/last if present
+    device_peak_tflops: float = 0.0  # the device's peak for perf/mfu; 0 = the GPU table (livr/flops.py), none on CPU
 
 
 @dataclass

@@ -31,6 +31,7 @@ from livr.engine import check_zero3_rows, gathered, make_engine, restore_best, z
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model, resolve_device
+from livr.perf import PerfMeter, opt_seconds
 from livr.runlock import check_same_run, lock_held, run_lock
 from livr.sequence import IGNORE
 from livr.tracking import Tracker, preflight
@@ -243,14 +244,18 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                                   pad_id, num_workers=workers if stage.steps > state["step"] else 0,
                                   pin_memory=lm.device.type == "cuda"))
         t_last = time.perf_counter()
+        meter = PerfMeter(lm, cfg)
         while state["step"] < stage.steps:
             epoch, start = divmod(state["step"], steps_per_epoch)
             epoch_loss = []
             for k in range(start, steps_per_epoch):
                 if state["step"] >= stage.steps:
                     break
+                t0 = time.perf_counter()
                 micro = [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
+                meter.waited(time.perf_counter() - t0)
                 loss = train_step(lm, engine, cfg, stage, state, micro, ctx)  # a device scalar: no host sync
+                meter.stepped(micro, opt_seconds(engine))
                 epoch_loss.append(loss)
                 state["step"] += 1
                 state["global_step"] += 1
@@ -265,8 +270,11 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                     metrics = {f"{stage.name}/loss": _reduce_loss([loss], ctx.world), f"{stage.name}/lr": engine.lr,
                                f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
                     t_last = now
+                    metrics.update(meter.metrics())  # perf/* (synchronises CUDA: a log step only)
                     tracker.log_metrics(metrics, state["global_step"])
-                    bar.set_postfix(loss=f"{metrics[f'{stage.name}/loss']:.3f}")
+                    bar.set_postfix(loss=f"{metrics[f'{stage.name}/loss']:.3f}",
+                                    tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
+                                    ex_s=f"{metrics['perf/samples_per_s']:.2f}")
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
                     _save(engine, state, ctx, last, report, {})
@@ -283,7 +291,9 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             if lm.vision_cache is not None:  # this rank's: hit rate so far, entries and MiB held in memory
                 metrics.update(lm.vision_cache.stats())
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
+                t_eval = time.perf_counter()
                 val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet, eval_loaders)
+                metrics["perf/eval_s"] = time.perf_counter() - t_eval
                 acc = val["val"]["mean"]
                 metrics.update({"val_accuracy": acc, f"{stage.name}/val_accuracy": acc})
                 state["history"].append({"stage": stage.name, "epoch": epoch + 1, "step": state["global_step"],
@@ -301,6 +311,8 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 raise life.stopped(state["global_step"])
             if done:
                 break
+            meter.start()  # the evaluation and the checkpoint are not part of the next window's steps
+            t_last = time.perf_counter()
         if stage.steps == 0:
             state["stage"], state["step"] = si + 1, 0
         bar.close()
