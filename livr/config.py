@@ -121,6 +121,7 @@ class EvalConfig:
     # answer scoring: blink (BLINK's official rule, exactly) | match (BLINK's rule, then a judge-free match against
     # the row's choices: approximates BLINK's published, judged numbers) | lenient (finds "(X)" anywhere)
     parser: str = "blink"
+    group_by_length: bool = True  # generation batches of rows of similar prompt length (less padding per prefill)
 
 
 @dataclass

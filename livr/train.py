@@ -371,7 +371,8 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> 
         if n not in loaders:  # built once per split: its workers and encoded prompts persist across epochs
             loaders[n] = eval_loader(lm, splits[n], cfg.eval.batch_size, ctx.rank, ctx.world,
                                           auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
-                                          cache_bytes=cfg.data.cache_mib << 20, persistent=True)
+                                          cache_bytes=cfg.data.cache_mib << 20, persistent=True,
+                                          group_by_length=cfg.eval.group_by_length)
         out[n] = evaluate_rows(lm, splits[n], bottleneck=bottleneck, max_new_tokens=cfg.eval.max_new_tokens,
                                rank=ctx.rank, world=ctx.world, quiet=quiet, parser=cfg.eval.parser, split=n,
                                data=loaders[n])
