@@ -25,6 +25,7 @@ from livr.backbones import resolve_backbone_path
 from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
+from livr.data.packing import check_config as check_packing, step_rows
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
 from livr.engine import check_zero3_rows, gathered, make_engine, restore_best, zero3_loading
@@ -191,6 +192,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         check_zero3_rows(splits)
     torch.manual_seed(cfg.train.seed)
     lm = build_model(cfg, loading=loading)
+    check_packing(cfg, lm.family, lm.attention)  # (the resolved family and kernels)
     if hidden_answers(splits["val"], f"data.val_split={cfg.data.val_split!r}"):
         raise DataError(f"data.val_split={cfg.data.val_split!r}: its answers are hidden (BLINK test); validation and "
                         "model selection need a split with public answers")
@@ -240,9 +242,11 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         batches = micro_batches(len(train_rows), seed=cfg.train.seed, stage=si, start_step=state["step"],
                                 steps=stage.steps, micro_batch=cfg.train.micro_batch_size, accum=cfg.train.grad_accum,
                                 world=ctx.world, rank=ctx.rank)
-        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20), batches,
+        pack = cfg.data.max_tokens if cfg.data.packing else 0  # one loader item per step: its packed micro-batches
+        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20),
+                                  step_rows(batches, cfg.train.grad_accum) if pack else batches,
                                   pad_id, num_workers=workers if stage.steps > state["step"] else 0,
-                                  pin_memory=lm.device.type == "cuda"))
+                                  pin_memory=lm.device.type == "cuda", pack=pack))
         t_last = time.perf_counter()
         meter = PerfMeter(lm, cfg)
         while state["step"] < stage.steps:
@@ -252,7 +256,8 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 if state["step"] >= stage.steps:
                     break
                 t0 = time.perf_counter()
-                micro = [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
+                micro = checked(next(loader))["packed"] if pack else \
+                    [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
                 meter.waited(time.perf_counter() - t0)
                 loss = train_step(lm, engine, cfg, stage, state, micro, ctx)  # a device scalar: no host sync
                 meter.stepped(micro, opt_seconds(engine))

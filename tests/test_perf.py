@@ -12,6 +12,7 @@ def test_flops_per_token_hand_count_qwen25_vl_3b():
     from livr.backbones.registry import preset_parts
 
     config = preset_parts("size-qwen2.5-vl-3b")[0]
+    shallow = preset_parts("size-qwen2.5-vl-3b", 2)[0]  # 2 decoder layers, 2 vision blocks: built on meta quickly
     # Qwen2.5-VL-3B's LM by hand: hidden 2048, 36 layers, 16 query heads and 2 KV heads of 128, MLP 11008 (gated)
     per_layer = 2048 * 2048 + 2 * 2048 * 256 + 2048 * 2048 + 3 * 2048 * 11008  # q, k+v, o, gate+up+down
     n_lm = 36 * per_layer
@@ -27,15 +28,15 @@ def test_flops_per_token_hand_count_qwen25_vl_3b():
     from transformers import AutoModelForImageTextToText
 
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+        model = AutoModelForImageTextToText.from_config(shallow)
     lm = model.model.language_model
     counted = sum(m.weight.numel() for m in lm.layers.modules() if isinstance(m, torch.nn.Linear))
-    assert counted == n_lm
+    assert counted == 2 * per_layer == flops.lm_params(shallow)
     # vision: 32 blocks of width 1280, gated MLP 3420, forward only, per patch (+ attention within the image)
     v = 2 * 32 * (4 * 1280 * 1280 + 3 * 1280 * 3420)
     assert flops.vision_flops(config, 1, 1) == v + 4 * 32 * 1280
     blocks = sum(m.weight.numel() for m in model.model.visual.blocks.modules() if isinstance(m, torch.nn.Linear))
-    assert 2 * blocks == v
+    assert 2 * blocks * 16 == v  # 2 of the 32 blocks
 
 
 def test_device_peak_table_and_config():
@@ -56,9 +57,27 @@ def test_perf_metrics_in_a_real_runs_mlflow_store(backbone_cache, data_cache, tm
 
     over = tiny_overrides(backbone_cache, data_cache, tmp_path, name="perf", **{
         "train.stage1_steps": 2, "train.stage2_steps": 2, "train.device_peak_tflops": 0.05,
-        "data.val_size": 4, "data.test_size": 4, "eval.batch_size": 4})
+        "data.val_size": 4, "data.test_size": 4, "eval.batch_size": 4,
+        # through the packed loader path too (livr/data/packing.py): 2 micro-batches of 2 examples per step
+        "train.micro_batch_size": 2, "train.grad_accum": 2, "data.packing": True, "data.max_tokens": 200})
     cfg = load_config(None, over)
-    train_worker(cfg)
+    import livr.train
+
+    steps = []
+    real = livr.train.train_step
+
+    def spy(lm, engine, cfg, stage, state, micro, ctx):
+        steps.append([(b["input_ids"].shape, b["seq_lens"].tolist()) for b in micro])
+        return real(lm, engine, cfg, stage, state, micro, ctx)
+
+    livr.train.train_step = spy
+    try:
+        train_worker(cfg)
+    finally:
+        livr.train.train_step = real
+    assert len(steps) == 4 and all(sum(len(n) for _, n in s) == 4 for s in steps)  # every example of the step
+    assert all(shape[0] == 1 and shape[1] <= 200 for s in steps for shape, n in s if len(n) > 1)
+    assert any(len(n) > 1 for s in steps for _, n in s)  # some micro-batch holds several examples
     client = MlflowClient(cfg.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
     keys = ("perf/tokens_per_s", "perf/samples_per_s", "perf/data_wait_share", "perf/fwd_bwd_share",
