@@ -85,7 +85,8 @@ def model_step(lm, cfg, micro, bottleneck: bool, profile: bool = False):
     if not profile:
         train_step(lm, engine, cfg, stage, {"step": 1}, micro, Context(0, 1, 0))
         return grads, 0
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     with prof(activities=[ProfilerActivity.CPU]) as p:
         train_step(lm, engine, cfg, stage, {"step": 1}, micro, Context(0, 1, 0))

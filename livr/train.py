@@ -25,7 +25,8 @@ from livr.backbones import resolve_backbone_path
 from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
-from livr.data.packing import check_config as check_packing, step_rows
+from livr.data.packing import check_config as check_packing
+from livr.data.packing import step_rows
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
 from livr.engine import check_zero3_rows, gathered, make_engine, restore_best, zero3_loading

@@ -84,7 +84,7 @@ def test_no_attention_across_packed_examples_and_bottleneck_per_example(backbone
         pad = lm.tokenizer.pad_token_id
         na = a["input_ids"].shape[0]
 
-        def logits(first, second, bottleneck):
+        def logits(first, second, bottleneck, lm=lm, pad=pad, na=na):
             (batch,) = collate_packed([dict(first), dict(second)], pad, 10**6)
             with torch.no_grad():
                 return lm.forward(batch, bottleneck)[0, na:]

@@ -1,6 +1,5 @@
 """Throughput telemetry (livr/perf.py, livr/flops.py): FLOPs per token against a hand count, perf/* in a real
 tiny run's MLflow store."""
-import pytest
 import torch
 from conftest import tiny_overrides
 
