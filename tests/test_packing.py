@@ -42,10 +42,11 @@ def _step(cfg, lm, micro, bottleneck):
     return _reduce_loss([loss], 1), grads
 
 
-@pytest.mark.parametrize("backbone", ["tiny-qwen2.5-vl", "tiny-llava-onevision"])
-@pytest.mark.parametrize("bottleneck", [True, False])
-def test_packed_step_equals_unpacked(backbone, bottleneck, backbone_cache, data_cache, tmp_path):
-    cfg, lm = _lm(backbone_cache, data_cache, tmp_path, backbone)
+@pytest.mark.parametrize("backbone,bottleneck,extra", [
+    ("tiny-qwen2.5-vl", True, {}), ("tiny-qwen2.5-vl", False, {}), ("tiny-llava-onevision", True, {}),
+    ("tiny-llava-onevision", False, {}), ("tiny-qwen2.5-vl", True, {"model.cache_vision": True})])
+def test_packed_step_equals_unpacked(backbone, bottleneck, extra, backbone_cache, data_cache, tmp_path):
+    cfg, lm = _lm(backbone_cache, data_cache, tmp_path, backbone, **extra)
     items = [lm.builder.encode(r) for r in _rows()]
     lengths = sorted(it["input_ids"].shape[0] for it in items)
     pad = lm.tokenizer.pad_token_id
@@ -60,7 +61,9 @@ def test_packed_step_equals_unpacked(backbone, bottleneck, backbone_cache, data_
             pos = b["position_ids"][..., 0, :][..., b["segments"][0] == k]
             assert pos.min() == 0 and any(torch.equal(pos, p) for p in by_len[n])
     loss_u, grads_u = _step(cfg, lm, [collate([it], pad) for it in items], bottleneck)
-    _, lm = _lm(backbone_cache, data_cache, tmp_path, backbone)  # the same initial weights (seeded LoRA)
+    if extra:  # the vision cache: the packed batch carries every image's key, in order
+        assert all("image_keys" in b for b in packed) and lm.vision_cache is not None
+    _, lm = _lm(backbone_cache, data_cache, tmp_path, backbone, **extra)  # the same initial weights (seeded LoRA)
     loss_p, grads_p = _step(cfg, lm, packed, bottleneck)
     assert abs(loss_p - loss_u) <= 1e-5 * abs(loss_u)
     assert grads_u.keys() == grads_p.keys() and len(grads_u) > 10
