@@ -44,7 +44,8 @@ def _step(cfg, lm, micro, bottleneck):
 
 @pytest.mark.parametrize("backbone,bottleneck,extra", [
     ("tiny-qwen2.5-vl", True, {}), ("tiny-qwen2.5-vl", False, {}), ("tiny-llava-onevision", True, {}),
-    ("tiny-llava-onevision", False, {}), ("tiny-qwen2.5-vl", True, {"model.cache_vision": True})])
+    ("tiny-llava-onevision", False, {}), ("tiny-qwen2.5-vl", True, {"model.cache_vision": True}),
+    ("tiny-gemma3", True, {})])  # (its own rule: images both ways, sliding windows; also passes Stage 2, Qwen3-VL)
 def test_packed_step_equals_unpacked(backbone, bottleneck, extra, backbone_cache, data_cache, tmp_path):
     cfg, lm = _lm(backbone_cache, data_cache, tmp_path, backbone, **extra)
     items = [lm.builder.encode(r) for r in _rows()]
