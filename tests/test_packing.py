@@ -141,3 +141,15 @@ def test_packing_config_errors(extra, needle, tmp_path):
     with pytest.raises(ConfigError, match=needle) as e:
         load_config(None, [f"{k}={v}" for k, v in {"data.packing": True, **extra}.items()])
     assert "\n" not in str(e.value)
+
+
+def test_flex_packed_forward_equals_sdpa(backbone_cache, data_cache, tmp_path):
+    """The flex path of a packed row (BlockMask with document ids; forward only: CPU has no flex backward)."""
+    _, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl")
+    _, lf = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl", **{"model.attn_implementation": "flex_attention"})
+    items = [lm.builder.encode(r) for r in _rows()[:3]]
+    (batch,) = collate_packed(items, lm.tokenizer.pad_token_id, 10**6)
+    assert lf.attn_implementation() == "livr_flex"
+    for bottleneck in (True, False):
+        with torch.no_grad():
+            assert torch.allclose(lf.forward(batch, bottleneck), lm.forward(batch, bottleneck), atol=1e-5)
