@@ -27,7 +27,7 @@ def _lm(backbone_cache, data_cache, tmp_path, backbone, **extra):
     return cfg, build_model(cfg)
 
 
-def _step(cfg, lm, micro, bottleneck):
+def _step(cfg, lm, micro, bottleneck, rank=0, world=1):
     """One real train_step over `micro`: (loss, the gradients the optimizer steps with)."""
     from livr.engine import TorchEngine
     from livr.model import param_groups
@@ -38,8 +38,59 @@ def _step(cfg, lm, micro, bottleneck):
     opt.register_step_pre_hook(lambda o, a, k: grads.update(
         {n: p.grad.detach().clone() for n, p in lm.model.named_parameters() if p.grad is not None}))
     stage = Stage("stage1" if bottleneck else "stage2", bottleneck, 4, "sdpa")
-    loss = train_step(lm, TorchEngine(lm.model, opt, cfg, 0, 1), cfg, stage, {"step": 1}, micro, Context(0, 1, 0))
-    return _reduce_loss([loss], 1), grads
+    engine = TorchEngine(lm.model, opt, cfg, rank, world)
+    loss = train_step(lm, engine, cfg, stage, {"step": 1}, micro, Context(rank, world, rank))
+    return _reduce_loss([loss], world), grads
+
+
+def _packed_worker(rank, world, init, overrides, max_tokens, out):
+    """One rank of a 2-rank packed step: its share of the global batch (the unpacked step's rows), packed."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from livr.data.loader import micro_batches
+    from livr.data.packing import step_rows
+    from livr.model import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        cfg = load_config(None, overrides)
+        lm = build_model(cfg)
+        items = [lm.builder.encode(r) for r in _rows()[:4]]
+        (rows,) = step_rows(micro_batches(4, seed=0, stage=0, start_step=0, steps=1, micro_batch=1, accum=2,
+                                          world=world, rank=rank), 2)
+        micro = collate_packed([dict(items[i]) for i in rows], lm.tokenizer.pad_token_id, max_tokens)
+        loss, grads = _step(cfg, lm, micro, True, rank, world)
+        save_file({**grads, "loss": torch.tensor(loss), "packs": torch.tensor(len(micro))}, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_packed_equal_one_rank_unpacked(backbone_cache, data_cache, tmp_path):
+    """Ranks with different numbers of packed micro-batches (DDP syncs at each rank's last one) give the one-rank
+    unpacked step's loss and gradients."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    cfg, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl")
+    items = [lm.builder.encode(r) for r in _rows()[:4]]
+    loss_u, grads_u = _step(cfg, lm, [collate([it], lm.tokenizer.pad_token_id) for it in items], True)
+    from livr.data.loader import micro_batches
+    from livr.data.packing import step_rows
+
+    pairs = [sum(items[i]["input_ids"].shape[0] for i in next(step_rows(micro_batches(
+        4, seed=0, stage=0, start_step=0, steps=1, micro_batch=1, accum=2, world=2, rank=r), 2))) for r in (0, 1)]
+    assert pairs[0] != pairs[1]
+    over = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
+        "lora.dropout": 0.0, "train.micro_batch_size": 1, "train.grad_accum": 2})
+    out = str(tmp_path / "packed")
+    mp.spawn(_packed_worker, nprocs=2, join=True, args=(2, str(tmp_path / "pg"), over, min(pairs), out))
+    got = [load_file(f"{out}.rank{r}") for r in (0, 1)]
+    assert sorted(int(g.pop("packs")) for g in got) == [1, 2]  # one rank packs its pair, the other cannot
+    for g in got:
+        assert abs(g.pop("loss").item() - loss_u) <= 1e-5 * loss_u
+        for n, ref in grads_u.items():
+            assert (g[n] - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-8), n
 
 
 @pytest.mark.parametrize("backbone,bottleneck,extra", [
