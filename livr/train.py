@@ -318,7 +318,6 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             if done:
                 break
             meter.start()  # the evaluation and the checkpoint are not part of the next window's steps
-            t_last = time.perf_counter()
         if stage.steps == 0:
             state["stage"], state["step"] = si + 1, 0
         bar.close()
