@@ -163,8 +163,10 @@ def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_wo
     `group_by_length`: batches of rows of similar prompt length (estimated without encoding), fewer padded
     positions in every prefill; else rows rank, rank + world, … in order."""
     if group_by_length and hasattr(lm.builder, "prompt_text"):  # similar lengths together (livr/data/lengths.py)
-        config = lm.model.get_base_model().config if hasattr(lm.model, "get_base_model") else lm.model.config
-        batches, scored = grouped_batches(prompt_lengths(rows, lm.builder, config), batch_size, rank, world)
+        from livr.flops import model_config
+
+        batches, scored = grouped_batches(prompt_lengths(rows, lm.builder, model_config(lm.model)), batch_size, rank,
+                                          world)
     else:
         mine = list(range(rank, len(rows), world))
         n_batches = -(-len(range(0, len(rows), world)) // batch_size) if world > 1 else -(-len(mine) // batch_size)

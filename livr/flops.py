@@ -31,6 +31,13 @@ _LORA_SHAPES = {"q_proj": ("d", "q"), "k_proj": ("d", "kv"), "v_proj": ("d", "kv
                 "gate_proj": ("d", "f"), "up_proj": ("d", "f"), "down_proj": ("f", "d")}
 
 
+def model_config(model):
+    """The backbone's config behind a PeftModel, possibly wrapped (DeepSpeed's engine, DDP: `.module`)."""
+    model = getattr(model, "module", model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
 def _text(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 

@@ -31,7 +31,7 @@ from livr.sequence import IMAGE
 class PerfMeter:
     def __init__(self, lm, cfg):
         self.device = lm.device
-        self.config = lm.model.get_base_model().config if hasattr(lm.model, "get_base_model") else lm.model.config
+        self.config = flops.model_config(lm.model)
         self.r, self.targets = cfg.lora.r, cfg.lora.targets
         self.vision = not cfg.model.cache_vision
         self.merge = (flops.vision_dims(self.config) or {}).get("merge", 1)
