@@ -100,6 +100,35 @@ def build(args, device: torch.device, dtype: str, attn: str = "sdpa"):
     return lm
 
 
+def packing_step(lm, args, device, attn: str, rows: list, out: dict) -> None:
+    """Stage-1 forward + backward of the paper's global batch (8 examples of 1-4 images) as 8 micro-batches of one
+    vs packed into rows of at most `--max-tokens` (data.packing, livr/data/packing.py): ms per example."""
+    from livr.data.packing import collate_packed
+    from livr.sequence import collate
+
+    items = [lm.builder.encode(blink_row(1 + i % 4)) for i in range(8)]
+    pad = lm.tokenizer.pad_token_id
+    micro = {"unpacked": [collate([it], pad) for it in items],
+             "packed": collate_packed([dict(it) for it in items], pad, args.max_tokens)}
+
+    def step(batches):
+        def f():
+            lm.set_attn_implementation(attn)
+            for b in batches:
+                nll, _ = lm.answer_nll(b, True)
+                (nll / 100).backward()
+            lm.model.zero_grad(set_to_none=True)
+        return f
+
+    ms = timed({k: step(v) for k, v in micro.items()}, args.repeat, device)
+    tokens = sum(it["input_ids"].shape[0] for it in items)
+    for k, v in ms.items():
+        rows.append((f"Stage-1 step of 8 examples, {k} ({len(micro[k])} forwards, {tokens} tokens)",
+                     f"{v / 8:.0f} ms/example", f"{ms['unpacked'] / v:.2f}x unpacked, {tokens / v * 1e3:,.0f} tokens/s"))
+        out[f"{k}_ms_per_example"] = f"{v / 8:.1f}"
+    out["packed_forwards"] = str(len(micro["packed"]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -107,6 +136,7 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=4, help="decoder layers and vision blocks kept (0 = all)")
     ap.add_argument("--images", type=int, default=4, help="1024x768 images per row (4: L ~ 4,200)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=16384, help="data.max_tokens of the packed step")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--test-timeout", type=int, default=240)
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "livr_gpu_check"))
@@ -154,6 +184,7 @@ def main() -> int:
     mem = peak_mib(fns[best], device)
     rows.append((f"peak memory, {best} step", f"{mem:,.0f} MiB", f"depth {args.depth}, {dtype}"))
     out["train_peak_mib"] = f"{mem:.0f}"
+    packing_step(lm, args, device, "flex_attention" if cuda else "sdpa", rows, out)
 
     base = lm.model.get_base_model()
     mm = {k: v.to(device) for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}

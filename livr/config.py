@@ -78,6 +78,8 @@ class DataConfig:
     cache_mib: int = 1024  # encoded rows kept per loader process for the next epochs (small data); 0 = none
     max_pixels: int = 0  # cap per image (Qwen-style processors: longest_edge in pixels); 0 = the checkpoint's own
     min_pixels: int = 0  # floor per image; 0 = the checkpoint's own
+    packing: bool = False  # pack each step's examples into few rows (attention and the bottleneck per example)
+    max_tokens: int = 16384  # with packing: tokens per packed micro-batch (an example longer than this: alone)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     resume: bool = True  # continue from <run_dir>/checkpoints/last if present
+    device_peak_tflops: float = 0.0  # the device's peak for perf/mfu; 0 = the GPU table (livr/flops.py), none on CPU
 
 
 @dataclass
@@ -120,6 +123,7 @@ class EvalConfig:
     # answer scoring: blink (BLINK's official rule, exactly) | match (BLINK's rule, then a judge-free match against
     # the row's choices: approximates BLINK's published, judged numbers) | lenient (finds "(X)" anywhere)
     parser: str = "blink"
+    group_by_length: bool = True  # generation batches of rows of similar prompt length (less padding per prefill)
 
 
 @dataclass
@@ -499,6 +503,9 @@ def validate(cfg: Config) -> Config:
         _one_of("eval.splits", split, ("train", "val", "test"))
     _one_of("eval.parser", cfg.eval.parser, ("blink", "lenient", "match"))
     _check_distributed(cfg.distributed)
+    from livr.data.packing import check_config
+
+    check_config(cfg)  # data.packing / data.max_tokens
     _one_of("tune.mode", cfg.tune.mode, ("max", "min"))
     _one_of("tune.scheduler", cfg.tune.scheduler, ("asha", "fifo"))
     _one_of("tune.searcher", cfg.tune.searcher, ("random", "optuna"))

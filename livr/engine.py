@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -160,12 +161,14 @@ class TorchEngine:
         (loss * self.world).backward()
         if not boundary:
             return
+        t0 = time.perf_counter()  # host time of clipping + the optimizer (livr.perf; synchronised at log steps)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.opt_s = getattr(self, "opt_s", 0.0) + time.perf_counter() - t0
 
     @property
     def lr(self) -> float:
@@ -220,7 +223,10 @@ class DeepSpeedEngine:
             for g in self.engine.optimizer.param_groups:
                 g["lr"] = lr
         self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        t0 = time.perf_counter()
         self.engine.step()
+        if boundary:  # (livr.perf: the optimizer's share of the step)
+            self.opt_s = getattr(self, "opt_s", 0.0) + time.perf_counter() - t0
 
     @property
     def lr(self) -> float:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from livr.data.blink import HIDDEN_ANSWER
+from livr.data.lengths import grouped_batches, prompt_lengths
 from livr.data.loader import EncodedRows, checked, column, make_loader
 from livr.data.prompts import FAILED, PARSERS, is_correct, predicted
 from livr.data.tasks import PAPER_TASKS, DataError
@@ -84,7 +85,7 @@ def hidden_answers(rows, split: str = "") -> bool:
 
 def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, max_new_tokens: int = 8,
                   rank: int = 0, world: int = 1, quiet: bool = True, parser: str = "blink", split: str = "",
-                  num_workers: int = 0, data: tuple | None = None) -> dict:
+                  num_workers: int = 0, data: tuple | None = None, group_by_length: bool = True) -> dict:
     """Per-task accuracy on `rows` (sharded over ranks, summed across them) and every row's prediction.
 
     "accuracy" (task -> fraction) and "mean" use `parser`; "accuracy_by_parser" holds every parser's per-task
@@ -99,7 +100,8 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
     was_training = lm.model.training
     lm.model.eval()
     sync = world > 1  # every rank runs the same number of batches and decode steps
-    loader, batches, scored = data or eval_loader(lm, rows, batch_size, rank, world, num_workers)
+    loader, batches, scored = data or eval_loader(lm, rows, batch_size, rank, world, num_workers,
+                                                    group_by_length=group_by_length)
     n_batches = len(batches)
     correct = {p: defaultdict(int) for p in PARSERS}
     total, preds = defaultdict(int), []
@@ -156,13 +158,22 @@ def eval_metrics(split: str, res: dict) -> dict[str, float]:
 
 
 def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
-                cache_bytes: int = 0, persistent: bool = False) -> tuple:
+                cache_bytes: int = 0, persistent: bool = False, group_by_length: bool = True) -> tuple:
     """(loader, batches, scored): this rank's share of `rows` in batches of prompts (left-padded). A rank out of
-    rows runs a dummy batch (row 0, not scored) so that every rank runs the same number of collectives."""
-    mine = list(range(rank, len(rows), world))
-    n_batches = -(-len(range(0, len(rows), world)) // batch_size) if world > 1 else -(-len(mine) // batch_size)
-    batches = [mine[b * batch_size : (b + 1) * batch_size] or [0] for b in range(n_batches)]
-    scored = [len(mine[b * batch_size : (b + 1) * batch_size]) for b in range(n_batches)]
+    rows runs a dummy batch (row 0, not scored) so that every rank runs the same number of collectives.
+    `group_by_length`: batches of rows of similar prompt length (estimated without encoding), fewer padded
+    positions in every prefill; else rows rank, rank + world, … in order."""
+    if group_by_length and hasattr(lm.builder, "prompt_text"):  # similar lengths together (livr/data/lengths.py)
+        from livr.flops import model_config
+
+        batches, scored = grouped_batches(prompt_lengths(rows, lm.builder, model_config(lm.model)), batch_size, rank,
+                                          world)
+    else:
+        mine = list(range(rank, len(rows), world))
+        n_batches = -(-len(range(0, len(rows), world)) // batch_size) if world > 1 else -(-len(mine) // batch_size)
+        batches = [mine[b * batch_size : (b + 1) * batch_size] or [0] for b in range(n_batches)]
+        scored = [len(mine[b * batch_size : (b + 1) * batch_size]) for b in range(n_batches)]
+    n_batches = len(batches)
     loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes), batches,
                          lm.tokenizer.pad_token_id, num_workers=num_workers if n_batches > 1 else 0,
                          padding_side="left", persistent=persistent, pin_memory=lm.device.type == "cuda")

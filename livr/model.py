@@ -64,7 +64,10 @@ class LivrModel:
         mm = self.mm_inputs(batch)
         inputs = {"input_ids": ids, **mm}
         pos = batch.get("position_ids")
-        if bottleneck:
+        if "segments" in batch:  # a packed row (livr/data/packing.py): attention within each example only
+            inputs["attention_mask"] = self.packed_mask(batch["groups"], batch["segments"], bottleneck)
+            inputs["position_ids"] = pos  # each example's own, restarting at each example
+        elif bottleneck:
             inputs["attention_mask"] = self.stage1_mask(batch["groups"])
             inputs["position_ids"] = pos if pos is not None else self.family.position_ids(self.model, ids, attn, mm)
         else:
@@ -92,6 +95,17 @@ class LivrModel:
         if self.attn_implementation() == flex.NAME:
             return flex.block_mask(self.family, groups.to(self.device))
         return self.family.stage1_mask(self.model, groups, self.dtype)
+
+    def packed_mask(self, groups: torch.Tensor, segments: torch.Tensor, bottleneck: bool):
+        """The mask of a packed row: a BlockMask with document ids (flex), else the family's additive mask(s) of
+        `packed_allowed` (block-diagonal: causal, the Stage-1 bottleneck inside each example)."""
+        from livr.data.packing import packed_allowed, packed_block_mask
+
+        groups = groups.to(self.device)
+        if self.attn_implementation() == flex.NAME:
+            return packed_block_mask(self.family, groups, segments, bottleneck)
+        return self.family.as_mask(self.model, packed_allowed(self.family, self.model, groups, segments, bottleneck),
+                                   self.dtype)
 
     def forward(self, batch: dict, bottleneck: bool) -> torch.Tensor:
         return self.model(**self.model_inputs(batch, bottleneck), use_cache=False).logits

@@ -26,12 +26,15 @@ from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rn
 from livr.config import Config, from_dict, save_config
 from livr.console import progress_disabled
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
+from livr.data.packing import check_config as check_packing
+from livr.data.packing import step_rows
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
 from livr.engine import check_zero3_rows, gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model, resolve_device
+from livr.perf import PerfMeter, opt_seconds
 from livr.run_status import epoch_line, finished_message, finished_run
 from livr.runlock import check_same_run, lock_held, run_lock
 from livr.sequence import IGNORE
@@ -200,6 +203,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         check_zero3_rows(splits)
     torch.manual_seed(cfg.train.seed)
     lm = build_model(cfg, loading=loading)
+    check_packing(cfg, lm.family, lm.attention)  # (the resolved family and kernels)
     if hidden_answers(splits["val"], f"data.val_split={cfg.data.val_split!r}"):
         raise DataError(f"data.val_split={cfg.data.val_split!r}: its answers are hidden (BLINK test); validation and "
                         "model selection need a split with public answers")
@@ -253,18 +257,25 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         batches = micro_batches(len(train_rows), seed=cfg.train.seed, stage=si, start_step=state["step"],
                                 steps=stage.steps, micro_batch=cfg.train.micro_batch_size, accum=cfg.train.grad_accum,
                                 world=ctx.world, rank=ctx.rank)
-        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20), batches,
+        pack = cfg.data.max_tokens if cfg.data.packing else 0  # one loader item per step: its packed micro-batches
+        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20),
+                                  step_rows(batches, cfg.train.grad_accum) if pack else batches,
                                   pad_id, num_workers=workers if stage.steps > state["step"] else 0,
-                                  pin_memory=lm.device.type == "cuda"))
+                                  pin_memory=lm.device.type == "cuda", pack=pack))
         t_last = time.perf_counter()
+        meter = PerfMeter(lm, cfg)
         while state["step"] < stage.steps:
             epoch, start = divmod(state["step"], steps_per_epoch)
             epoch_loss = []
             for k in range(start, steps_per_epoch):
                 if state["step"] >= stage.steps:
                     break
-                micro = [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
+                t0 = time.perf_counter()
+                micro = checked(next(loader))["packed"] if pack else \
+                    [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
+                meter.waited(time.perf_counter() - t0)
                 loss = train_step(lm, engine, cfg, stage, state, micro, ctx)  # a device scalar: no host sync
+                meter.stepped(micro, opt_seconds(engine))
                 epoch_loss.append(loss)
                 state["step"] += 1
                 state["global_step"] += 1
@@ -279,8 +290,11 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                     metrics = {f"{stage.name}/loss": _reduce_loss([loss], ctx.world), f"{stage.name}/lr": engine.lr,
                                f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
                     t_last = now
+                    metrics.update(meter.metrics())  # perf/* (synchronises CUDA: a log step only)
                     tracker.log_metrics(metrics, state["global_step"])
-                    bar.set_postfix(loss=f"{metrics[f'{stage.name}/loss']:.3f}")
+                    bar.set_postfix(loss=f"{metrics[f'{stage.name}/loss']:.3f}",
+                                    tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
+                                    ex_s=f"{metrics['perf/samples_per_s']:.2f}")
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
                     _save(engine, state, ctx, last, report, {})
@@ -297,7 +311,9 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             if lm.vision_cache is not None:  # this rank's: hit rate so far, entries and MiB held in memory
                 metrics.update(lm.vision_cache.stats())
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
+                t_eval = time.perf_counter()
                 val = _evaluate(lm, cfg, splits, ["val"], cfg.eval.bottleneck, ctx, quiet, eval_loaders)
+                metrics["perf/eval_s"] = time.perf_counter() - t_eval
                 acc = val["val"]["mean"]
                 metrics.update({"val_accuracy": acc, f"{stage.name}/val_accuracy": acc})
                 state["history"].append({"stage": stage.name, "epoch": epoch + 1, "step": state["global_step"],
@@ -317,6 +333,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 raise life.stopped(state["global_step"])
             if done:
                 break
+            meter.start()  # the evaluation and the checkpoint are not part of the next window's steps
         if stage.steps == 0:
             state["stage"], state["step"] = si + 1, 0
         bar.close()
@@ -375,7 +392,8 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> 
         if n not in loaders:  # built once per split: its workers and encoded prompts persist across epochs
             loaders[n] = eval_loader(lm, splits[n], cfg.eval.batch_size, ctx.rank, ctx.world,
                                           auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
-                                          cache_bytes=cfg.data.cache_mib << 20, persistent=True)
+                                          cache_bytes=cfg.data.cache_mib << 20, persistent=True,
+                                          group_by_length=cfg.eval.group_by_length)
         out[n] = evaluate_rows(lm, splits[n], bottleneck=bottleneck, max_new_tokens=cfg.eval.max_new_tokens,
                                rank=ctx.rank, world=ctx.world, quiet=quiet, parser=cfg.eval.parser, split=n,
                                data=loaders[n])

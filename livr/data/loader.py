@@ -148,12 +148,18 @@ class EncodedRows(Dataset):
         return item
 
 
-def collate_rows(items: list[dict], pad_id: int, padding_side: str = "right") -> dict:
-    """`collate` for `EncodedRows` items; row metadata rides along as a list; a bad row's error is kept."""
+def collate_rows(items: list[dict], pad_id: int, padding_side: str = "right", pack: int = 0) -> dict:
+    """`collate` for `EncodedRows` items; row metadata rides along as a list; a bad row's error is kept.
+    `pack` > 0: one optimizer step's items packed into rows of at most `pack` tokens, {"packed": [micro-batches]}
+    (livr/data/packing.py)."""
     errors = [it["_error"] for it in items if "_error" in it]
     if errors:
         return {"_error": errors[0]}
     meta = [it.pop("meta") for it in items]
+    if pack:
+        from livr.data.packing import collate_packed
+
+        return {"packed": collate_packed(items, pad_id, pack), "meta": meta}
     batch = collate(items, pad_id, padding_side)
     batch["meta"] = meta
     return batch
@@ -192,14 +198,15 @@ def auto_workers(configured: int, local_world: int = 1) -> int:
 
 
 def make_loader(dataset: EncodedRows, batches, pad_id: int, *, num_workers: int, pin_memory: bool = False,
-                padding_side: str = "right", prefetch_factor: int = 2, persistent: bool = False) -> DataLoader:
+                padding_side: str = "right", prefetch_factor: int = 2, persistent: bool = False,
+                pack: int = 0) -> DataLoader:
     """A DataLoader over `batches` (an iterable of index lists) of `dataset`, collated with `collate_rows`.
     `persistent`: the workers (and their encoded-row caches) live as long as the loader, over many passes."""
     kw = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent} if num_workers > 0 else {}
     # its own generator: making an iterator then draws no number from the global torch RNG (dropout's), so
     # the number of loaders created (e.g. once more after a resume) never shifts the training randomness
     return _Loader(dataset, batch_sampler=list(batches) if not isinstance(batches, list) else batches,
-                   num_workers=num_workers, collate_fn=_Collate(pad_id, padding_side), pin_memory=pin_memory,
+                   num_workers=num_workers, collate_fn=_Collate(pad_id, padding_side, pack), pin_memory=pin_memory,
                    generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_signals_to_main, **kw)
 
 
@@ -264,8 +271,8 @@ def _leave_signals_to_main(_worker_id: int) -> None:
 
 
 class _Collate:  # a picklable collate_fn (spawned workers)
-    def __init__(self, pad_id: int, padding_side: str):
-        self.pad_id, self.padding_side = pad_id, padding_side
+    def __init__(self, pad_id: int, padding_side: str, pack: int = 0):
+        self.pad_id, self.padding_side, self.pack = pad_id, padding_side, pack
 
     def __call__(self, items: list[dict]) -> dict:
-        return collate_rows(items, self.pad_id, self.padding_side)
+        return collate_rows(items, self.pad_id, self.padding_side, self.pack)

@@ -1,0 +1,144 @@
+"""Packing a rank's share of a global batch into few long rows, the bottleneck kept per example (`data.packing`).
+
+- `plan_packs(lengths, max_tokens)`: first-fit decreasing: examples sorted by length (longest first), each put
+  into the first pack it fits into (total length <= max_tokens), else a new pack; an example is never split, one
+  longer than max_tokens has a pack of its own.
+- `collate_packed(items, pad_id, max_tokens)`: the encoded examples of one optimizer step of this rank -> a list of
+  micro-batches, one pack each (one row; the packs of a step are padded to their own length only). Every
+  per-token tensor is the examples' own concatenated (input ids, labels, groups, the processor's token types),
+  positions too: each example keeps the positions the family's own position function gave it alone (mRoPE
+  included), so they restart at every example. Image tensors are concatenated in order as `collate` does.
+  `segments` [1, L] numbers the examples of the row (-1 on padding); `seq_lens` their lengths.
+- `packed_allowed`: boolean [B, L, L]: the family's own rule AND same example AND (Stage 1) NOT the bottleneck's
+  blocks; `packed_block_mask`: the same as a flex BlockMask with document ids.
+The loss normalisation is that of `train_step` (total NLL / labelled tokens of the global batch): a step's
+gradient does not depend on how its examples are packed. Labels stay per example: the first token of an example
+is never labelled, so no position predicts across an example boundary.
+"""
+from __future__ import annotations
+
+import torch
+
+from livr.sequence import PAD, SEQ_KEYS, _cat_padded, collate
+
+
+def check_config(cfg, family=None, plan=None) -> None:
+    """One-line ConfigErrors for packing settings that cannot work (`family`, `plan`: the resolved family and
+    attention kernels, once the model is built)."""
+    from livr.config import ConfigError
+
+    d = cfg.data
+    if not d.packing:
+        return
+    if d.max_tokens <= 0:
+        raise ConfigError(f"config: data.max_tokens={d.max_tokens}: packing needs a positive token budget per "
+                          "micro-batch (e.g. 16384)")
+    kernels = {cfg.model.attn_implementation, cfg.model.attn_implementation_stage2 or cfg.model.attn_implementation}
+    if plan is not None:
+        kernels |= {plan.stage1, plan.stage2}
+    flash = sorted(k for k in kernels if k.startswith("flash"))
+    if flash:
+        raise ConfigError(f"config: data.packing=true with model.attn_implementation*={flash[0]}: FlashAttention "
+                          "takes no 4-D mask, so it cannot keep packed examples apart; use sdpa or flex_attention "
+                          "(or auto)")
+    if cfg.distributed.deepspeed:
+        raise ConfigError("config: data.packing=true with distributed.deepspeed: DeepSpeed counts a fixed number of "
+                          "micro-batches per step, packing makes it vary; pack under the torch engine")
+    if family is not None and "linear_attention" in getattr(family, "layer_kinds", ()):
+        raise ConfigError(f"config: data.packing=true: family {family.name} has recurrent (linear-attention) layers "
+                          "whose state would flow from one packed example into the next; leave packing off")
+
+
+def plan_packs(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: lists of indices into `lengths`, each list's total <= max_tokens (or one example)."""
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        j = next((j for j, r in enumerate(room) if n <= r), None)
+        if j is None:
+            packs.append([i])
+            room.append(max_tokens - n)
+        else:
+            packs[j].append(i)
+            room[j] -= n
+    return [sorted(p) for p in packs]  # examples in their step order inside a pack
+
+
+def pack_items(items: list[dict]) -> dict:
+    """Several encoded examples -> one encoded example of their concatenation (+ `segments`, `seq_lens`)."""
+    out: dict = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if key in ("input_ids", "labels", "groups", "position_ids") or key in SEQ_KEYS:
+            out[key] = torch.cat(values, dim=-1)  # per token ([L], or [3, L] for mRoPE positions)
+        elif torch.is_tensor(values[0]):
+            out[key] = _cat_padded(values) if values[0].dim() else torch.stack(values)
+        else:
+            out[key] = values
+    lens = [it["input_ids"].shape[0] for it in items]
+    out["segments"] = torch.cat([torch.full((n,), k) for k, n in enumerate(lens)])
+    out["seq_lens"] = torch.tensor(lens)
+    return out
+
+
+def collate_packed(items: list[dict], pad_id: int, max_tokens: int) -> list[dict]:
+    packs = plan_packs([it["input_ids"].shape[0] for it in items], max_tokens)
+    out = []
+    for p in packs:
+        row = pack_items([items[i] for i in p])
+        seq_lens, segments = row.pop("seq_lens"), row.pop("segments")
+        batch = collate([row], pad_id)
+        batch["segments"], batch["seq_lens"] = segments[None], seq_lens
+        out.append(batch)
+    return out
+
+
+def same_example(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, L, L]: query and key belong to the same example of a packed row (padding: to itself only)."""
+    return segments[:, :, None] == segments[:, None, :]
+
+
+def packed_allowed(family, model, groups: torch.Tensor, segments: torch.Tensor, bottleneck: bool):
+    """The family's own rule AND same example AND (Stage 1) NOT prompt/answer rows x image columns: boolean
+    [B, L, L], or a dict of them per layer type (families whose layers differ)."""
+    from livr.mask import bottleneck_blocked
+
+    keep = same_example(segments.to(groups.device))
+    if bottleneck:
+        keep = keep & ~bottleneck_blocked(groups)
+    own = family.own_allowed(model, groups)
+    return {k: a & keep for k, a in own.items()} if isinstance(own, dict) else own & keep
+
+
+def packed_block_mask(family, groups: torch.Tensor, segments: torch.Tensor, bottleneck: bool):
+    """`packed_allowed` for a causal LM as a flex BlockMask (document ids: no attention across examples)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from livr.backbones.base import Family
+    from livr.sequence import ANSWER, IMAGE, PROMPT
+
+    if type(family).own_allowed is not Family.own_allowed:
+        raise ValueError(f"data.packing with flex_attention: family {family.name} has its own attention rules; use sdpa")
+    segments = segments.to(groups.device)
+    valid = groups != PAD
+    blind = ((groups == ANSWER) | (groups == PROMPT)) if bottleneck else torch.zeros_like(valid)
+    image = groups == IMAGE
+
+    def mask_mod(b, h, q, kv):
+        own = ((kv <= q) & valid[b, kv] & (segments[b, q] == segments[b, kv])) | ((q == kv) & ~valid[b, q])
+        return own & ~(blind[b, q] & image[b, kv])
+
+    n = groups.shape[1]
+    return create_block_mask(mask_mod, groups.shape[0], None, n, n, device=groups.device)
+
+
+def step_rows(micro_batches, accum: int):
+    """The micro-batches (index lists) of `livr.data.loader.micro_batches` grouped per optimizer step: this rank's
+    rows of each step, in order (the same rows the unpacked step uses)."""
+    step: list[int] = []
+    for a, mb in enumerate(micro_batches):
+        step += mb
+        if a % accum == accum - 1:
+            yield step
+            step = []
