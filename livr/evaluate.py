@@ -176,7 +176,8 @@ def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_wo
     n_batches = len(batches)
     loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes), batches,
                          lm.tokenizer.pad_token_id, num_workers=num_workers if n_batches > 1 else 0,
-                         padding_side="left", persistent=persistent, pin_memory=lm.device.type == "cuda")
+                         padding_side="left", persistent=persistent,
+                         pin_memory=lm.device.type == "cuda")
     return loader, batches, scored
 
 

@@ -131,7 +131,7 @@ def _encode(row, with_answer=False):  # a one-token "prompt" per row: the canned
     return {"input_ids": torch.tensor([0]), "labels": torch.tensor([-100]), "groups": torch.tensor([2])}
 
 
-FAKE_LM = SimpleNamespace(model=_Model(), builder=SimpleNamespace(encode=_encode),
+FAKE_LM = SimpleNamespace(model=_Model(), builder=SimpleNamespace(encode=_encode), device=torch.device("cpu"),
                           tokenizer=SimpleNamespace(pad_token_id=0))
 
 
