@@ -247,8 +247,19 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _declared_type(dotted: str) -> Any:
+    """The declared type of a dotted Config key (`train.mode` -> str), or None for an unknown key."""
+    cls: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+    return cls
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["a.b=1", "c=[x, y]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    """`["a.b=1", "c=[x, y]"]` -> nested dict; values are parsed as YAML scalars/lists, except for a str-typed key,
+    which keeps the text as typed (`name=off`, `name=null`, `name=1e3`; a quoted YAML string loses its quotes)."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -258,6 +269,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if _declared_type(key.strip()) is str and not isinstance(value, str):
+            value = raw  # YAML 1.1 would make off/yes a bool, null None, 0x10 an int, 1.50 the float 1.5
         _set_dotted(tree, key.strip(), value)
     return tree
 
