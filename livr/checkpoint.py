@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from livr.atomic import replace_dir
+from livr.nonfinite import refuse_nonfinite
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.json", "state.json")
 MANIFEST = "manifest.json"
@@ -138,7 +139,8 @@ def _load_json(path: str):
 
 # ----------------------------------------------------------------------------- write / read a checkpoint
 def write_checkpoint(path: str, trainable: dict, optimizer: dict, opt_meta: dict, state: dict, rngs: list) -> None:
-    """Write the files of a checkpoint into the directory `path` (created), `manifest.json` last."""
+    """Write the files of a checkpoint into the directory `path` (created), `manifest.json` last; nan/inf refused."""
+    refuse_nonfinite({**trainable, **optimizer}, path)
     os.makedirs(path, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, os.path.join(path, "trainable.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in optimizer.items()}, os.path.join(path, "optimizer.safetensors"))
@@ -339,6 +341,7 @@ def restore_rng(rng: dict, rank: int, world: int) -> None:
 # ----------------------------------------------------------------------------- the best selection
 def save_best(ckpt_dir: str, tensors: dict, info: dict) -> None:
     """`best.safetensors` + `best.json` (sha256, size, info); a verified previous best becomes `best.prev.*`."""
+    refuse_nonfinite(tensors, os.path.join(ckpt_dir, "best.safetensors"))
     os.makedirs(ckpt_dir, exist_ok=True)
     base, prev = os.path.join(ckpt_dir, "best"), os.path.join(ckpt_dir, "best.prev")
     try:
@@ -390,7 +393,8 @@ def select_best(ckpt_dir: str, state: dict) -> dict | None:
 
 # ----------------------------------------------------------------------------- run artifacts
 def save_run_artifacts(lm, run_dir: str) -> None:
-    """adapter/ (stock PEFT), latents.safetensors, tokenizer/ and vocab.json in the run directory."""
+    """adapter/ (stock PEFT), latents.safetensors, tokenizer/ and vocab.json in the run directory (nan/inf refused)."""
+    refuse_nonfinite(trainable_state(lm.model), os.path.join(run_dir, "adapter"))
     with atomic_dir(os.path.join(run_dir, "adapter")) as tmp:
         lm.model.save_pretrained(tmp)
     emb = lm.model.get_input_embeddings()

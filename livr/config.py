@@ -91,6 +91,8 @@ class TrainConfig:
     micro_batch_size: int = 1
     grad_accum: int = 8
     max_grad_norm: float = 1.0
+    nonfinite: str = "skip"  # a step with a nan/inf loss or gradient norm: skip (not applied) | stop (the run stops)
+    max_nonfinite_skips: int = 10  # skip: the run stops after more consecutive skipped steps than this
     select: str = "best"  # best (validation accuracy) | last
     eval_every_epoch: bool = True
     log_every: int = 10
@@ -440,6 +442,9 @@ def validate(cfg: Config) -> Config:
         _fail("model.num_layers", cfg.model.num_layers, "must be >= 0 (0 = the checkpoint's own depth)")
     _one_of("train.mode", cfg.train.mode, ("livr", "sft"))
     _one_of("train.select", cfg.train.select, ("best", "last"))
+    _one_of("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
+    if cfg.train.max_nonfinite_skips < 0:
+        _fail("train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, "must be >= 0 (0 = stop at the first)")
     _one_of("latents.init", cfg.latents.init, ("random", "mean"))
     _one_of("data.answer_format", cfg.data.answer_format, ("letter", "paren"))
     if cfg.latents.num_latents < 0:

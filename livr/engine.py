@@ -27,6 +27,7 @@ from livr.checkpoint import (
     write_checkpoint,
 )
 from livr.config import Config, ConfigError
+from livr.nonfinite import check_step, refuse_nonfinite
 
 
 def load_ds_config(path: str) -> dict:
@@ -124,15 +125,19 @@ class TorchEngine:
             return self.forward_module.no_sync()
         return contextlib.nullcontext()
 
-    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
+    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float, step_loss: torch.Tensor | None = None) -> None:
+        """At the boundary, `step_loss` (this rank's share of the step's loss) and the global gradient norm decide,
+        the same on every rank, whether the step is applied (`self.last`, livr.nonfinite)."""
         (loss * self.world).backward()
         if not boundary:
             return
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        self.opt.step()
+        self.last = check_step(step_loss, norm, self.world)  # the step's one host sync
+        if self.last.finite:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
     @property
@@ -141,10 +146,12 @@ class TorchEngine:
 
     def save(self, path: str, state: dict) -> None:
         """Every rank: its RNG state goes to rank 0, which writes the checkpoint into `path`."""
+        tensors, meta = optimizer_tensors(self.model, self.opt)
+        weights = trainable_state(self.model)
+        refuse_nonfinite({**weights, **tensors}, path)  # every rank holds the same replica: all refuse alike
         rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
-            tensors, meta = optimizer_tensors(self.model, self.opt)
-            write_checkpoint(path, trainable_state(self.model), tensors, meta, _with_batch(state, self), rngs)
+            write_checkpoint(path, weights, tensors, meta, _with_batch(state, self), rngs)
 
     def load(self, path: str) -> dict:
         ck = read_checkpoint(path)
@@ -181,14 +188,18 @@ class DeepSpeedEngine:
     def sync(self, boundary: bool):
         return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
 
-    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
+    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float, step_loss: torch.Tensor | None = None) -> None:
         """`loss`: this micro-batch's share of the global-batch loss (see TorchEngine). DeepSpeed averages
-        gradients over the data-parallel ranks, so the share is scaled by the world size, not by 1/accumulation."""
+        gradients over the data-parallel ranks, so the share is scaled by the world size, not by 1/accumulation.
+        A non-finite gradient is skipped by ZeRO's own overflow check on every rank; `self.last` says what it did."""
         if boundary:
             for g in self.engine.optimizer.param_groups:
                 g["lr"] = lr
         self.engine.backward(loss * self.world, scale_wrt_gas=False)
         self.engine.step()
+        if boundary:
+            self.last = check_step(step_loss, self.engine.get_global_grad_norm(), self.world)
+            self.last.applied = self.engine.was_step_applied()
 
     @property
     def lr(self) -> float:
@@ -240,6 +251,7 @@ class DeepSpeedEngine:
             for k in ("exp_avg", "exp_avg_sq"):
                 moments[f"{n}.{k}"] = safe_get_full_optimizer_state(p, k).cpu()
             moments[f"{n}.step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+        refuse_nonfinite({**weights, **moments}, path)  # gathered on every rank: all refuse alike
         rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
             meta = {"zero_stage": self.stage, "engine_global_steps": self.engine.global_steps,

@@ -31,6 +31,7 @@ from livr.engine import gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model
+from livr.nonfinite import NonFinite, NonFiniteError
 from livr.runlock import check_same_run, lock_held, run_lock
 from livr.sequence import IGNORE
 from livr.tracking import Tracker, preflight
@@ -217,6 +218,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     life.tracker, life.rank = tracker, ctx.rank
     life.install()  # from here a signal ends the step, saves and stops
     pad_id = lm.tokenizer.pad_token_id
+    nonfinite = NonFinite(cfg, ctx.rank, ctx.world)
     eval_loaders: dict = {}  # per split: a persistent evaluation loader
     if cfg.eval.zero_shot and state["global_step"] == 0 and cfg.latents.num_latents == 0:
         zs = _evaluate(lm, cfg, splits, cfg.eval.splits, False, ctx, quiet, eval_loaders)
@@ -244,23 +246,29 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 if state["step"] >= stage.steps:
                     break
                 micro = [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
-                loss = train_step(lm, engine, cfg, stage, state, micro, ctx)  # a device scalar: no host sync
-                epoch_loss.append(loss)
+                train_step(lm, engine, cfg, stage, state, micro, ctx)
+                step = engine.last  # the step's global loss and gradient norm: its one host sync (livr.nonfinite)
+                stop = nonfinite.after_step(step, stage.name, state, micro, tracker)  # a skipped step: counted, logged
+                if step.finite:
+                    epoch_loss.append(step.loss)
                 state["step"] += 1
                 state["global_step"] += 1
                 bar.update(1)
                 _injected_failure(state["global_step"], ctx.rank)
+                if stop:
+                    raise _stop_nonfinite(engine, state, ctx, last, report, stop)
                 if state["global_step"] == 1 and hasattr(engine, "memory"):  # per-rank ZeRO footprint
                     with open(os.path.join(run_dir, f"memory_rank{ctx.rank}.json"), "w") as f:
                         json.dump({**engine.memory(), "built_partitioned": getattr(loading, "built_partitioned", False)}, f)
                 log_step = state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps
                 if log_step:
                     now = time.perf_counter()
-                    metrics = {f"{stage.name}/loss": _reduce_loss([loss], ctx.world), f"{stage.name}/lr": engine.lr,
-                               f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
+                    metrics = {f"{stage.name}/lr": engine.lr, f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
+                    if step.finite:
+                        metrics[f"{stage.name}/loss"] = step.loss
                     t_last = now
                     tracker.log_metrics(metrics, state["global_step"])
-                    bar.set_postfix(loss=f"{metrics[f'{stage.name}/loss']:.3f}")
+                    bar.set_postfix(loss=f"{step.loss:.3f}")
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
                     _save(engine, state, ctx, last, report, {})
@@ -273,7 +281,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             done_before = sum(math.ceil(s.steps / steps_per_epoch) for s in stages[:si])  # earlier stages' epochs
             metrics = {"epoch": epoch + 1, "stage": si + 1, "epochs_done": done_before + epoch + 1, **plan}
             if epoch_loss:  # this epoch's (or its resumed part's) mean of the global-batch answer NLLs
-                metrics["train_loss"] = _reduce_loss(epoch_loss, ctx.world)
+                metrics["train_loss"] = sum(epoch_loss) / len(epoch_loss)  # its applied steps' global losses
             if lm.vision_cache is not None:  # this rank's: hit rate so far, entries and MiB held in memory
                 metrics.update(lm.vision_cache.stats())
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
@@ -326,8 +334,10 @@ def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ct
         boundary = a == len(micro) - 1
         with engine.sync(boundary):
             nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)
-            engine.micro_step(nll / tokens, boundary, lr)
-        total = nll.detach() if total is None else total + nll.detach()
+            if _injected_nan(state.get("global_step", 0) + 1, ctx.rank):
+                nll = nll * float("nan")
+            total = nll.detach() if total is None else total + nll.detach()
+            engine.micro_step(nll / tokens, boundary, lr, total / tokens if boundary else None)
     return total / tokens
 
 
@@ -345,6 +355,13 @@ def _injected_failure(global_step: int, rank: int) -> None:
     if os.environ.get("LIVR_FAIL_MODE") == "exit":
         os._exit(17)
     raise RuntimeError(f"injected failure at step {global_step} (LIVR_FAIL_AT_STEP)")
+
+
+def _injected_nan(global_step: int, rank: int) -> bool:
+    """Test hook: LIVR_NAN_AT_STEPS=N[,M...] [LIVR_NAN_RANK=r] makes rank r's loss (and so its gradients) NaN in
+    those optimizer steps."""
+    at = os.environ.get("LIVR_NAN_AT_STEPS")
+    return bool(at) and str(global_step) in at.split(",") and int(os.environ.get("LIVR_NAN_RANK", rank)) == rank
 
 
 def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> dict:
@@ -374,6 +391,16 @@ def _save(engine, state, ctx, last, report, metrics) -> None:
     _barrier(ctx)
     if report is not None:
         report({**metrics, "global_step": state["global_step"], "stage_index": state["stage"]}, last)
+
+
+def _stop_nonfinite(engine, state, ctx, last, report, why: str) -> NonFiniteError:
+    """Checkpoint the last finite state (skipped steps changed nothing; if an applied step made the weights
+    non-finite the save refuses and the previous checkpoint stays) and return the one-line error to raise."""
+    try:
+        _save(engine, state, ctx, last, report, {})
+    except NonFiniteError:
+        pass
+    return NonFiniteError(f"training stopped: {why}")
 
 
 def _barrier(ctx: Context) -> None:
