@@ -312,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     from livr.config import ConfigError
     from livr.data.tasks import DataError
     from livr.lifecycle import RunStopped
+    from livr.atomic import WriteError
     from livr.nonfinite import NonFiniteError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, NonFiniteError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteError, WriteError, FileNotFoundError) as e:
         print(f"livr: error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:  # a signal: the checkpoint is written and the resume command printed

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from livr import flex
 from livr.backbones import resolve_backbone_path
+from livr.atomic import WriteError, write_failed
 from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
 from livr.config import Config, from_dict, save_config
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
@@ -379,13 +380,23 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> 
 
 def _save(engine, state, ctx, last, report, metrics) -> None:
     """Write the resumable checkpoint into `last.tmp-N` (every rank takes part in the gathers, rank 0 writes,
-    manifest last), swap it into place as `last` (`recover_last` repairs a crash mid-swap), then report it."""
+    manifest last), swap it into place as `last` (`recover_last` repairs a crash mid-swap), then report it. A failed
+    write removes `last.tmp-N` and raises WriteError on every rank; `last` is untouched."""
     tmp = f"{last}.tmp-{state['global_step']}"
     if ctx.rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
     _barrier(ctx)
-    engine.save(tmp, state)
-    _barrier(ctx)
+    failed = None
+    try:
+        engine.save(tmp, state)
+    except Exception as e:  # a failed write (disk full, EIO, a file-size limit): `last` stays, the partial copy goes
+        failed = write_failed(e, tmp)
+        if failed is None:
+            raise
+    if _sum_across(float(failed is not None), ctx.world, next(engine.model.parameters()).device):  # every rank learns it
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise failed or WriteError(f"could not write {tmp} (rank 0's write failed)")
     if ctx.rank == 0:
         swap_into_place(tmp, last)
     _barrier(ctx)
