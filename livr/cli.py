@@ -308,11 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from livr.atomic import WriteError
     from livr.checkpoint import CheckpointError
     from livr.config import ConfigError
     from livr.data.tasks import DataError
     from livr.lifecycle import RunStopped
-    from livr.atomic import WriteError
     from livr.nonfinite import NonFiniteError
 
     try:

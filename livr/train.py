@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,18 +21,19 @@ from tqdm.auto import tqdm
 
 from livr import flex
 from livr.backbones import resolve_backbone_path
-from livr.atomic import WriteError, write_failed
-from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
+from livr.checkpoint import recover_last, save_run_artifacts, seed_rng
 from livr.config import Config, from_dict, save_config
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
 from livr.engine import gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
+from livr.faults import injected_failure, injected_nan
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model
-from livr.nonfinite import NonFinite, NonFiniteError
+from livr.nonfinite import NonFinite
 from livr.runlock import check_same_run, lock_held, run_lock
+from livr.saving import barrier, save_best_of, save_last, stop_nonfinite, sum_across
 from livr.sequence import IGNORE
 from livr.tracking import Tracker, preflight
 
@@ -114,14 +114,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _sum_across(value: float, world: int, device: torch.device) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL groups reduce device tensors only
-    dist.all_reduce(t)
-    return t.item()
-
-
 def _reduce_loss(losses: list, world: int) -> float:
     """The mean over `losses` (train_step's device scalars, each already this rank's share of its step's global
     mean), summed over ranks: one all-reduce and one host read for all of them (a log step, an epoch's end)."""
@@ -181,7 +173,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                               download=True)
         if ctx.world > 1:
             load_splits(cfg, only=needed)
-    _barrier(ctx)
+    barrier(ctx)
     torch.manual_seed(cfg.train.seed)
     loading = zero3_loading(cfg, ctx.world)
     lm = build_model(cfg, loading=loading)
@@ -202,7 +194,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     if source is None and cfg.train.resume:
         if ctx.rank == 0:
             recover_last(last)  # a crash between the two renames of a checkpoint swap
-        _barrier(ctx)
+        barrier(ctx)
         source = last if os.path.exists(last) else None
     if source:  # verified against its manifest; every rank restores its own RNG state
         state = engine.load(source)
@@ -255,9 +247,9 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 state["step"] += 1
                 state["global_step"] += 1
                 bar.update(1)
-                _injected_failure(state["global_step"], ctx.rank)
+                injected_failure(state["global_step"], ctx.rank)
                 if stop:
-                    raise _stop_nonfinite(engine, state, ctx, last, report, stop)
+                    raise stop_nonfinite(engine, state, ctx, last, report, stop)
                 if state["global_step"] == 1 and hasattr(engine, "memory"):  # per-rank ZeRO footprint
                     with open(os.path.join(run_dir, f"memory_rank{ctx.rank}.json"), "w") as f:
                         json.dump({**engine.memory(), "built_partitioned": getattr(loading, "built_partitioned", False)}, f)
@@ -272,11 +264,11 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                     bar.set_postfix(loss=f"{step.loss:.3f}")
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
-                    _save(engine, state, ctx, last, report, {})
+                    save_last(engine, state, ctx, last, report, {})
                 # several ranks agree on a signal at log steps only (an all-reduce read on the host is a sync)
                 if state["step"] < stage.steps and (log_step or ctx.world == 1) \
-                        and life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
-                    _save(engine, state, ctx, last, report, {})  # (the last step of a stage ends its epoch first)
+                        and life.stop_requested(lambda v: sum_across(v, ctx.world, lm.device)):
+                    save_last(engine, state, ctx, last, report, {})  # (the last step of a stage ends its epoch first)
                     raise life.stopped(state["global_step"])
             # end of an epoch (or of the stage)
             done_before = sum(math.ceil(s.steps / steps_per_epoch) for s in stages[:si])  # earlier stages' epochs
@@ -293,14 +285,14 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                                          "val_accuracy": acc})
                 if acc > state["best"]:
                     state["best"], state["best_at"] = acc, {"stage": stage.name, "epoch": epoch + 1}
-                    _save_best(engine, ckpt_dir, ctx.rank, state)
+                    save_best_of(engine, ckpt_dir, ctx.rank, state)
                 lm.model.train()
             tracker.log_metrics(metrics, state["global_step"])
             done = state["step"] >= stage.steps
             if done:
                 state["stage"], state["step"] = si + 1, 0
-            _save(engine, state, ctx, last, report, metrics)
-            if life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
+            save_last(engine, state, ctx, last, report, metrics)
+            if life.stop_requested(lambda v: sum_across(v, ctx.world, lm.device)):
                 raise life.stopped(state["global_step"])
             if done:
                 break
@@ -335,34 +327,11 @@ def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ct
         boundary = a == len(micro) - 1
         with engine.sync(boundary):
             nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)
-            if _injected_nan(state.get("global_step", 0) + 1, ctx.rank):
+            if injected_nan(state.get("global_step", 0) + 1, ctx.rank):
                 nll = nll * float("nan")
             total = nll.detach() if total is None else total + nll.detach()
             engine.micro_step(nll / tokens, boundary, lr, total / tokens if boundary else None)
     return total / tokens
-
-
-def _injected_failure(global_step: int, rank: int) -> None:
-    """Test hook: LIVR_FAIL_AT_STEP=N [LIVR_FAIL_RANK=r] [LIVR_FAIL_MODE=raise|exit] [LIVR_FAIL_MARKER=file]
-    makes rank r fail once after optimizer step N (the marker file records that it already failed)."""
-    at = os.environ.get("LIVR_FAIL_AT_STEP")
-    if not at or int(at) != global_step or int(os.environ.get("LIVR_FAIL_RANK", "0")) != rank:
-        return
-    marker = os.environ.get("LIVR_FAIL_MARKER")
-    if marker:
-        if os.path.exists(marker):
-            return
-        open(marker, "w").close()
-    if os.environ.get("LIVR_FAIL_MODE") == "exit":
-        os._exit(17)
-    raise RuntimeError(f"injected failure at step {global_step} (LIVR_FAIL_AT_STEP)")
-
-
-def _injected_nan(global_step: int, rank: int) -> bool:
-    """Test hook: LIVR_NAN_AT_STEPS=N[,M...] [LIVR_NAN_RANK=r] makes rank r's loss (and so its gradients) NaN in
-    those optimizer steps."""
-    at = os.environ.get("LIVR_NAN_AT_STEPS")
-    return bool(at) and str(global_step) in at.split(",") and int(os.environ.get("LIVR_NAN_RANK", rank)) == rank
 
 
 def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> dict:
@@ -376,55 +345,6 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> 
                                rank=ctx.rank, world=ctx.world, quiet=quiet, parser=cfg.eval.parser, split=n,
                                data=loaders[n])
     return out
-
-
-def _save(engine, state, ctx, last, report, metrics) -> None:
-    """Write the resumable checkpoint into `last.tmp-N` (every rank takes part in the gathers, rank 0 writes,
-    manifest last), swap it into place as `last` (`recover_last` repairs a crash mid-swap), then report it. A failed
-    write removes `last.tmp-N` and raises WriteError on every rank; `last` is untouched."""
-    tmp = f"{last}.tmp-{state['global_step']}"
-    if ctx.rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    _barrier(ctx)
-    failed = None
-    try:
-        engine.save(tmp, state)
-    except Exception as e:  # a failed write (disk full, EIO, a file-size limit): `last` stays, the partial copy goes
-        failed = write_failed(e, tmp)
-        if failed is None:
-            raise
-    if _sum_across(float(failed is not None), ctx.world, next(engine.model.parameters()).device):  # every rank learns it
-        if ctx.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise failed or WriteError(f"could not write {tmp} (rank 0's write failed)")
-    if ctx.rank == 0:
-        swap_into_place(tmp, last)
-    _barrier(ctx)
-    if report is not None:
-        report({**metrics, "global_step": state["global_step"], "stage_index": state["stage"]}, last)
-
-
-def _stop_nonfinite(engine, state, ctx, last, report, why: str) -> NonFiniteError:
-    """Checkpoint the last finite state (skipped steps changed nothing; if an applied step made the weights
-    non-finite the save refuses and the previous checkpoint stays) and return the one-line error to raise."""
-    try:
-        _save(engine, state, ctx, last, report, {})
-    except NonFiniteError:
-        pass
-    return NonFiniteError(f"training stopped: {why}")
-
-
-def _barrier(ctx: Context) -> None:
-    if ctx.world > 1:
-        dist.barrier()
-
-
-def _save_best(engine, ckpt_dir: str, rank: int, state: dict) -> None:
-    """best.safetensors + best.json (sha256, val accuracy, where); the previous best is kept as best.prev.*"""
-    with gathered(engine):
-        tensors = trainable_state(engine.model)
-    if rank == 0:
-        save_best(ckpt_dir, tensors, {"val_accuracy": state["best"], **state["best_at"], "global_step": state["global_step"]})
 
 
 def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders: dict) -> dict:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -53,7 +54,7 @@ def test_lr_1e30_stops_with_a_finite_checkpoint_and_one_line(backbone_cache, dat
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run_id = open(os.path.join(run_dir, "mlflow_run_id")).read().strip()
+    run_id = Path(run_dir, "mlflow_run_id").read_text().strip()
     assert client.get_run(run_id).info.status == "FAILED"
     skips = client.get_metric_history(run_id, "stage1/nonfinite_skips")
     assert [m.value for m in sorted(skips, key=lambda m: m.step)] == [1, 2, 3, 4]
@@ -84,9 +85,9 @@ def test_planted_nan_steps_are_skipped_and_the_run_goes_on(backbone_cache, data_
     err = capsys.readouterr().err
     for step in (2, 3):
         assert f"(global step {step}): non-finite loss nan" in err and "optimizer step skipped" in err
-    same = lambda a, b: all(torch.equal(seen[a][k], seen[b][k]) for k in seen[a])  # noqa: E731
+    same = lambda a, b: all(torch.equal(seen[a][k], seen[b][k]) for k in seen[a])
     assert same(1, 2) and same(2, 3) and not same(3, 4) and not same(4, 5)  # 2 and 3 not applied
-    state = json.load(open(os.path.join(cfg.run_dir, "checkpoints", "last", "state.json")))
+    state = json.loads(Path(cfg.run_dir, "checkpoints", "last", "state.json").read_text())
     assert state["nonfinite_skips"] == 2 and state["nonfinite_run"] == 0
     _all_finite(cfg.run_dir)
 

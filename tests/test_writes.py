@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from conftest import tiny_overrides
 
@@ -53,7 +54,7 @@ def test_failed_writes_keep_the_previous_copy_and_resume(backbone_cache, data_ca
     # 1. a crash after step 5: the checkpoint of step 4 (the first epoch's end) and its best
     out = _run(over, env={"LIVR_FAIL_AT_STEP": "5"})
     assert out.returncode != 0 and "injected failure at step 5" in out.stderr, out.stderr
-    before = {f: open(f, "rb").read() for f in glob.glob(os.path.join(ckpts, "**", "*"), recursive=True)
+    before = {f: Path(f).read_bytes() for f in glob.glob(os.path.join(ckpts, "**", "*"), recursive=True)
               if os.path.isfile(f)}
     # 2. resumed with a file-size limit: the next checkpoint or best write fails
     err = _one_error(_run(over, limit=LIMIT))
@@ -62,13 +63,13 @@ def test_failed_writes_keep_the_previous_copy_and_resume(backbone_cache, data_ca
     assert not _leftovers(ckpts), _leftovers(ckpts)
     verify_checkpoint(os.path.join(ckpts, "last"))
     read_best(ckpts)
-    after = {f: open(f, "rb").read() for f in glob.glob(os.path.join(ckpts, "**", "*"), recursive=True)
+    after = {f: Path(f).read_bytes() for f in glob.glob(os.path.join(ckpts, "**", "*"), recursive=True)
              if os.path.isfile(f)}
     assert after == before  # nothing complete was lost or changed
     # 3. without the limit: resumes from the previous checkpoint and finishes
     out = _run(over)
     assert out.returncode == 0, out.stderr
-    final = json.load(open(os.path.join(run_dir, "final_metrics.json")))
+    final = json.loads(Path(run_dir, "final_metrics.json").read_text())
     assert final["resumed_from"] == [4] and final["global_step"] == 8
 
     # 4. best, run artifacts and export under the limit, in one process that lowers its own limit after a good export
@@ -102,7 +103,7 @@ def test_failed_writes_keep_the_previous_copy_and_resume(backbone_cache, data_ca
                        ("artifacts", os.path.join(spare, "adapter"))):
         assert errors[what] and errors[what].startswith(f"WriteError: could not write {path}: File too large"), errors
         assert "\n" not in errors[what]
-    assert json.load(open(os.path.join(export, "livr_export.json")))["layout"] == "merged"  # the previous export
+    assert json.loads(Path(export, "livr_export.json").read_text())["layout"] == "merged"  # the previous export
     assert not _leftovers(str(tmp_path)), _leftovers(str(tmp_path))
     assert read_best(spare)[1]["val_accuracy"] == 0.5  # the previous best stays
     assert os.listdir(os.path.join(spare, "adapter")) == os.listdir(os.path.join(run_dir, "adapter"))
