@@ -153,14 +153,14 @@ def eval_metrics(split: str, res: dict) -> dict[str, float]:
 
 
 def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
-                cache_bytes: int = 0, persistent: bool = False) -> tuple:
+                cache_bytes: int = 0, persistent: bool = False, split: str = "") -> tuple:
     """(loader, batches, scored): this rank's share of `rows` in batches of prompts (left-padded). A rank out of
     rows runs a dummy batch (row 0, not scored) so that every rank runs the same number of collectives."""
     mine = list(range(rank, len(rows), world))
     n_batches = -(-len(range(0, len(rows), world)) // batch_size) if world > 1 else -(-len(mine) // batch_size)
     batches = [mine[b * batch_size : (b + 1) * batch_size] or [0] for b in range(n_batches)]
     scored = [len(mine[b * batch_size : (b + 1) * batch_size]) for b in range(n_batches)]
-    loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes), batches,
+    loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes, split=split), batches,
                          lm.tokenizer.pad_token_id, num_workers=num_workers if n_batches > 1 else 0,
                          padding_side="left", persistent=persistent)
     return loader, batches, scored

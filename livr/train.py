@@ -228,7 +228,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         batches = micro_batches(len(train_rows), seed=cfg.train.seed, stage=si, start_step=state["step"],
                                 steps=stage.steps, micro_batch=cfg.train.micro_batch_size, accum=cfg.train.grad_accum,
                                 world=ctx.world, rank=ctx.rank)
-        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20), batches,
+        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20, split="train"), batches,
                                   pad_id, num_workers=workers if stage.steps > state["step"] else 0,
                                   pin_memory=lm.device.type == "cuda"))
         t_last = time.perf_counter()
@@ -340,7 +340,7 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> 
         if n not in loaders:  # built once per split: its workers and encoded prompts persist across epochs
             loaders[n] = eval_loader(lm, splits[n], cfg.eval.batch_size, ctx.rank, ctx.world,
                                           auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
-                                          cache_bytes=cfg.data.cache_mib << 20, persistent=True)
+                                          cache_bytes=cfg.data.cache_mib << 20, persistent=True, split=n)
         out[n] = evaluate_rows(lm, splits[n], bottleneck=bottleneck, max_new_tokens=cfg.eval.max_new_tokens,
                                rank=ctx.rank, world=ctx.world, quiet=quiet, parser=cfg.eval.parser, split=n,
                                data=loaders[n])
