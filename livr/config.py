@@ -131,7 +131,8 @@ class DistributedConfig:
     gpus_per_worker: float = 0
     deepspeed: str = ""  # path to a ZeRO JSON (deepspeed_configs/zero2.json); "" = plain torch
     address: str = ""  # Ray cluster address; "" = RAY_ADDRESS or a local cluster
-    storage_path: str = ""  # shared storage for checkpoints (NFS path or s3://, gs://)
+    storage_path: str = ""  # shared storage for checkpoints (NFS path or s3://, gs://); required across nodes
+    storage_shared: bool = False  # storage_path is a local path every node mounts (NFS, Lustre): allowed across nodes
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     max_failures: int = 0  # worker-group restarts after a failure; -1 = unlimited
     num_to_keep: int = 2

@@ -66,6 +66,27 @@ def check_capacity(cfg: Config) -> None:
                               f"cluster has {have.get(res, 0):g}")
 
 
+def check_storage(cfg: Config) -> None:
+    """A run across several nodes needs checkpoint storage every node sees (Ray Train's workers upload there and
+    the driver and restarted workers read back). One node cannot tell whether a local path is shared, so: an empty
+    distributed.storage_path is refused when the cluster has more than one alive node, a local path unless
+    distributed.storage_shared=true; a URI (s3://, gs://, …, not file://) is accepted. Checked before any worker."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1:
+        return
+    d = cfg.distributed
+    if not d.storage_path:
+        raise ConfigError(f"config: distributed.storage_path is empty but the Ray cluster has {nodes} nodes: "
+                          "checkpoints would stay on each node's own disk; set it to s3://…, gs://…, or a path every "
+                          "node mounts together with distributed.storage_shared=true")
+    if ("://" not in d.storage_path or d.storage_path.startswith("file://")) and not d.storage_shared:
+        raise ConfigError(f"config: distributed.storage_path={d.storage_path!r} is a local path and the Ray cluster has "
+                          f"{nodes} nodes: if every node mounts it (NFS, Lustre), set distributed.storage_shared=true; "
+                          "else use s3://… or gs://…")
+
+
 def absolute_paths(cfg: Config) -> Config:
     """Workers run in Ray's own working directory: resolve every relative path on the driver."""
     from livr.tracking import artifact_location, tracking_uri
@@ -182,6 +203,7 @@ def run_distributed(cfg: Config) -> dict:
         check_resume(cfg)
         init_ray(cfg)
         check_capacity(cfg)
+        check_storage(cfg)
         result = make_trainer(cfg).fit()
     path = os.path.join(cfg.run_dir, "final_metrics.json")
     final = {}

@@ -228,7 +228,7 @@ def check_capacity(cfg: Config) -> None:
 
 def run_sweep(cfg: Config) -> dict:
     """Run (or resume) the sweep; print and write the results; return a summary dict."""
-    from livr.distributed import absolute_paths
+    from livr.distributed import absolute_paths, check_storage
     from livr.tracking import Tracker, tracking_uri
 
     dims = check_tune(cfg)  # before Ray starts
@@ -251,6 +251,7 @@ def run_sweep(cfg: Config) -> dict:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # forced by num_to_keep: wanted
     init_ray_for_sweep(cfg)
     check_capacity(cfg)
+    check_storage(cfg)
     t0 = time.time()
     parent = Tracker(cfg, 0, sweep_dir)
     if parent.active:
