@@ -87,6 +87,28 @@ def check_storage(cfg: Config) -> None:
                           "else use s3://… or gs://…")
 
 
+def worker_error(e: BaseException) -> BaseException | None:
+    """The lowest-ranked worker's livr error (config, data, checkpoint, write, non-finite: each one line) inside Ray
+    Train's failure, else None."""
+    from livr.atomic import WriteError
+    from livr.checkpoint import CheckpointError
+    from livr.data.tasks import DataError
+    from livr.nonfinite import NonFiniteError
+
+    kinds = (ConfigError, DataError, CheckpointError, WriteError, NonFiniteError)
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        err, depth = failures[rank], 0
+        while err is not None and depth < 8:
+            cause = getattr(err, "cause", None)  # a RayTaskError: the worker's own exception
+            if isinstance(cause, kinds):
+                return cause
+            if isinstance(err, kinds) and cause is None:
+                return err
+            err, depth = cause or err.__cause__, depth + 1
+    return None
+
+
 def absolute_paths(cfg: Config) -> Config:
     """Workers run in Ray's own working directory: resolve every relative path on the driver."""
     from livr.tracking import artifact_location, tracking_uri
@@ -204,7 +226,13 @@ def run_distributed(cfg: Config) -> dict:
         init_ray(cfg)
         check_capacity(cfg)
         check_storage(cfg)
-        result = make_trainer(cfg).fit()
+        try:
+            result = make_trainer(cfg).fit()
+        except Exception as e:  # a worker's one-line livr error stays one line on the driver
+            err = worker_error(e)
+            if err is None:
+                raise
+            raise err from None
     path = os.path.join(cfg.run_dir, "final_metrics.json")
     final = {}
     if os.path.exists(path):

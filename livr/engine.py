@@ -146,12 +146,14 @@ class TorchEngine:
 
     def save(self, path: str, state: dict) -> None:
         """Every rank: its RNG state goes to rank 0, which writes the checkpoint into `path`."""
-        tensors, meta = optimizer_tensors(self.model, self.opt)
-        weights = trainable_state(self.model)
-        refuse_nonfinite({**weights, **tensors}, path)  # every rank holds the same replica: all refuse alike
+        live = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        state_of = getattr(self.opt, "state", {})
+        live.update({f"{n}.{k}": v for n, p in live.copy().items() for k, v in state_of.get(p, {}).items()})
+        refuse_nonfinite(live, path)  # on the device, no copy: every rank holds the same replica, all refuse alike
         rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
-            write_checkpoint(path, weights, tensors, meta, _with_batch(state, self), rngs)
+            tensors, meta = optimizer_tensors(self.model, self.opt)
+            write_checkpoint(path, trainable_state(self.model), tensors, meta, _with_batch(state, self), rngs)
 
     def load(self, path: str) -> dict:
         ck = read_checkpoint(path)

@@ -98,7 +98,7 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
     was_training = lm.model.training
     lm.model.eval()
     sync = world > 1  # every rank runs the same number of batches and decode steps
-    loader, batches, scored = data or eval_loader(lm, rows, batch_size, rank, world, num_workers)
+    loader, batches, scored = data or eval_loader(lm, rows, batch_size, rank, world, num_workers, split=split)
     n_batches = len(batches)
     correct = {p: defaultdict(int) for p in PARSERS}
     total, preds = defaultdict(int), []

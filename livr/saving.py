@@ -38,14 +38,12 @@ def save_last(engine, state, ctx, last, report, metrics) -> None:
     failed = None
     try:
         engine.save(tmp, state)
-    except Exception as e:  # a failed write (disk full, EIO, a file-size limit): `last` stays, the partial copy goes
-        failed = write_failed(e, tmp)
-        if failed is None:
-            raise
+    except Exception as e:  # noqa: BLE001 - a failed write (disk full, EIO, a size limit; a refusal): `last` stays, the partial
+        failed = write_failed(e, tmp) or e  # copy goes, and every rank learns it (no rank waits in a collective)
     if sum_across(float(failed is not None), ctx.world, next(engine.model.parameters()).device):  # every rank learns it
         if ctx.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise failed or WriteError(f"could not write {tmp} (rank 0's write failed)")
+        raise failed or WriteError(f"could not write {tmp} (another rank's write failed)")
     if ctx.rank == 0:
         swap_into_place(tmp, last)
     barrier(ctx)

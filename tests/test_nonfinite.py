@@ -110,6 +110,15 @@ def test_saves_refuse_nonfinite_tensors(tmp_path):
     with pytest.raises(NonFiniteError, match="best.safetensors: w holds"):
         save_best(str(tmp_path), {"w": torch.tensor([float("inf"), 0.0])}, {"val_accuracy": 0.9})
     assert torch.equal(load_file(str(tmp_path / "best.safetensors"))["w"], torch.ones(2))  # the previous best stays
+    from livr.engine import TorchEngine
+
+    model = torch.nn.Linear(2, 2)
+    engine = TorchEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), load_config(None, []), 0, 1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"eng: weight holds 1 nan/inf"):  # checked on the device, every rank
+        engine.save(str(tmp_path / "eng"), {"global_step": 1})
+    assert not os.path.exists(tmp_path / "eng")
 
 
 # ----------------------------------------------------------------------------- every rank takes the same decision
@@ -164,3 +173,24 @@ def test_every_rank_skips_a_step_one_rank_made_nonfinite(tmp_path):
             last = {"finite": False, "applied": kind == "zero2", "moved": kind == "zero2"}
             assert res[kind] == [{"finite": False, "applied": False, "moved": False},
                                  {"finite": True, "applied": True, "moved": True}, last], (rank, kind, res[kind])
+
+
+def test_ray_workers_stop_together_and_the_driver_says_one_line(backbone_cache, data_cache, tmp_path):
+    """Two Ray Train workers (DDP), NaN planted on rank 1 only, train.nonfinite=stop: both ranks take the decision,
+    the driver ends with the worker's one-line error (exit 2), the checkpoint of the last finite state in place."""
+    over = tiny_overrides(backbone_cache, data_cache, tmp_path, name="ray-nan", **{
+        "distributed.num_workers": 2, "train.micro_batch_size": 2, "train.stage1_steps": 6, "train.stage2_steps": 2,
+        "train.nonfinite": "stop", "eval.splits": "[val]", "data.num_workers": 0, "distributed.checkpoint_every": 1})
+    env = {**os.environ, "LIVR_NAN_AT_STEPS": "3", "LIVR_NAN_RANK": "1", "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "livr.cli", "train", "--config", "configs/demo.yaml", *over], cwd=ROOT,
+                         capture_output=True, text=True, timeout=400, check=False, env=env)
+    err = out.stdout + out.stderr
+    assert out.returncode == 2, err[-3000:]
+    last = [line for line in out.stderr.splitlines() if line.startswith("livr: error:")]
+    last = last[-1] if last else ""
+    assert last.startswith("livr: error: training stopped: non-finite loss nan") and "global step 3" in last, last
+    for rank in (0, 1):
+        assert f"rank {rank}: stage1 step 3 (global step 3): non-finite loss nan" in err, err[-3000:]
+    state = json.loads(Path(tmp_path, "runs", "ray-nan", "checkpoints", "last", "state.json").read_text())
+    assert state["global_step"] == 3 and state["nonfinite_skips"] == 1
+    _all_finite(str(tmp_path / "runs" / "ray-nan"))
