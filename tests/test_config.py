@@ -36,6 +36,9 @@ def test_saved_config_reproduces(tmp_path):
     ("model.trust_remote_code=maybe", "model.trust_remote_code must be bool"),
     ("latents=3", "latents must be a mapping"),
     ("novalue", "not of the form key=value"),
+    ("train.nonfinite=ignore", "train.nonfinite='ignore': must be one of skip, stop"),
+    ("train.max_nonfinite_skips=-1", "train.max_nonfinite_skips=-1: must be >= 0"),
+    ("distributed.storage_shared=maybe", "distributed.storage_shared must be bool"),
 ])
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
