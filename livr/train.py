@@ -31,7 +31,7 @@ from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answe
 from livr.faults import injected_failure, injected_nan
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model
-from livr.nonfinite import NonFinite
+from livr.nonfinite import NonFinite, NonFiniteError
 from livr.runlock import check_same_run, lock_held, run_lock
 from livr.saving import barrier, save_best_of, save_last, stop_nonfinite, sum_across
 from livr.sequence import IGNORE
@@ -231,7 +231,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20, split="train"), batches,
                                   pad_id, num_workers=workers if stage.steps > state["step"] else 0,
                                   pin_memory=lm.device.type == "cuda"))
-        t_last = time.perf_counter()
+        t_last, stop = time.perf_counter(), None
         while state["step"] < stage.steps:
             epoch, start = divmod(state["step"], steps_per_epoch)
             epoch_loss = []
@@ -248,7 +248,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 state["global_step"] += 1
                 bar.update(1)
                 injected_failure(state["global_step"], ctx.rank)
-                if stop:
+                if stop and state["step"] < stage.steps:  # (the last step of a stage ends its epoch first)
                     raise stop_nonfinite(engine, state, ctx, last, report, stop)
                 if state["global_step"] == 1 and hasattr(engine, "memory"):  # per-rank ZeRO footprint
                     with open(os.path.join(run_dir, f"memory_rank{ctx.rank}.json"), "w") as f:
@@ -292,6 +292,8 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             if done:
                 state["stage"], state["step"] = si + 1, 0
             save_last(engine, state, ctx, last, report, metrics)
+            if stop:
+                raise NonFiniteError(f"training stopped: {stop}")
             if life.stop_requested(lambda v: sum_across(v, ctx.world, lm.device)):
                 raise life.stopped(state["global_step"])
             if done:

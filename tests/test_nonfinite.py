@@ -101,6 +101,20 @@ def test_stop_policy_stops_at_once_with_the_last_finite_state(backbone_cache, da
     _all_finite(cfg.run_dir)
 
 
+def test_stop_at_a_stages_last_step_ends_the_stage_first_and_resumes(backbone_cache, data_cache, tmp_path, monkeypatch):
+    """Stage 1's last step (6) is non-finite: its validation and stage end come first, so the resumed run starts
+    Stage 2 at its step 0 and ends where an uninterrupted run ends."""
+    cfg, _, result = _run_with_nan(backbone_cache, data_cache, tmp_path, monkeypatch, "6",
+                                      **{"train.nonfinite": "stop"})
+    assert isinstance(result, NonFiniteError) and "global step 6 (train.nonfinite=stop)" in str(result), result
+    state = json.loads(Path(cfg.run_dir, "checkpoints", "last", "state.json").read_text())
+    assert (state["stage"], state["step"], state["global_step"]) == (1, 0, 6)
+    assert [h["step"] for h in state["history"]] == [4, 6]  # Stage 1 validated at its end
+    monkeypatch.delenv("LIVR_NAN_AT_STEPS")
+    final = train_worker(cfg)
+    assert final["global_step"] == 8 and final["resumed_from"] == [6]
+
+
 def test_saves_refuse_nonfinite_tensors(tmp_path):
     bad = {"w": torch.tensor([1.0, float("nan")]), "ok": torch.ones(2)}
     with pytest.raises(NonFiniteError, match=r"refusing to write .*ck: w holds 1 nan/inf value\(s\) of 2"):
