@@ -3,5 +3,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LIVR_QUIET=1
+bash "$(dirname "${BASH_SOURCE[0]}")/test_slurm_setup.sh"  # best effort: SLURM for tests/test_slurm.py
 cd "$ROOT"
 exec python -m pytest -q tests "$@"

@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import sys
-import uuid
 
 import numpy as np
 import torch
@@ -40,7 +39,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from livr.atomic import replace_dir
+from livr.atomic import atomic_dir, atomic_file, clean_failure, write_failed  # noqa: F401 - atomic_dir: re-exported
+from livr.nonfinite import refuse_nonfinite
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.json", "state.json")
 MANIFEST = "manifest.json"
@@ -52,25 +52,11 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- files
-@contextlib.contextmanager
-def atomic_dir(final: str):
-    """Yield a temporary directory that replaces `final` only if the block completes."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, final)
-
-
 def write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_file(path, write)
 
 
 def _sha256(path: str) -> str:
@@ -138,7 +124,8 @@ def _load_json(path: str):
 
 # ----------------------------------------------------------------------------- write / read a checkpoint
 def write_checkpoint(path: str, trainable: dict, optimizer: dict, opt_meta: dict, state: dict, rngs: list) -> None:
-    """Write the files of a checkpoint into the directory `path` (created), `manifest.json` last."""
+    """Write the files of a checkpoint into the directory `path` (created), `manifest.json` last; nan/inf refused."""
+    refuse_nonfinite({**trainable, **optimizer}, path)
     os.makedirs(path, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, os.path.join(path, "trainable.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in optimizer.items()}, os.path.join(path, "optimizer.safetensors"))
@@ -339,17 +326,21 @@ def restore_rng(rng: dict, rank: int, world: int) -> None:
 # ----------------------------------------------------------------------------- the best selection
 def save_best(ckpt_dir: str, tensors: dict, info: dict) -> None:
     """`best.safetensors` + `best.json` (sha256, size, info); a verified previous best becomes `best.prev.*`."""
-    os.makedirs(ckpt_dir, exist_ok=True)
     base, prev = os.path.join(ckpt_dir, "best"), os.path.join(ckpt_dir, "best.prev")
+    refuse_nonfinite(tensors, base + ".safetensors")
+    new = base + ".safetensors.tmp"
+    with clean_failure(base + ".safetensors", new, base + ".json.tmp"):  # written in full before anything moves
+        os.makedirs(ckpt_dir, exist_ok=True)
+        save_file(tensors, new)
+        write_json(base + ".json.tmp", {**_entry(new), **info})
     try:
         read_best(ckpt_dir, "best")
         for ext in (".safetensors", ".json"):
             os.replace(base + ext, prev + ext)
     except CheckpointError:
         pass  # none yet, or unusable: never kept as a fallback
-    save_file(tensors, base + ".safetensors.tmp")
-    os.replace(base + ".safetensors.tmp", base + ".safetensors")
-    write_json(base + ".json", {**_entry(base + ".safetensors"), **info})
+    os.replace(new, base + ".safetensors")
+    os.replace(base + ".json.tmp", base + ".json")
 
 
 def read_best(ckpt_dir: str, name: str = "best") -> tuple[dict, dict]:
@@ -390,7 +381,8 @@ def select_best(ckpt_dir: str, state: dict) -> dict | None:
 
 # ----------------------------------------------------------------------------- run artifacts
 def save_run_artifacts(lm, run_dir: str) -> None:
-    """adapter/ (stock PEFT), latents.safetensors, tokenizer/ and vocab.json in the run directory."""
+    """adapter/ (stock PEFT), latents.safetensors, tokenizer/ and vocab.json in the run directory (nan/inf refused)."""
+    refuse_nonfinite(trainable_state(lm.model), os.path.join(run_dir, "adapter"))
     with atomic_dir(os.path.join(run_dir, "adapter")) as tmp:
         lm.model.save_pretrained(tmp)
     emb = lm.model.get_input_embeddings()
@@ -399,12 +391,9 @@ def save_run_artifacts(lm, run_dir: str) -> None:
         delta = getattr(getattr(emb, "token_adapter", None), "trainable_tokens_delta", {}).get("default")
         rows = delta if delta is not None else emb(ids.to(lm.device))  # the trained rows (not Gemma's scaled output)
         rows = rows.detach().float().cpu().contiguous()
-        tmp = os.path.join(run_dir, "latents.safetensors.tmp")
-        save_file({"latent_ids": ids, "rows": rows}, tmp)
-        os.replace(tmp, os.path.join(run_dir, "latents.safetensors"))
+        atomic_file(os.path.join(run_dir, "latents.safetensors"), lambda tmp: save_file({"latent_ids": ids, "rows": rows}, tmp))
     with atomic_dir(os.path.join(run_dir, "tokenizer")) as tmp:
         lm.tokenizer.save_pretrained(tmp)
     text_cfg = lm.model.get_base_model().config.get_text_config()
     vocab = {"base_vocab": lm.base_vocab, "vocab": text_cfg.vocab_size, "latent_ids": lm.latent_ids}
-    with open(os.path.join(run_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
+    write_json(os.path.join(run_dir, "vocab.json"), vocab)

@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from livr.atomic import WriteError
     from livr.console import setup
 
     setup()  # known third-party noise filtered; plain output when not on a terminal
@@ -344,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     from livr.config import ConfigError
     from livr.data.tasks import DataError
     from livr.lifecycle import RunStopped
+    from livr.nonfinite import NonFiniteError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteError, WriteError, FileNotFoundError) as e:
         print(f"livr: error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:  # a signal: the checkpoint is written and the resume command printed

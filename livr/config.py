@@ -94,6 +94,8 @@ class TrainConfig:
     micro_batch_size: int = 1
     grad_accum: int = 8
     max_grad_norm: float = 1.0
+    nonfinite: str = "skip"  # a step with a nan/inf loss or gradient norm: skip (not applied) | stop (the run stops)
+    max_nonfinite_skips: int = 10  # skip: the run stops after more consecutive skipped steps than this
     select: str = "best"  # best (validation accuracy) | last
     eval_every_epoch: bool = True
     log_every: int = 10
@@ -134,7 +136,8 @@ class DistributedConfig:
     gpus_per_worker: float = 0
     deepspeed: str = ""  # path to a ZeRO JSON (deepspeed_configs/zero2.json); "" = plain torch
     address: str = ""  # Ray cluster address; "" = RAY_ADDRESS or a local cluster
-    storage_path: str = ""  # shared storage for checkpoints (NFS path or s3://, gs://)
+    storage_path: str = ""  # shared storage for checkpoints (NFS path or s3://, gs://); required across nodes
+    storage_shared: bool = False  # storage_path is a local path every node mounts (NFS, Lustre): allowed across nodes
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     max_failures: int = 0  # worker-group restarts after a failure; -1 = unlimited
     num_to_keep: int = 2
@@ -252,8 +255,19 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _declared_type(dotted: str) -> Any:
+    """The declared type of a dotted Config key (`train.mode` -> str), or None for an unknown key."""
+    cls: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+    return cls
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["a.b=1", "c=[x, y]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    """`["a.b=1", "c=[x, y]"]` -> nested dict; values are parsed as YAML scalars/lists, except for a str-typed key,
+    which keeps the text as typed (`name=off`, `name=null`, `name=1e3`; a quoted YAML string loses its quotes)."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -263,6 +277,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if _declared_type(key.strip()) is str and not isinstance(value, str):
+            value = raw  # YAML 1.1 would make off/yes a bool, null None, 0x10 an int, 1.50 the float 1.5
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -459,6 +475,9 @@ def validate(cfg: Config) -> Config:
         _fail("model.num_layers", cfg.model.num_layers, "must be >= 0 (0 = the checkpoint's own depth)")
     _one_of("train.mode", cfg.train.mode, ("livr", "sft"))
     _one_of("train.select", cfg.train.select, ("best", "last"))
+    _one_of("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
+    if cfg.train.max_nonfinite_skips < 0:
+        _fail("train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, "must be >= 0 (0 = stop at the first)")
     _one_of("latents.init", cfg.latents.init, ("random", "mean"))
     _one_of("data.answer_format", cfg.data.answer_format, ("letter", "paren"))
     if cfg.latents.num_latents < 0:

@@ -17,7 +17,7 @@ from livr.runlock import ray_safe_name
 
 _WORKER_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LIVR_QUIET", "DS_ACCELERATOR",
                "LIVR_FAIL_AT_STEP", "LIVR_FAIL_RANK", "LIVR_FAIL_MODE", "LIVR_FAIL_MARKER", "TORCH_EXTENSIONS_DIR",
-               "LIVR_RUN_LOCK_HELD", "LIVR_TUNE_INTERRUPT_AT_REPORT")
+               "LIVR_RUN_LOCK_HELD", "LIVR_TUNE_INTERRUPT_AT_REPORT", "LIVR_NAN_AT_STEPS", "LIVR_NAN_RANK")
 
 
 def check_config(cfg: Config) -> None:
@@ -72,6 +72,49 @@ def check_capacity(cfg: Config) -> None:
         if amount > have.get(res, 0):
             raise ConfigError(f"config: distributed.num_workers={d.num_workers} needs {amount:g} {res} in all but the "
                               f"cluster has {have.get(res, 0):g}")
+
+
+def check_storage(cfg: Config) -> None:
+    """A run across several nodes needs checkpoint storage every node sees (Ray Train's workers upload there and
+    the driver and restarted workers read back). One node cannot tell whether a local path is shared, so: an empty
+    distributed.storage_path is refused when the cluster has more than one alive node, a local path unless
+    distributed.storage_shared=true; a URI (s3://, gs://, …, not file://) is accepted. Checked before any worker."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1:
+        return
+    d = cfg.distributed
+    if not d.storage_path:
+        raise ConfigError(f"config: distributed.storage_path is empty but the Ray cluster has {nodes} nodes: "
+                          "checkpoints would stay on each node's own disk; set it to s3://…, gs://…, or a path every "
+                          "node mounts together with distributed.storage_shared=true")
+    if ("://" not in d.storage_path or d.storage_path.startswith("file://")) and not d.storage_shared:
+        raise ConfigError(f"config: distributed.storage_path={d.storage_path!r} is a local path and the Ray cluster has "
+                          f"{nodes} nodes: if every node mounts it (NFS, Lustre), set distributed.storage_shared=true; "
+                          "else use s3://… or gs://…")
+
+
+def worker_error(e: BaseException) -> BaseException | None:
+    """The lowest-ranked worker's livr error (config, data, checkpoint, write, non-finite: each one line) inside Ray
+    Train's failure, else None."""
+    from livr.atomic import WriteError
+    from livr.checkpoint import CheckpointError
+    from livr.data.tasks import DataError
+    from livr.nonfinite import NonFiniteError
+
+    kinds = (ConfigError, DataError, CheckpointError, WriteError, NonFiniteError)
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        err, depth = failures[rank], 0
+        while err is not None and depth < 8:
+            cause = getattr(err, "cause", None)  # a RayTaskError: the worker's own exception
+            if isinstance(cause, kinds):
+                return cause
+            if isinstance(err, kinds) and cause is None:
+                return err
+            err, depth = cause or err.__cause__, depth + 1
+    return None
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -199,9 +242,17 @@ def run_distributed(cfg: Config) -> dict:
         started_ray = not ray.is_initialized()
         init_ray(cfg)
         check_capacity(cfg)
-        result = make_trainer(cfg).fit()
-        if started_ray:  # the workers' last log lines reach the console now, before the run's summary
-            ray.shutdown()
+        check_storage(cfg)
+        try:
+            result = make_trainer(cfg).fit()
+        except Exception as e:  # a worker's one-line livr error stays one line on the driver
+            err = worker_error(e)
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            if started_ray:  # the workers' last log lines reach the console now, before the run's summary
+                ray.shutdown()
     path = os.path.join(cfg.run_dir, "final_metrics.json")
     final = {}
     if os.path.exists(path):

@@ -28,6 +28,7 @@ from livr.checkpoint import (
     write_checkpoint,
 )
 from livr.config import Config, ConfigError
+from livr.nonfinite import check_step, refuse_nonfinite
 
 
 def load_ds_config(path: str) -> dict:
@@ -157,16 +158,20 @@ class TorchEngine:
             return self.forward_module.no_sync()
         return contextlib.nullcontext()
 
-    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
+    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float, step_loss: torch.Tensor | None = None) -> None:
+        """At the boundary, `step_loss` (this rank's share of the step's loss) and the global gradient norm decide,
+        the same on every rank, whether the step is applied (`self.last`, livr.nonfinite)."""
         (loss * self.world).backward()
         if not boundary:
             return
         t0 = time.perf_counter()  # host time of clipping + the optimizer (livr.perf; synchronised at log steps)
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        self.opt.step()
+        self.last = check_step(step_loss, norm, self.world)  # the step's one host sync
+        if self.last.finite:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.opt_s = getattr(self, "opt_s", 0.0) + time.perf_counter() - t0
 
@@ -176,6 +181,10 @@ class TorchEngine:
 
     def save(self, path: str, state: dict) -> None:
         """Every rank: its RNG state goes to rank 0, which writes the checkpoint into `path`."""
+        live = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        state_of = getattr(self.opt, "state", {})
+        live.update({f"{n}.{k}": v for n, p in live.copy().items() for k, v in state_of.get(p, {}).items()})
+        refuse_nonfinite(live, path)  # on the device, no copy: every rank holds the same replica, all refuse alike
         rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
             tensors, meta = optimizer_tensors(self.model, self.opt)
@@ -216,9 +225,10 @@ class DeepSpeedEngine:
     def sync(self, boundary: bool):
         return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
 
-    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float) -> None:
+    def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float, step_loss: torch.Tensor | None = None) -> None:
         """`loss`: this micro-batch's share of the global-batch loss (see TorchEngine). DeepSpeed averages
-        gradients over the data-parallel ranks, so the share is scaled by the world size, not by 1/accumulation."""
+        gradients over the data-parallel ranks, so the share is scaled by the world size, not by 1/accumulation.
+        A non-finite gradient is skipped by ZeRO's own overflow check on every rank; `self.last` says what it did."""
         if boundary:
             for g in self.engine.optimizer.param_groups:
                 g["lr"] = lr
@@ -227,6 +237,8 @@ class DeepSpeedEngine:
         self.engine.step()
         if boundary:  # (livr.perf: the optimizer's share of the step)
             self.opt_s = getattr(self, "opt_s", 0.0) + time.perf_counter() - t0
+            self.last = check_step(step_loss, self.engine.get_global_grad_norm(), self.world)
+            self.last.applied = self.engine.was_step_applied()
 
     @property
     def lr(self) -> float:
@@ -278,6 +290,7 @@ class DeepSpeedEngine:
             for k in ("exp_avg", "exp_avg_sq"):
                 moments[f"{n}.{k}"] = safe_get_full_optimizer_state(p, k).cpu()
             moments[f"{n}.step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+        refuse_nonfinite({**weights, **moments}, path)  # gathered on every rank: all refuse alike
         rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
             meta = {"zero_stage": self.stage, "engine_global_steps": self.engine.global_steps,

@@ -101,7 +101,7 @@ def evaluate_rows(lm, rows, *, bottleneck: bool = False, batch_size: int = 8, ma
     lm.model.eval()
     sync = world > 1  # every rank runs the same number of batches and decode steps
     loader, batches, scored = data or eval_loader(lm, rows, batch_size, rank, world, num_workers,
-                                                    group_by_length=group_by_length)
+                                                    group_by_length=group_by_length, split=split)
     n_batches = len(batches)
     correct = {p: defaultdict(int) for p in PARSERS}
     total, preds = defaultdict(int), []
@@ -158,11 +158,11 @@ def eval_metrics(split: str, res: dict) -> dict[str, float]:
 
 
 def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
-                cache_bytes: int = 0, persistent: bool = False, group_by_length: bool = True) -> tuple:
+                cache_bytes: int = 0, persistent: bool = False, group_by_length: bool = True, split: str = "") -> tuple:
     """(loader, batches, scored): this rank's share of `rows` in batches of prompts (left-padded). A rank out of
     rows runs a dummy batch (row 0, not scored) so that every rank runs the same number of collectives.
     `group_by_length`: batches of rows of similar prompt length (estimated without encoding), fewer padded
-    positions in every prefill; else rows rank, rank + world, … in order."""
+    positions in every prefill; else rows rank, rank + world, … in order. `split` names the split in data errors."""
     if group_by_length and hasattr(lm.builder, "prompt_text"):  # similar lengths together (livr/data/lengths.py)
         from livr.flops import model_config
 
@@ -174,7 +174,7 @@ def eval_loader(lm, rows, batch_size: int, rank: int = 0, world: int = 1, num_wo
         batches = [mine[b * batch_size : (b + 1) * batch_size] or [0] for b in range(n_batches)]
         scored = [len(mine[b * batch_size : (b + 1) * batch_size]) for b in range(n_batches)]
     n_batches = len(batches)
-    loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes), batches,
+    loader = make_loader(EncodedRows(rows, lm.builder, with_answer=False, cache_bytes=cache_bytes, split=split), batches,
                          lm.tokenizer.pad_token_id, num_workers=num_workers if n_batches > 1 else 0,
                          padding_side="left", persistent=persistent,
                          pin_memory=lm.device.type == "cuda")

@@ -93,6 +93,9 @@ class Lifecycle:
             return
         step = _checkpoint_step(os.path.join(self.run_dir, "checkpoints", "last"))
         where = f"the last checkpoint is at global step {step}" if step is not None else "no checkpoint yet"
+        if getattr(error, "one_line", False) and error.args:  # its own one-line message says where, no second line
+            error.args = (f"{error.args[0]}; {where}; {self.resume_hint()}", *error.args[1:])
+            return
         print(f"[livr] run {'stopped' if stopped else 'failed'} ({type(error).__name__}); "
               f"{where}; {self.resume_hint()}", file=sys.stderr, flush=True)
 

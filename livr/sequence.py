@@ -17,6 +17,7 @@ import io
 import torch
 from PIL import Image
 
+from livr.data.images import refuse_bombs
 from livr.data.prompts import format_prompt, target_text
 from livr.data.tasks import DataError
 
@@ -81,7 +82,8 @@ class SequenceBuilder:
         images = images_of(row)
         answer = self.answer_ids(row) if with_answer else []  # raises DataError for a bad answer letter
         try:
-            images = [im if isinstance(im, Image.Image) else Image.open(io.BytesIO(im)).convert("RGB") for im in images]
+            with refuse_bombs():  # raw bytes: a decompression bomb is refused from its header
+                images = [im if isinstance(im, Image.Image) else Image.open(io.BytesIO(im)).convert("RGB") for im in images]
             enc = self.processor(text=[self.prompt_text(row)], images=[images] if images else None, return_tensors="pt")
         except Exception as e:  # noqa: BLE001 - any processor failure is a data problem of this row
             raise DataError(f"{where}: the image processor cannot read this row's image(s): {type(e).__name__}: {e}") from None

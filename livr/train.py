@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from livr import attention
 from livr.backbones import resolve_backbone_path
-from livr.checkpoint import recover_last, save_best, save_run_artifacts, seed_rng, swap_into_place, trainable_state
+from livr.checkpoint import recover_last, save_run_artifacts, seed_rng
 from livr.config import Config, from_dict, save_config
 from livr.console import progress_disabled
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
@@ -32,11 +31,14 @@ from livr.data.splits import load_splits
 from livr.data.tasks import DataError
 from livr.engine import check_zero3_rows, gathered, make_engine, restore_best, zero3_loading
 from livr.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
+from livr.faults import injected_failure, injected_nan
 from livr.lifecycle import Lifecycle, RunStopped
 from livr.model import build_model, resolve_device
+from livr.nonfinite import NonFinite, NonFiniteError
 from livr.perf import PerfMeter, opt_seconds
 from livr.run_status import epoch_line, finished_message, finished_run
 from livr.runlock import check_same_run, lock_held, run_lock
+from livr.saving import barrier, save_best_of, save_last, stop_nonfinite, sum_across
 from livr.sequence import IGNORE
 from livr.tracking import Tracker, preflight
 
@@ -121,14 +123,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _sum_across(value: float, world: int, device: torch.device) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL groups reduce device tensors only
-    dist.all_reduce(t)
-    return t.item()
-
-
 def _reduce_loss(losses: list, world: int) -> float:
     """The mean over `losses` (train_step's device scalars, each already this rank's share of its step's global
     mean), summed over ranks: one all-reduce and one host read for all of them (a log step, an epoch's end)."""
@@ -195,7 +189,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             load_splits(cfg, only=needed)
         resolve_backbone_path(cfg.model.backbone, os.path.expanduser(cfg.model.cache_dir), cfg.model.num_layers,
                               download=True)
-    _barrier(ctx)
+    barrier(ctx)
     loading = zero3_loading(cfg, ctx.world)  # (ZeRO-3: its version check; the rows' below, before the model loads)
     if splits is None:
         splits = load_splits(cfg, progress=not quiet, only=needed)
@@ -222,7 +216,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     if source is None and cfg.train.resume:
         if ctx.rank == 0:
             recover_last(last)  # a crash between the two renames of a checkpoint swap
-        _barrier(ctx)
+        barrier(ctx)
         source = last if os.path.exists(last) else None
     if source:  # verified against its manifest; every rank restores its own RNG state
         state = engine.load(source)
@@ -240,6 +234,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     life.tracker, life.rank = tracker, ctx.rank
     life.install()  # from here a signal ends the step, saves and stops
     pad_id = lm.tokenizer.pad_token_id
+    nonfinite = NonFinite(cfg, ctx.rank, ctx.world)
     eval_loaders: dict = {}  # per split: a persistent evaluation loader
     if cfg.eval.zero_shot and state["global_step"] == 0 and cfg.latents.num_latents == 0:
         zs = _evaluate(lm, cfg, splits, cfg.eval.splits, False, ctx, quiet, eval_loaders)
@@ -258,11 +253,11 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                                 steps=stage.steps, micro_batch=cfg.train.micro_batch_size, accum=cfg.train.grad_accum,
                                 world=ctx.world, rank=ctx.rank)
         pack = cfg.data.max_tokens if cfg.data.packing else 0  # one loader item per step: its packed micro-batches
-        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20),
+        loader = iter(make_loader(EncodedRows(train_rows, lm.builder, cache_bytes=cfg.data.cache_mib << 20, split="train"),
                                   step_rows(batches, cfg.train.grad_accum) if pack else batches,
                                   pad_id, num_workers=workers if stage.steps > state["step"] else 0,
                                   pin_memory=lm.device.type == "cuda", pack=pack))
-        t_last = time.perf_counter()
+        t_last, stop = time.perf_counter(), None
         meter = PerfMeter(lm, cfg)
         while state["step"] < stage.steps:
             epoch, start = divmod(state["step"], steps_per_epoch)
@@ -274,40 +269,45 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                 micro = checked(next(loader))["packed"] if pack else \
                     [checked(next(loader)) for _ in range(cfg.train.grad_accum)]  # this rank's share of step k
                 meter.waited(time.perf_counter() - t0)
-                loss = train_step(lm, engine, cfg, stage, state, micro, ctx)  # a device scalar: no host sync
+                train_step(lm, engine, cfg, stage, state, micro, ctx)
                 meter.stepped(micro, opt_seconds(engine))
-                epoch_loss.append(loss)
+                step = engine.last  # the step's global loss and gradient norm: its one host sync (livr.nonfinite)
+                stop = nonfinite.after_step(step, stage.name, state, micro, tracker)  # a skipped step: counted, logged
+                if step.finite:
+                    epoch_loss.append(step.loss)
                 state["step"] += 1
                 state["global_step"] += 1
                 bar.update(1)
-                _injected_failure(state["global_step"], ctx.rank)
+                injected_failure(state["global_step"], ctx.rank)
+                if stop and state["step"] < stage.steps:  # (the last step of a stage ends its epoch first)
+                    raise stop_nonfinite(engine, state, ctx, last, report, stop)
                 if state["global_step"] == 1 and hasattr(engine, "memory"):  # per-rank ZeRO footprint
                     with open(os.path.join(run_dir, f"memory_rank{ctx.rank}.json"), "w") as f:
                         json.dump({**engine.memory(), "built_partitioned": getattr(loading, "built_partitioned", False)}, f)
                 log_step = state["global_step"] % cfg.train.log_every == 0 or state["step"] == stage.steps
                 if log_step:
                     now = time.perf_counter()
-                    metrics = {f"{stage.name}/loss": _reduce_loss([loss], ctx.world), f"{stage.name}/lr": engine.lr,
-                               f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
+                    metrics = {f"{stage.name}/lr": engine.lr, f"{stage.name}/step_time": (now - t_last) / cfg.train.log_every}
+                    if step.finite:
+                        metrics[f"{stage.name}/loss"] = step.loss
                     t_last = now
                     metrics.update(meter.metrics())  # perf/* (synchronises CUDA: a log step only)
                     tracker.log_metrics(metrics, state["global_step"])
-                    bar.set_postfix(loss=f"{metrics[f'{stage.name}/loss']:.3f}",
-                                    tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
+                    bar.set_postfix(loss=f"{step.loss:.3f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
                                     ex_s=f"{metrics['perf/samples_per_s']:.2f}")
                 every = cfg.distributed.checkpoint_every
                 if every and state["global_step"] % every == 0 and state["step"] < stage.steps:
-                    _save(engine, state, ctx, last, report, {})
+                    save_last(engine, state, ctx, last, report, {})
                 # several ranks agree on a signal at log steps only (an all-reduce read on the host is a sync)
                 if state["step"] < stage.steps and (log_step or ctx.world == 1) \
-                        and life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
-                    _save(engine, state, ctx, last, report, {})  # (the last step of a stage ends its epoch first)
+                        and life.stop_requested(lambda v: sum_across(v, ctx.world, lm.device)):
+                    save_last(engine, state, ctx, last, report, {})  # (the last step of a stage ends its epoch first)
                     raise life.stopped(state["global_step"])
             # end of an epoch (or of the stage)
             done_before = sum(math.ceil(s.steps / steps_per_epoch) for s in stages[:si])  # earlier stages' epochs
             metrics = {"epoch": epoch + 1, "stage": si + 1, "epochs_done": done_before + epoch + 1, **plan}
             if epoch_loss:  # this epoch's (or its resumed part's) mean of the global-batch answer NLLs
-                metrics["train_loss"] = _reduce_loss(epoch_loss, ctx.world)
+                metrics["train_loss"] = sum(epoch_loss) / len(epoch_loss)  # its applied steps' global losses
             if lm.vision_cache is not None:  # this rank's: hit rate so far, entries and MiB held in memory
                 metrics.update(lm.vision_cache.stats())
             if cfg.train.eval_every_epoch or state["step"] >= stage.steps:
@@ -320,7 +320,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
                                          "val_accuracy": acc})
                 if acc > state["best"]:
                     state["best"], state["best_at"] = acc, {"stage": stage.name, "epoch": epoch + 1}
-                    _save_best(engine, ckpt_dir, ctx.rank, state)
+                    save_best_of(engine, ckpt_dir, ctx.rank, state)
                 lm.model.train()
             tracker.log_metrics(metrics, state["global_step"])
             if not quiet:  # one line per epoch: what a log file keeps
@@ -328,8 +328,10 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
             done = state["step"] >= stage.steps
             if done:
                 state["stage"], state["step"] = si + 1, 0
-            _save(engine, state, ctx, last, report, metrics)
-            if life.stop_requested(lambda v: _sum_across(v, ctx.world, lm.device)):
+            save_last(engine, state, ctx, last, report, metrics)
+            if stop:
+                raise NonFiniteError(f"training stopped: {stop}")
+            if life.stop_requested(lambda v: sum_across(v, ctx.world, lm.device)):
                 raise life.stopped(state["global_step"])
             if done:
                 break
@@ -344,8 +346,9 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
 
 def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> torch.Tensor:
     """One optimizer step over a global batch, of which `micro` are this rank's collated micro-batches; returns
-    this rank's share of the step's loss as a device scalar (`_reduce_loss` sums the shares over ranks when a
-    log step or an epoch's end reads it), so a step makes no host sync of its own.
+    this rank's share of the step's loss as a device scalar (`_reduce_loss` sums the shares over ranks). The
+    engine reads the step's global loss and gradient norm once, together, to decide whether the step is applied
+    (`engine.last`, livr.nonfinite): the step's one host sync; nothing else in it waits for the device.
 
     The loss is the per-token mean answer NLL over the whole global batch (total NLL / total labelled tokens,
     both summed over ranks), so micro-batch size, accumulation and the number of ranks never change the
@@ -365,25 +368,11 @@ def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ct
         boundary = a == len(micro) - 1
         with engine.sync(boundary):
             nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)
-            engine.micro_step(nll / tokens, boundary, lr)
-        total = nll.detach() if total is None else total + nll.detach()
+            if injected_nan(state.get("global_step", 0) + 1, ctx.rank):
+                nll = nll * float("nan")
+            total = nll.detach() if total is None else total + nll.detach()
+            engine.micro_step(nll / tokens, boundary, lr, total / tokens if boundary else None)
     return total / tokens
-
-
-def _injected_failure(global_step: int, rank: int) -> None:
-    """Test hook: LIVR_FAIL_AT_STEP=N [LIVR_FAIL_RANK=r] [LIVR_FAIL_MODE=raise|exit] [LIVR_FAIL_MARKER=file]
-    makes rank r fail once after optimizer step N (the marker file records that it already failed)."""
-    at = os.environ.get("LIVR_FAIL_AT_STEP")
-    if not at or int(at) != global_step or int(os.environ.get("LIVR_FAIL_RANK", "0")) != rank:
-        return
-    marker = os.environ.get("LIVR_FAIL_MARKER")
-    if marker:
-        if os.path.exists(marker):
-            return
-        open(marker, "w").close()
-    if os.environ.get("LIVR_FAIL_MODE") == "exit":
-        os._exit(17)
-    raise RuntimeError(f"injected failure at step {global_step} (LIVR_FAIL_AT_STEP)")
 
 
 def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> dict:
@@ -393,40 +382,11 @@ def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> 
             loaders[n] = eval_loader(lm, splits[n], cfg.eval.batch_size, ctx.rank, ctx.world,
                                           auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
                                           cache_bytes=cfg.data.cache_mib << 20, persistent=True,
-                                          group_by_length=cfg.eval.group_by_length)
+                                          group_by_length=cfg.eval.group_by_length, split=n)
         out[n] = evaluate_rows(lm, splits[n], bottleneck=bottleneck, max_new_tokens=cfg.eval.max_new_tokens,
                                rank=ctx.rank, world=ctx.world, quiet=quiet, parser=cfg.eval.parser, split=n,
                                data=loaders[n])
     return out
-
-
-def _save(engine, state, ctx, last, report, metrics) -> None:
-    """Write the resumable checkpoint into `last.tmp-N` (every rank takes part in the gathers, rank 0 writes,
-    manifest last), swap it into place as `last` (`recover_last` repairs a crash mid-swap), then report it."""
-    tmp = f"{last}.tmp-{state['global_step']}"
-    if ctx.rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    _barrier(ctx)
-    engine.save(tmp, state)
-    _barrier(ctx)
-    if ctx.rank == 0:
-        swap_into_place(tmp, last)
-    _barrier(ctx)
-    if report is not None:
-        report({**metrics, "global_step": state["global_step"], "stage_index": state["stage"]}, last)
-
-
-def _barrier(ctx: Context) -> None:
-    if ctx.world > 1:
-        dist.barrier()
-
-
-def _save_best(engine, ckpt_dir: str, rank: int, state: dict) -> None:
-    """best.safetensors + best.json (sha256, val accuracy, where); the previous best is kept as best.prev.*"""
-    with gathered(engine):
-        tensors = trainable_state(engine.model)
-    if rank == 0:
-        save_best(ckpt_dir, tensors, {"val_accuracy": state["best"], **state["best_at"], "global_step": state["global_step"]})
 
 
 def finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders: dict) -> dict:

@@ -230,7 +230,7 @@ def check_capacity(cfg: Config) -> None:
 
 def run_sweep(cfg: Config) -> dict:
     """Run (or resume) the sweep; print and write the results; return a summary dict."""
-    from livr.distributed import absolute_paths
+    from livr.distributed import absolute_paths, check_storage
     from livr.tracking import Tracker, tracking_uri
 
     dims = check_tune(cfg)  # before Ray starts
@@ -256,6 +256,7 @@ def run_sweep(cfg: Config) -> dict:
     started_ray = not ray.is_initialized()
     init_ray_for_sweep(cfg)
     check_capacity(cfg)
+    check_storage(cfg)
     t0 = time.time()
     parent = Tracker(cfg, 0, sweep_dir)
     if parent.active:

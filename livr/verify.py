@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from livr import flex
 from livr.config import Config
 from livr.mask import additive
-from livr.model import answer_loss, build_model
+from livr.model import build_model
 from livr.sequence import GROUP_NAMES, IMAGE, LATENT, PROMPT, collate, images_of
 
 MaskFn = Callable[[torch.Tensor, torch.dtype], torch.Tensor]

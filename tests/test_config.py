@@ -36,6 +36,9 @@ def test_saved_config_reproduces(tmp_path):
     ("model.trust_remote_code=maybe", "model.trust_remote_code must be bool"),
     ("latents=3", "latents must be a mapping"),
     ("novalue", "not of the form key=value"),
+    ("train.nonfinite=ignore", "train.nonfinite='ignore': must be one of skip, stop"),
+    ("train.max_nonfinite_skips=-1", "train.max_nonfinite_skips=-1: must be >= 0"),
+    ("distributed.storage_shared=maybe", "distributed.storage_shared must be bool"),
 ])
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -78,3 +81,29 @@ def test_cli_make_tiny_and_synthetic(tmp_path):
     for task in ("Counting", "Jigsaw"):
         assert (tmp_path / "d" / task / "train.parquet").exists()
         assert (tmp_path / "d" / task / "dataset_dict.json").exists()
+
+
+@pytest.mark.parametrize("raw", ["off", "yes", "no", "on", "null", "~", "1e3", "1.50", "0x10", "007", "true"])
+def test_str_override_keeps_the_text_as_typed(raw):
+    cfg = load_config(None, [f"name={raw}", f"tracking.run_name={raw}", f"data.train_split={raw}"])
+    assert cfg.name == raw and cfg.tracking.run_name == raw and cfg.data.train_split == raw
+    assert load_config(None, ["name='quoted'"]).name == "quoted"  # a YAML-quoted string loses its quotes
+
+
+@pytest.mark.parametrize("override, value", [
+    ("train.eval_every_epoch=off", False), ("train.resume=yes", True), ("optim.lr=1e3", 1e3),
+    ("train.log_every=0x10", 16), ("data.tasks=[Counting]", ["Counting"])])
+def test_typed_overrides_keep_their_parsing(override, value):
+    key, _ = override.split("=", 1)
+    section, field_ = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), field_) == value
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.log_every=off", "train.log_every must be int, got False"),
+    ("train.resume=null", "train.resume must be bool, got None"),
+    ("name=", "name='': must be one directory name")])
+def test_typed_override_errors_stay_one_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -152,7 +152,9 @@ def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_c
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         common = {"lora.dropout": 0.0, "train.stage1_steps": 3, "train.stage2_steps": 3}
         two = _cfg(backbone_cache, data_cache, tmp_path, name="two", **common,  # the vision cache on one side only
-                   **{"distributed.placement_strategy": "STRICT_SPREAD", "model.cache_vision": True})
+                   **{"distributed.placement_strategy": "STRICT_SPREAD", "model.cache_vision": True,
+                      "distributed.storage_path": str(tmp_path / "shared"),  # both raylets see this machine's disk
+                      "distributed.storage_shared": True})
         result = run_distributed(two)
         assert result["global_step"] == 6
     finally:
@@ -189,3 +191,36 @@ def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, 
         with pytest.raises(ConfigError, match=message):
             run_distributed(cfg)
     assert not (tmp_path / "runs" / "bad").exists(), "nothing started"
+
+
+def test_multi_node_needs_shared_storage_before_any_worker(backbone_cache, data_cache, tmp_path):
+    """Two raylets: an empty distributed.storage_path, or a local one not declared shared, is a one-line error
+    naming the key before any worker starts; a URI or distributed.storage_shared=true passes the check."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from livr.distributed import check_storage, run_distributed
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
+                                                            "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
+        local = str(tmp_path / "node-local")
+        for extra, message in (({}, "distributed.storage_path is empty but the Ray cluster has 2 nodes"),
+                               ({"distributed.storage_path": local}, (f"distributed.storage_path='{local}' is a local "
+                                "path and the Ray cluster has 2 nodes: if every node mounts it (NFS, Lustre), set "
+                                "distributed.storage_shared=true"))):
+            cfg = _cfg(backbone_cache, data_cache, tmp_path, name="spread", **extra)
+            with pytest.raises(ConfigError) as e:
+                run_distributed(cfg)
+            assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert not os.path.exists(tmp_path / "runs" / "spread" / "config.yaml")  # no worker ran
+        assert not os.path.exists(tmp_path / "runs" / "ray") and not os.path.exists(local)
+        for extra in ({"distributed.storage_path": "s3://bucket/livr"},
+                      {"distributed.storage_path": local, "distributed.storage_shared": True}):
+            check_storage(_cfg(backbone_cache, data_cache, tmp_path, name="spread", **extra))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -19,9 +19,12 @@ _IMAGE_REF = re.compile(r"\b(?:image[ _#-]?([1-9])|(first|second|third|fourth|fi
 
 def _image_problem(value) -> str | None:
     """None if `value` (PIL image, {'bytes', 'path'} dict, bytes or path) is an image file PIL can open, else
-    the reason. Only the header is read (`verify`), so checking 6,000 rows of 1000-px images is cheap; a file
-    that is damaged past its header is reported, with its row, when the row is first encoded."""
+    what is wrong with it. Only the header is read (`verify`), so checking 6,000 rows of 1000-px images is cheap; a
+    file that is damaged past its header is reported, with its row, when the row is first encoded. Decompression
+    bombs and absurd sizes are refused from the header (livr.data.images)."""
     from PIL import Image
+
+    from livr.data.images import image_problem, refuse_bombs
 
     if isinstance(value, Image.Image):
         return None
@@ -33,11 +36,11 @@ def _image_problem(value) -> str | None:
             src = io.BytesIO(value)
         else:
             src = value
-        with Image.open(src) as im:
+        with refuse_bombs(), Image.open(src) as im:
             im.verify()
         return None
     except Exception as e:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, OSError, ...)
-        return f"{type(e).__name__}: {e}".splitlines()[0]
+        return image_problem(e)
 
 
 def _present(value) -> bool:
@@ -92,7 +95,7 @@ def validate_row(row: dict, task: str, split: str, *, position: int | None = Non
         if p:
             problem = _image_problem(row[c])
             if problem:
-                fail(f"{c} cannot be decoded ({problem})")
+                fail(f"{c} {problem}")
 
 
 def _check_image_refs(row: dict, images: int, fail) -> None:

@@ -19,6 +19,7 @@ import atexit
 import bisect
 import multiprocessing.util  # noqa: F401  (registers its exit hook first: see _stop_workers_at_exit)
 import os
+import re
 import signal
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from livr.data.images import image_problem, refuse_bombs
 from livr.data.tasks import DataError
 from livr.sequence import collate
 
@@ -116,8 +118,8 @@ class EncodedRows(Dataset):
     own): small data (the demo's 56-px rows) is encoded once per worker and reused every epoch, while 1000-px
     rows (~18 MiB of pixel_values per image) quickly exhaust the budget and are simply encoded again."""
 
-    def __init__(self, rows, builder, with_answer: bool = True, cache_bytes: int = 0):
-        self.rows, self.builder, self.with_answer = rows, builder, with_answer
+    def __init__(self, rows, builder, with_answer: bool = True, cache_bytes: int = 0, split: str = ""):
+        self.rows, self.builder, self.with_answer, self.split = rows, builder, with_answer, split
         self.cache_bytes, self._cache, self._cached = cache_bytes, {}, 0
 
     def __len__(self) -> int:
@@ -137,13 +139,15 @@ class EncodedRows(Dataset):
     def _encode(self, i: int) -> dict:
         try:
             try:
-                row = self.rows[i]  # decodes the row's images
+                with refuse_bombs():  # decodes the row's images; a bomb is refused from its header
+                    row = self.rows[i]
             except Exception as e:  # noqa: BLE001 - PIL raises many types for a truncated or corrupt file
                 where = self.rows.describe(i) if hasattr(self.rows, "describe") else f"row {i}"
-                raise DataError(f"{where}: its image(s) cannot be decoded: {type(e).__name__}: {e}".splitlines()[0]) from None
+                raise DataError(f"{where}: its image(s) {image_problem(e)}") from None
             item = self.builder.encode(row, with_answer=self.with_answer)
         except DataError as e:  # carried to the main process as a value: one line there, not a worker traceback
-            return {"_error": str(e)}
+            msg = str(e)  # "<task> idx=<idx>: …" names the split too
+            return {"_error": re.sub(r"^(\S+) idx=", rf"\1/{self.split} idx=", msg, count=1) if self.split else msg}
         item["meta"] = {k: row.get(k) for k in META}
         return item
 

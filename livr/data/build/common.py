@@ -20,6 +20,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from livr.data.images import aspect_problem, image_problem, is_bomb, refuse_bombs
 from livr.data.prompts import choice_letters
 from livr.data.tasks import DataError
 
@@ -60,27 +61,44 @@ def balanced_label(seed: int, task: str, split: str, i: int, k: int, weights=Non
 
 # --------------------------------------------------------------------------------------------- images
 def open_image(path: str) -> Image.Image:
-    """The file as an RGB image; Skip (counted by the driver) if it is missing or cannot be decoded."""
+    """The file as an RGB image; Skip (counted by the driver) if it is missing, cannot be decoded, or is refused
+    from its header (a decompression bomb, an absurd size, an extreme aspect ratio: livr.data.images)."""
     try:
-        with Image.open(path) as im:
+        with refuse_bombs(), Image.open(path) as im:
+            _check_header(path, im.size)
             im.load()
             return im.convert("RGB")
+    except Skip:
+        raise
     except FileNotFoundError:
         raise Skip("missing image", path) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types
+        if is_bomb(e):
+            raise Skip("oversized image", f"{path} {image_problem(e)}") from None
         raise Skip("unreadable image", f"{path} ({type(e).__name__})") from None
+
+
+def _check_header(path: str, size: tuple[int, int]) -> None:
+    problem = aspect_problem(size)
+    if problem:
+        raise Skip("extreme aspect ratio", f"{path} {problem}")
 
 
 @functools.lru_cache(maxsize=65536)
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the file's header; Skip if missing or not an image (pixels are checked when
-    hashed: phash_file decodes the whole file)."""
+    """(width, height) from the file's header; Skip if missing, not an image or refused from its header (pixels
+    are checked when hashed: phash_file decodes the whole file)."""
     try:
-        with Image.open(path) as im:
+        with refuse_bombs(), Image.open(path) as im:
+            _check_header(path, im.size)
             return im.size
+    except Skip:
+        raise
     except FileNotFoundError:
         raise Skip("missing image", path) from None
     except Exception as e:  # noqa: BLE001
+        if is_bomb(e):
+            raise Skip("oversized image", f"{path} {image_problem(e)}") from None
         raise Skip("unreadable image", f"{path} ({type(e).__name__})") from None
 
 
