@@ -163,7 +163,9 @@ def collate_rows(items: list[dict], pad_id: int, padding_side: str = "right", pa
     if pack:
         from livr.data.packing import collate_packed
 
-        return {"packed": collate_packed(items, pad_id, pack), "meta": meta}
+        packed = collate_packed(items, pad_id, pack)
+        packed[0]["meta"] = meta  # the step's rows (named in logs), carried by its first packed micro-batch
+        return {"packed": packed, "meta": meta}
     batch = collate(items, pad_id, padding_side)
     batch["meta"] = meta
     return batch
