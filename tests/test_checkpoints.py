@@ -168,7 +168,8 @@ def test_a_corrupt_best_falls_back_and_the_run_finishes(backbone_cache, data_cac
     best = os.path.join(ck, "best.safetensors")
     os.truncate(best, os.path.getsize(best) // 2)
     capsys.readouterr()
-    got = train_worker(cfg)  # resumed after the last stage: straight to finish
+    os.remove(os.path.join(cfg.run_dir, "final_metrics.json"))  # as if killed in its final evaluation (a finished
+    got = train_worker(cfg)  # run is not run again); resumed after the last stage: straight to finish
     err = capsys.readouterr().err
     assert "warning: the best selection cannot be used" in err and "selecting best.prev.safetensors" in err
     assert got["best_val_accuracy"] == 0.5
@@ -177,6 +178,7 @@ def test_a_corrupt_best_falls_back_and_the_run_finishes(backbone_cache, data_cac
 
     os.remove(os.path.join(ck, "best.prev.json"))
     saved.clear()
+    os.remove(os.path.join(cfg.run_dir, "final_metrics.json"))
     got = train_worker(cfg)
     assert "selecting the final weights" in capsys.readouterr().err and got["best_val_accuracy"] == 0.1
     assert all(torch.equal(saved[k], final[k]) for k in final)
