@@ -34,3 +34,16 @@ export PATH="$VENV/bin:$PATH"
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed's JIT-built ops belong to this venv's torch: keep their cache inside the venv
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
+# On a CPU machine, build DeepSpeed's JIT ops (shared-memory comm, CPU Adam for offloaded optimizers) once, at set-up,
+# not in the first run or test that needs them (about 2 minutes the first time)
+OPS_STAMP="$VENV/.livr-cpu-ops"
+if [ "${DS_ACCELERATOR:-}" = "cpu" ] && [ "$(cat "$OPS_STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "[livr] building DeepSpeed's CPU ops into $TORCH_EXTENSIONS_DIR (first time only)"
+  start=$SECONDS
+  if "$VENV/bin/python" -c "from livr.engine import prebuild_cpu_ops; prebuild_cpu_ops()" >/dev/null 2>&1; then
+    echo "$WANT" > "$OPS_STAMP"
+    echo "[livr] built in $((SECONDS - start)) s"
+  else
+    echo "[livr] could not build DeepSpeed's CPU ops now; they build at first use" >&2
+  fi
+fi

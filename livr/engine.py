@@ -132,6 +132,15 @@ def prebuild_cpu_comm_op() -> None:
     ShareMemCommBuilder().load(verbose=False)
 
 
+def prebuild_cpu_ops() -> None:
+    """The CPU machine's JIT-built DeepSpeed ops, built once into TORCH_EXTENSIONS_DIR (launch/env.sh calls this at
+    set-up): the shared-memory comm op, and CPU Adam (~60 s), which an offloaded optimizer runs."""
+    prebuild_cpu_comm_op()
+    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+
+    CPUAdamBuilder().load(verbose=False)
+
+
 class TorchEngine:
     """Plain torch, one process or DistributedDataParallel across ranks: accumulate, clip, AdamW.
 
