@@ -118,12 +118,20 @@ def _final(run_dir):
     return load_file(os.path.join(run_dir, "checkpoints", "last", "trainable.safetensors"))
 
 
-def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_mid_stage_equals_an_uninterrupted_run(packing, backbone_cache, data_cache, tmp_path, monkeypatch):
     """Killed mid-epoch in Stage 1 and again mid-Stage 2, resumed each time: the same weights, bit for bit,
-    as the run that was never interrupted (dropout 0: issue 12 adds the RNG state for dropout > 0)."""
+    as the run that was never interrupted (dropout 0: issue 12 adds the RNG state for dropout > 0); also with each
+    step's rows packed (data.packing, a budget that makes 2-3 packed rows of a step's 4 examples)."""
     # 16 rows / batch 4 = 4 steps per epoch: Stage 1 = 1.5 epochs (validations at steps 4 and 6), Stage 2 = 3 steps
     extra = {"train.stage1_steps": 6, "train.stage2_steps": 3, "lora.dropout": 0.0, "distributed.checkpoint_every": 1,
              "optim.lr": 1e-2, "eval.splits": "[val]"}
+    if packing:
+        extra.update({"data.packing": True, "data.max_tokens": 250})
+        seen = []
+        real = livr.train.train_step
+        monkeypatch.setattr(livr.train, "train_step", lambda lm, e, c, st, s_, micro, ctx: (
+            seen.append(len(micro)), real(lm, e, c, st, s_, micro, ctx))[1])
     whole = _cfg(backbone_cache, data_cache, tmp_path, name="whole", **extra)
     cut = _cfg(backbone_cache, data_cache, tmp_path, name="cut", **extra)
     ref = livr.train.train_worker(whole)
@@ -149,6 +157,8 @@ def test_resume_mid_stage_equals_an_uninterrupted_run(backbone_cache, data_cache
     assert state[whole.run_dir]["best_at"] == state[cut.run_dir]["best_at"]
     best = [load_file(os.path.join(d, "checkpoints", "best.safetensors")) for d in (whole.run_dir, cut.run_dir)]
     assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
+    if packing:  # each step really ran as packed rows: fewer forwards than its 4 examples, more than one
+        assert seen and all(1 < n < 4 for n in seen), seen
 
 
 def test_plan_stages_from_epochs():
