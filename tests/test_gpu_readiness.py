@@ -27,7 +27,7 @@ def _livr_train(overrides: list[str], env: dict | None = None) -> subprocess.Com
     env = {k: v for k, v in {**os.environ, **(env or {})}.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run([sys.executable, "-m", "livr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),
-                           *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                           *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
 
 
 def test_one_process_zero3_offload_trains_two_stages_and_resumes_exactly(backbone_cache, data_cache, tmp_path):
@@ -262,6 +262,7 @@ def test_process_group_timeout_reaches_ray_and_the_one_process_group(backbone_ca
             "import torch\nopts = _get_default_group()._get_backend(torch.device('cpu')).options\n"
             "print(ctx.world, dist.get_world_size(), opts._timeout.total_seconds())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-3:] == ["1", "1", "321.0"], r.stdout

@@ -20,8 +20,8 @@ from livr.model import answer_loss, build_model
 from livr.sequence import GROUP_NAMES, collate
 from livr.sequence import IMAGE as GROUP_IMAGE
 from livr.sequence import LATENT as GROUP_LATENT
-from livr.sequence import PROMPT as GROUP_PROMPT
 from livr.sequence import PAD as GROUP_PAD
+from livr.sequence import PROMPT as GROUP_PROMPT
 
 FAMILIES = list(TINY_PRESETS)  # every registered family, through its tiny preset
 # What each family's model card / chat template says, written here by hand (not read from livr): the image token,
