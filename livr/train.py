@@ -123,17 +123,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _reduce_loss(losses: list, world: int) -> float:
-    """The mean over `losses` (train_step's device scalars, each already this rank's share of its step's global
-    mean), summed over ranks: one all-reduce and one host read for all of them (a log step, an epoch's end)."""
-    if not losses:
-        return float("nan")
-    t = torch.stack([x.detach().to(torch.float64) for x in losses]).sum().reshape(1)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.item() / len(losses)
-
-
 def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] | None = None,
                  resume_from: str | None = None) -> dict:
     """Run one training (both stages, or SFT) and return the final metrics (rank 0's view).
@@ -344,11 +333,11 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     return finish(lm, engine, cfg, splits, state, ctx, tracker, quiet, eval_loaders)
 
 
-def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> torch.Tensor:
-    """One optimizer step over a global batch, of which `micro` are this rank's collated micro-batches; returns
-    this rank's share of the step's loss as a device scalar (`_reduce_loss` sums the shares over ranks). The
-    engine reads the step's global loss and gradient norm once, together, to decide whether the step is applied
-    (`engine.last`, livr.nonfinite): the step's one host sync; nothing else in it waits for the device.
+def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ctx: Context) -> None:
+    """One optimizer step over a global batch, of which `micro` are this rank's collated micro-batches. The engine
+    reads the step's global loss and gradient norm once, together, to decide whether the step is applied
+    (`engine.last`: its loss is the step's loss, summed over ranks; livr.nonfinite): the step's one host sync;
+    nothing else in it waits for the device.
 
     The loss is the per-token mean answer NLL over the whole global batch (total NLL / total labelled tokens,
     both summed over ranks), so micro-batch size, accumulation and the number of ranks never change the
@@ -372,7 +361,6 @@ def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ct
                 nll = nll * float("nan")
             total = nll.detach() if total is None else total + nll.detach()
             engine.micro_step(nll / tokens, boundary, lr, total / tokens if boundary else None)
-    return total / tokens
 
 
 def _evaluate(lm, cfg, splits, names, bottleneck, ctx, quiet, loaders: dict) -> dict:

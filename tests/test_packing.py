@@ -31,7 +31,7 @@ def _step(cfg, lm, micro, bottleneck, rank=0, world=1):
     """One real train_step over `micro`: (loss, the gradients the optimizer steps with)."""
     from livr.engine import TorchEngine
     from livr.model import param_groups
-    from livr.train import Context, Stage, _reduce_loss, train_step
+    from livr.train import Context, Stage, train_step
 
     opt = torch.optim.AdamW(param_groups(lm.model, 0.01), lr=1e-3)
     grads = {}
@@ -39,8 +39,8 @@ def _step(cfg, lm, micro, bottleneck, rank=0, world=1):
         {n: p.grad.detach().clone() for n, p in lm.model.named_parameters() if p.grad is not None}))
     stage = Stage("stage1" if bottleneck else "stage2", bottleneck, 4, "sdpa")
     engine = TorchEngine(lm.model, opt, cfg, rank, world)
-    loss = train_step(lm, engine, cfg, stage, {"step": 1}, micro, Context(rank, world, rank))
-    return _reduce_loss([loss], world), grads
+    train_step(lm, engine, cfg, stage, {"step": 1}, micro, Context(rank, world, rank))
+    return engine.last.loss, grads  # the step's loss, summed over ranks
 
 
 def _packed_worker(rank, world, init, overrides, max_tokens, out):

@@ -217,7 +217,7 @@ def _step_grads(overrides: list[str], rank: int, world: int) -> tuple[dict, floa
     from livr.engine import TorchEngine
     from livr.model import build_model, param_groups
     from livr.sequence import collate
-    from livr.train import Context, Stage, _reduce_loss, train_step
+    from livr.train import Context, Stage, train_step
 
     cfg = load_config(None, overrides)
     lm = build_model(cfg)
@@ -233,8 +233,8 @@ def _step_grads(overrides: list[str], rank: int, world: int) -> tuple[dict, floa
     micro = [collate([items[i] for i in idx], lm.tokenizer.pad_token_id) for idx in micro_batches(
         len(items), seed=0, stage=0, start_step=0, steps=1, micro_batch=t.micro_batch_size, accum=t.grad_accum,
         world=world, rank=rank)]
-    loss = train_step(lm, engine, cfg, Stage("stage1", True, 4, "sdpa"), {"step": 1}, micro, Context(rank, world, rank))
-    return grads, _reduce_loss([loss], world)  # this rank's share, summed over the ranks
+    train_step(lm, engine, cfg, Stage("stage1", True, 4, "sdpa"), {"step": 1}, micro, Context(rank, world, rank))
+    return grads, engine.last.loss  # the step's loss, summed over the ranks
 
 
 def _grad_worker(rank: int, world: int, init: str, overrides: list[str], out: str) -> None:
