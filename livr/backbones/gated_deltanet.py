@@ -65,7 +65,7 @@ def livr_forward(self, stock, hidden_states, cache, mask, **kwargs):
     n = hidden_states.shape[1]
     g = groups[:, -n:].to(hidden_states.device)
     valid = g != PAD
-    pad2d = None if bool(valid.all()) else valid.to(hidden_states.dtype)
+    pad2d = valid.to(hidden_states.dtype)  # (the stock layer only multiplies by it: ones change nothing, no host sync)
     decoding = cache is not None and cache.get_conv_state(self.layer_idx) is not None
     if not mask.livr_bottleneck or decoding:
         if decoding and mask.livr_bottleneck and not bool((torch.isin(g, torch.tensor(BLIND_GROUPS, device=g.device)) | ~valid).all()):
