@@ -132,8 +132,8 @@ class LivrModel:
     def set_attn_implementation(self, name: str) -> None:
         """The language model's kernel (the vision tower keeps its own: `livr.attention`)."""
         base = self.model.get_base_model()
-        plan = self.attention or attention.AttentionPlan(name, name, getattr(base.config.get_text_config(),
-                                                                              "_attn_implementation", name))
+        vision = getattr(getattr(base.config, "vision_config", None), "_attn_implementation", None) or "sdpa"
+        plan = self.attention or attention.AttentionPlan(name, name, vision)  # (no plan: the tower keeps its kernel)
         want = plan.implementation(name, type(base.config)) if name else None
         if want and want != self._current(base, want):
             base.set_attn_implementation(want)
