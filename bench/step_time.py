@@ -14,10 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 from livr.config import load_config
+from livr.data.sequence import collate
 from livr.data.synthetic import generate_task
-from livr.mask import bottleneck_mask
-from livr.model import answer_loss, build_model, param_groups
-from livr.sequence import collate
+from livr.method.mask import bottleneck_mask
+from livr.model.build import answer_loss, build_model, param_groups
 
 
 def main():

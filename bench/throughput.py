@@ -2,7 +2,7 @@
 
 Real-size part (no weights): BLINK-like rows (the paper's nine tasks' image counts 1-3, plus 4-image rows; each
 image 512-1024 px a side, random aspect) are counted for `--backbone` (default size-qwen2.5-vl-3b, depth 2:
-its real tokenizer, chat template and image processor; `livr.plan_data.row_cost`, the arithmetic `livr plan`
+its real tokenizer, chat template and image processor; `livr.tools.plan_data.row_cost`, the arithmetic `livr plan`
 uses). From those lengths:
   - forwards per optimizer step at the paper's batch (micro-batch 1 x 8 accumulation = 8 forwards) vs packed with
     `data.max_tokens` (default 16384; first-fit decreasing, livr/data/packing.py), mean over `--steps` steps;
@@ -32,8 +32,8 @@ import torch
 from livr.config import load_config
 from livr.data.lengths import grouped_batches, pad_fraction
 from livr.data.packing import collate_packed, plan_packs
+from livr.data.sequence import collate
 from livr.data.synthetic import generate_task
-from livr.sequence import collate
 
 IMAGES_PER_TASK = (1, 3, 1, 2, 3, 2, 2, 1, 3, 4)  # the paper's nine tasks (BLINK), and some 4-image rows
 TASKS = ("Counting", "Jigsaw", "Object_Localization", "Relative_Reflectance", "Visual_Similarity")
@@ -54,7 +54,7 @@ def blink_like(n: int, seed: int = 0) -> list[dict]:
 
 def real_lengths(args, rows) -> tuple[list[int], list[int]]:
     """(training lengths, evaluation prompt lengths) of `rows` for the real-size backbone."""
-    from livr.plan_data import backbone_io, row_cost
+    from livr.tools.plan_data import backbone_io, row_cost
 
     cfg = load_config(None, [f"model.backbone={args.backbone}", f"model.num_layers={args.num_layers}"])
     io = backbone_io(cfg)
@@ -72,9 +72,9 @@ def eval_padding(lengths: list[int], batch: int = 8) -> tuple[float, float]:
 
 def model_step(lm, cfg, micro, bottleneck: bool, profile: bool = False):
     """One real train_step: (gradients the optimizer steps with, ATen calls) — the optimizer itself runs too."""
-    from livr.engine import TorchEngine
-    from livr.model import param_groups
-    from livr.train import Context, Stage, train_step
+    from livr.model.build import param_groups
+    from livr.training.engine import TorchEngine
+    from livr.training.train import Context, Stage, train_step
 
     opt = torch.optim.AdamW(param_groups(lm.model, 0.01), lr=1e-3)
     grads = {}
@@ -115,7 +115,7 @@ def main() -> None:
     print(f"real-size rows ({args.backbone}, depth {args.num_layers}): training length min {min(train_len)} "
           f"median {int(statistics.median(train_len))} max {max(train_len)}; packs per step {packs}")
 
-    from livr.model import build_model
+    from livr.model.build import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         over = [f"model.backbone={args.model}", f"model.cache_dir={tmp}/bb", "lora.dropout=0.0", "model.device=cpu",

@@ -25,13 +25,13 @@ def cmd_train(args) -> int:
     cfg = _launch_config(args)
     if cfg.distributed.num_workers > 0:
         try:
-            from livr.distributed import run_distributed
+            from livr.cluster.ray_train import run_distributed
         except ImportError:
-            print("livr: distributed.num_workers > 0 needs livr.distributed (not built yet)", file=sys.stderr)
+            print("livr: distributed.num_workers > 0 needs livr.cluster.ray_train (not built yet)", file=sys.stderr)
             return 2
         result = run_distributed(cfg)
     else:
-        from livr.train import train_worker
+        from livr.training.train import train_worker
 
         result = train_worker(cfg)
     print(json.dumps(result, indent=1))
@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
 
 def mlflow_pointer(cfg) -> str:
     """Where the run's MLflow record is (tracking URI, experiment, run id) and how to browse it."""
-    from livr.tracking import tracking_uri
+    from livr.tracking.tracker import tracking_uri
 
     id_file = os.path.join(cfg.run_dir, "mlflow_run_id")
     if not cfg.tracking.enabled or not os.path.isfile(id_file):
@@ -56,13 +56,13 @@ def mlflow_pointer(cfg) -> str:
 
 
 def cmd_tune(args) -> int:
-    from livr.tune import main_tune
+    from livr.cluster.tune import main_tune
 
     return main_tune(_launch_config(args))
 
 
 def cmd_export(args) -> int:
-    from livr.export import export_run
+    from livr.tools.export import export_run
 
     info = export_run(args.run, args.out, adapter_only=args.adapter_only)
     what = "adapter layout" if info["layout"] == "adapter" else \
@@ -74,11 +74,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from livr.runs import evaluate_run
+    from livr.training.runs import evaluate_run
 
     results = evaluate_run(args.run, split=args.split, bottleneck=args.bottleneck, overrides=args.overrides)
     from livr.data.tasks import PAPER_TASKS
-    from livr.evaluate import table1
+    from livr.training.evaluate import table1
 
     tasks = [t for t in PAPER_TASKS if t in results["n"]] + sorted(set(results["n"]) - set(PAPER_TASKS))
     label = results["label"] + (" bottlenecked" if args.bottleneck else "")
@@ -92,13 +92,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from livr.report import report_experiment, report_runs
+    from livr.insight.report import report_experiment, report_runs
 
     if bool(args.runs) == bool(args.experiment):
         print("livr report: give run directories or --experiment NAME (not both)", file=sys.stderr)
         return 2
     if args.causal:
-        from livr.report import report_causal
+        from livr.insight.report import report_causal
 
         text = report_causal(args.runs, args.experiment, args.tracking_uri)
     elif args.experiment:
@@ -114,14 +114,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from livr.verify import run_verify
+    from livr.insight.verify import run_verify
 
     return run_verify(_config(args))
 
 
 def cmd_inspect(args) -> int:
     if args.causal:
-        from livr.causal_report import causal_inspect, markdown
+        from livr.insight.causal_report import causal_inspect, markdown
 
         layers = None
         if args.patch_layers:
@@ -132,7 +132,7 @@ def cmd_inspect(args) -> int:
         print(markdown(result) + f"files: {os.path.join(result['run'], 'inspect')}/ (causal.json, causal.md, "
               + ", ".join(result["plots"]) + ")")
         return 0
-    from livr.inspect import inspect_run, summary
+    from livr.insight.inspect import inspect_run, summary
 
     result = inspect_run(args.run, split=args.split, limit=args.limit, heatmaps=args.heatmaps,
                          bottleneck_attention=args.bottleneck_attention, log_mlflow=not args.no_mlflow,
@@ -194,7 +194,7 @@ def cmd_data_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from livr.demo import run_demo
+    from livr.tools.demo import run_demo
 
     return run_demo(args.config, args.overrides)
 
@@ -208,7 +208,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def cmd_plan(args) -> int:
-    from livr.plan import format_plan, plan
+    from livr.tools.plan import format_plan, plan
 
     if args.image_size and not args.images:
         print("livr plan: --image-size needs --images N", file=sys.stderr)
@@ -337,15 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from livr.atomic import WriteError
-    from livr.console import setup
+    from livr.utils.atomic import WriteError
+    from livr.utils.console import setup
 
     setup()  # known third-party noise filtered; plain output when not on a terminal
-    from livr.checkpoint import CheckpointError
     from livr.config import ConfigError
     from livr.data.tasks import DataError
-    from livr.lifecycle import RunStopped
-    from livr.nonfinite import NonFiniteError
+    from livr.training.checkpoint import CheckpointError
+    from livr.training.lifecycle import RunStopped
+    from livr.training.nonfinite import NonFiniteError
 
     try:
         return args.fn(args)

@@ -13,6 +13,7 @@ import os
 import re
 import typing
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ class ModelConfig:
     attn_implementation_stage2: str = ""  # Stage 2 / SFT / inference; "" = same as Stage 1 (also flash_attention_2/3)
     attn_implementation_vision: str = "auto"  # the vision tower: auto (flash_attention_2 on CUDA if installed, else sdpa)
     gradient_checkpointing: bool = False
-    cache_vision: bool = False  # compute each image's frozen vision features once, reuse them (livr/vision_cache.py)
+    cache_vision: bool = False  # compute each image's frozen vision features once, reuse them (livr/model/vision_cache.py)
     vision_cache_mib: int = 4096  # host memory for cached features per process; beyond it: vision_cache_dir
     vision_cache_dir: str = ""  # where features beyond vision_cache_mib go (one file per image); "" = recompute them
     trust_remote_code: bool = False
@@ -101,7 +102,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     resume: bool = True  # continue from <run_dir>/checkpoints/last if present
-    device_peak_tflops: float = 0.0  # the device's peak for perf/mfu; 0 = the GPU table (livr/flops.py), none on CPU
+    device_peak_tflops: float = 0.0  # the device's peak for perf/mfu; 0 = the GPU table (livr/model/flops.py), none on CPU
 
 
 @dataclass
@@ -340,6 +341,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- validation
+# Checks that need knowledge owned by a layer above the config (task names: livr.data.tasks; packing:
+# livr.data.packing; a declared backbone family: livr.backbones.declared) are registered by that layer when it is
+# imported, and `validate` runs them. Importing livr.data and livr.backbones (as every entry point does) registers
+# them all; the config itself imports nothing of livr.
+CHECKS: dict[str, Callable[[Config], None]] = {}
+
+
+def register_check(name: str, check: Callable[[Config], None]) -> None:
+    """`check(cfg)` raises a one-line ConfigError naming the key; run by `validate` after the config's own checks."""
+    CHECKS[name] = check
+
+
 def _fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"config: {key}={value!r}: {why}")
 
@@ -433,24 +446,9 @@ def check_data_paths(cfg: Config) -> Config:
     return cfg
 
 
-def _task_hint(task: str, valid: tuple) -> str:
-    """' (did you mean 'Counting'?)' for a near miss; the list syntax for a comma-separated string."""
-    if "," in task:
-        names = [t.strip() for t in task.split(",")]
-        return f" (a list is written data.tasks=[{','.join(names)}])"
-    import difflib
-
-    folded = {v.lower(): v for v in valid}
-    close = [folded[task.lower()]] if task.lower() in folded else \
-        [folded[m] for m in difflib.get_close_matches(task.lower(), list(folded), n=1, cutoff=0.6)]
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def validate(cfg: Config) -> Config:
     """Every value checked, cheaply and without touching the filesystem (see `check_paths` for that); the
     first problem is a one-line ConfigError naming the key."""
-    from livr.data.tasks import BLINK_TASKS, SYNTHETIC_TASKS
-
     _check_name(cfg.name)
     bad = _non_finite(cfg, "")
     if bad:
@@ -458,10 +456,6 @@ def validate(cfg: Config) -> Config:
     if not cfg.model.backbone.strip():
         _fail("model.backbone", cfg.model.backbone, "must name a preset, a hub id or a model directory")
     _check_device(cfg.model.device)
-    if cfg.model.family:  # a declared family: checked before anything loads
-        from livr.backbones.declared import declared_family
-
-        declared_family(cfg.model.family)
     _one_of("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("model.attn_implementation", cfg.model.attn_implementation, ("auto", "sdpa", "eager", "flex_attention"))
     _one_of("model.attn_implementation_vision", cfg.model.attn_implementation_vision,
@@ -498,12 +492,6 @@ def validate(cfg: Config) -> Config:
         _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
     if not cfg.data.tasks:
         _fail("data.tasks", cfg.data.tasks, "needs at least one task")
-    synthetic = "synthetic" in (cfg.data.source, cfg.data.test_source)
-    valid = SYNTHETIC_TASKS if synthetic else BLINK_TASKS
-    for t in cfg.data.tasks:
-        if t not in valid:
-            _fail("data.tasks", t, f"unknown task {t!r}{_task_hint(t, valid)} for source "
-                  f"'{'synthetic' if synthetic else cfg.data.source}' (valid: {', '.join(valid)})")
     if cfg.data.cache_mib < 0:
         _fail("data.cache_mib", cfg.data.cache_mib, "must be >= 0")
     if cfg.data.num_workers < -1:
@@ -522,12 +510,11 @@ def validate(cfg: Config) -> Config:
         _one_of("eval.splits", split, ("train", "val", "test"))
     _one_of("eval.parser", cfg.eval.parser, ("blink", "lenient", "match"))
     _check_distributed(cfg.distributed)
-    from livr.data.packing import check_config
-
-    check_config(cfg)  # data.packing / data.max_tokens
     _one_of("tune.mode", cfg.tune.mode, ("max", "min"))
     _one_of("tune.scheduler", cfg.tune.scheduler, ("asha", "fifo"))
     _one_of("tune.searcher", cfg.tune.searcher, ("random", "optuna"))
+    for check in CHECKS.values():  # the layers above: task names, a declared family, packing
+        check(cfg)
     if cfg.train.mode == "sft":
         cfg.latents.num_latents = 0  # the SFT baseline: the same pipeline, no latents, plain mask
     return cfg

@@ -82,7 +82,7 @@ def _read(rel: str) -> str:
 def test_printed_mlflow_ui_commands_leave_no_job_executor_behind():
     """`mlflow ui` as the docs and the demo print it starts no huey_consumer processes that outlive Ctrl-C."""
     found = 0
-    for rel in DOCS + ["livr/demo.py"]:
+    for rel in DOCS + ["livr/tools/demo.py"]:
         for line in _read(rel).splitlines():
             if "mlflow ui --" in line:
                 found += 1
@@ -118,7 +118,7 @@ def test_known_third_party_noise_is_filtered_and_nothing_else():
     import logging
     import warnings
 
-    from livr.console import quiet_third_party
+    from livr.utils.console import quiet_third_party
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -163,7 +163,7 @@ def test_docs_cpu_blocks_run_as_written_and_the_console_says_what_matters(backbo
     os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
-        monkeypatch.setenv(key, "1")  # (restored after: livr.console sets them in this process)
+        monkeypatch.setenv(key, "1")  # (restored after: livr.utils.console sets them in this process)
     tiny = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
         "output_dir": "runs", "train.stage1_steps": 4, "train.stage2_steps": 2, "data.train_size": 8,
         "data.val_size": 4, "data.test_size": 4})
@@ -197,7 +197,7 @@ def test_docs_cpu_blocks_run_as_written_and_the_console_says_what_matters(backbo
 
 def test_causal_suite_reports_progress(monkeypatch, capsys):
     """`livr inspect --causal` runs minutes on a CPU: one line per phase on stderr, none under LIVR_QUIET=1."""
-    from livr import causal_report
+    from livr.insight import causal_report
 
     for name in ("interventions", "patching", "representations"):
         monkeypatch.setattr(causal_report, name, lambda *a, _n=name, **k: {"ran": _n})
@@ -224,7 +224,7 @@ def test_export_says_when_stock_autoprocessor_needs_torchvision(monkeypatch):
 
     from transformers import Gemma3Processor, Qwen2_5_VLProcessor
 
-    from livr.export import processor_note
+    from livr.tools.export import processor_note
 
     have_tv = importlib.util.find_spec("torchvision") is not None
     note = processor_note(Qwen2_5_VLProcessor)

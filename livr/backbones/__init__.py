@@ -1,4 +1,9 @@
-"""VLM backbones: per-family facts (Family), loading (load_backbone) and offline presets (make_preset)."""
+"""VLM backbones: per-family facts (Family), loading (load_backbone) and offline presets (make_preset); one plug-in
+module per family in `families/`, the registry, config-declared families (`declared`).
+
+Layer: above `livr.method`; may import it, `livr.config` and `livr.utils`. Beside `livr.data`, which it never
+imports. Never imports Ray, DeepSpeed or MLflow."""
+from . import declared as _declared  # noqa: F401 (registers the model.family config check)
 from .base import Backbone, Family
 from .registry import (
     FAMILIES,

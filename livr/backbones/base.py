@@ -107,7 +107,7 @@ class Family:
         """The model's own attention rules as boolean [B, Q, L] from the token groups: causal without PAD columns
         for a causal LM; a dict {layer type: [B, Q, L]} for a model whose layers differ (see gemma3.py). Q = L, or
         the last `rows` query rows (a decode step)."""
-        from livr.mask import causal_allowed
+        from livr.method.mask import causal_allowed
 
         return causal_allowed(groups, rows)
 
@@ -115,7 +115,7 @@ class Family:
         """The `attention_mask` of a Stage-1 forward: allowed = the model's own mask AND NOT the bottleneck's
         blocks (prompt/answer rows x image columns), additive [B,1,L,L] (a dict of them per layer type when
         `own_allowed` is one). `rows`: only the last `rows` query rows (a KV-cache decode step)."""
-        from livr.mask import bottleneck_blocked
+        from livr.method.mask import bottleneck_blocked
 
         own, open_ = self.own_allowed(model, groups, rows), ~bottleneck_blocked(groups, rows=rows)
         allowed = {kind: a & open_ for kind, a in own.items()} if isinstance(own, dict) else own & open_
@@ -125,7 +125,7 @@ class Family:
         """Boolean [B, Q, L] (or a dict per layer type) -> the model's `attention_mask` argument: additive
         [B,1,Q,L]; `rows`: the last `rows` query rows of a KV-cache decode step (against the cache's keys; `allowed`
         may hold just those rows or all L)."""
-        from livr.mask import additive
+        from livr.method.mask import additive
 
         if isinstance(allowed, dict):
             return {kind: additive(a, dtype, rows) for kind, a in allowed.items()}
@@ -154,7 +154,7 @@ class Family:
         patches = ip.get_number_of_image_patches(height, width, {})
         return patches // ip.merge_size**2, patches * 3 * ip.temporal_patch_size * ip.patch_size**2 * 4
 
-    # --- the frozen vision encoder, one image at a time (livr/vision_cache.py)
+    # --- the frozen vision encoder, one image at a time (livr/model/vision_cache.py)
     stacked_image_features: ClassVar[bool] = False  # the encoder's pooler_output is one [images, tokens, dim] tensor
 
     def image_pieces(self, config, mm: dict) -> list[list[torch.Tensor]]:
@@ -309,3 +309,27 @@ def make_processor(family: Family, image_processor, tokenizer, config, chat_temp
     video = {"video_processor": None} if "video_processor" in inspect.signature(family.processor_class).parameters else {}
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or tokenizer.chat_template,
                **video, **family.processor_kwargs(config))
+
+
+# ----------------------------------------------------------------------------- the registry's table
+FAMILIES: dict[str, Family] = {}
+# model types livr knows and refuses, with why (a faithful bottleneck for them does not exist yet)
+REFUSED: dict[str, str] = {
+    "qwen3_next": "Qwen3-Next is a text-only model (no vision tower, no image tokens): there is no image for the "
+                  "visual bottleneck to hold back (its hybrid Gated DeltaNet layers are supported in Qwen3.5)"}
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: add a Family subclass (one instance of it) to the registry."""
+    fam = cls()
+    for attr in ("name", "model_types", "model_class", "processor_class", "image_processor_class", "image_token",
+                 "assistant_header", "end_of_turn", "forward_keys", "lora_target_regex", "frozen_module_regex"):
+        if not hasattr(fam, attr):
+            raise TypeError(f"backbone family {cls.__name__} does not define {attr!r}")
+    if fam.rope not in ("1d", "mrope"):
+        raise TypeError(f"backbone family {fam.name}: rope={fam.rope!r} (choose '1d' or 'mrope')")
+    taken = {t: f.name for f in FAMILIES.values() if f.name != fam.name for t in f.model_types}
+    if clash := [t for t in fam.model_types if t in taken]:
+        raise TypeError(f"backbone family {fam.name}: model_type {clash[0]!r} is already family {taken[clash[0]]}")
+    FAMILIES[fam.name] = fam
+    return cls

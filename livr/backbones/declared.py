@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib
 import re
 
+from livr.config import register_check
+
 from .base import Family
 from .registry import FAMILIES
 
@@ -83,3 +85,12 @@ def declared_family(spec: dict) -> Family:
             attrs[k] = _resolve_class(k, attrs[k])
     cls = type(f"Declared_{re.sub(r'[^0-9A-Za-z_]', '_', attrs['name'])}", (parent,), attrs)
     return cls()
+
+
+def check_family(cfg) -> None:
+    """`model.family` (a declared family) is usable: checked with the config, before anything loads."""
+    if cfg.model.family:
+        declared_family(cfg.model.family)
+
+
+register_check("model.family", check_family)

@@ -29,7 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from livr.sequence import ANSWER, IMAGE, PAD, PROMPT
+from livr.method.groups import ANSWER, IMAGE, PAD, PROMPT
 
 BLIND_GROUPS = (PROMPT, ANSWER)
 

@@ -20,7 +20,7 @@ Size presets: the published architecture of a real checkpoint (every width, head
 mRoPE sections, tied or untied head, the checkpoint's image processor settings) with random weights (init 0.02,
 saved in bfloat16 like the checkpoints), the offline BPE tokenizer with the family's special tokens and chat
 template (the embedding keeps the real vocab size: rows beyond len(tokenizer) are unused padding, which
-livr/latents.py reuses for the latent tokens). `num_layers=N` (model.num_layers) keeps the first N decoder
+livr/method/latents.py reuses for the latent tokens). `num_layers=N` (model.num_layers) keeps the first N decoder
 layers and the first min(N, depth) vision blocks, so a CPU can run a step at true width and sequence length:
   size-qwen2.5-vl-3b       Qwen/Qwen2.5-VL-3B-Instruct              3,754,622,976 params (36 layers, vision 32)
   size-qwen3-vl-4b         Qwen/Qwen3-VL-4B-Instruct                4,437,815,808 params (36 layers, vision 24)
@@ -43,29 +43,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import cached_file
 
-from .base import Backbone, Family, make_processor, random_model
-
-FAMILIES: dict[str, Family] = {}
-# model types livr knows and refuses, with why (a faithful bottleneck for them does not exist yet)
-REFUSED: dict[str, str] = {
-    "qwen3_next": "Qwen3-Next is a text-only model (no vision tower, no image tokens): there is no image for the "
-                  "visual bottleneck to hold back (its hybrid Gated DeltaNet layers are supported in Qwen3.5)"}
-
-
-def register(cls: type[Family]) -> type[Family]:
-    """Class decorator: add a Family subclass (one instance of it) to the registry."""
-    fam = cls()
-    for attr in ("name", "model_types", "model_class", "processor_class", "image_processor_class", "image_token",
-                 "assistant_header", "end_of_turn", "forward_keys", "lora_target_regex", "frozen_module_regex"):
-        if not hasattr(fam, attr):
-            raise TypeError(f"backbone family {cls.__name__} does not define {attr!r}")
-    if fam.rope not in ("1d", "mrope"):
-        raise TypeError(f"backbone family {fam.name}: rope={fam.rope!r} (choose '1d' or 'mrope')")
-    taken = {t: f.name for f in FAMILIES.values() if f.name != fam.name for t in f.model_types}
-    if clash := [t for t in fam.model_types if t in taken]:
-        raise TypeError(f"backbone family {fam.name}: model_type {clash[0]!r} is already family {taken[clash[0]]}")
-    FAMILIES[fam.name] = fam
-    return cls
+from .base import FAMILIES, REFUSED, Backbone, Family, make_processor, random_model, register  # noqa: F401
 
 
 def _discover() -> None:

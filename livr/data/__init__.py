@@ -1,5 +1,11 @@
-"""Data for livr: BLINK task names, the BLINK loader, synthetic tasks, prompts and answer parsing."""
+"""Data for livr: BLINK task names, the BLINK loader, synthetic tasks, prompts and answer parsing; rows encoded into
+ids, labels and token groups (`sequence`), batched (`collate`, `packing`, `lengths`) and loaded (`loader`);
+builders of the paper's training sets (`build`).
 
+Layer: above `livr.method`; may import it, `livr.config` and `livr.utils`. Beside `livr.backbones`, which it never
+imports (a family reaches the data only as an object handed to it). Never imports Ray, DeepSpeed or MLflow."""
+
+from livr.data import packing as _packing  # noqa: F401 (registers the data.packing config check)
 from livr.data.blink import load_blink, validate_dataset, validate_row
 from livr.data.prompts import (
     PARSERS,

@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from livr.data.images import image_problem, refuse_bombs
+from livr.data.sequence import collate
 from livr.data.tasks import DataError
-from livr.sequence import collate
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # worker processes fork after the tokenizer ran
 
@@ -269,7 +269,7 @@ atexit.register(_stop_workers_at_exit)
 
 def _leave_signals_to_main(_worker_id: int) -> None:
     """Ctrl-C and a scheduler's SIGTERM reach the whole process group: the workers ignore them and the main
-    process stops the run cleanly (`livr.lifecycle`); they still exit when the main process dies."""
+    process stops the run cleanly (`livr.training.lifecycle`); they still exit when the main process dies."""
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,8 +9,8 @@
   positions too: each example keeps the positions the family's own position function gave it alone (mRoPE
   included), so they restart at every example. Image tensors are concatenated in order as `collate` does.
   `segments` [1, L] numbers the examples of the row (-1 on padding); `seq_lens` their lengths.
-- `packed_allowed`: boolean [B, L, L]: the family's own rule AND same example AND (Stage 1) NOT the bottleneck's
-  blocks; `packed_block_mask`: the same as a flex BlockMask with document ids.
+The mask that keeps packed examples apart is the method's: `livr.method.mask.packed_allowed` (4-D) and
+`livr.model.flex.packed_block_mask` (a flex BlockMask with document ids).
 The loss normalisation is that of `train_step` (total NLL / labelled tokens of the global batch): a step's
 gradient does not depend on how its examples are packed. Labels stay per example: the first token of an example
 is never labelled, so no position predicts across an example boundary.
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from livr.sequence import PAD, SEQ_KEYS, _cat_padded, collate
+from livr.config import ConfigError, register_check
+from livr.data.sequence import SEQ_KEYS, _cat_padded, collate
 
 
 def check_config(cfg, family=None, plan=None) -> None:
     """One-line ConfigErrors for packing settings that cannot work (`family`, `plan`: the resolved family and
     attention kernels, once the model is built)."""
-    from livr.config import ConfigError
-
     d = cfg.data
     if not d.packing:
         return
@@ -94,45 +93,6 @@ def collate_packed(items: list[dict], pad_id: int, max_tokens: int) -> list[dict
     return out
 
 
-def same_example(segments: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, L, L]: query and key belong to the same example of a packed row (padding: to itself only)."""
-    return segments[:, :, None] == segments[:, None, :]
-
-
-def packed_allowed(family, model, groups: torch.Tensor, segments: torch.Tensor, bottleneck: bool):
-    """The family's own rule AND same example AND (Stage 1) NOT prompt/answer rows x image columns: boolean
-    [B, L, L], or a dict of them per layer type (families whose layers differ)."""
-    from livr.mask import bottleneck_blocked
-
-    keep = same_example(segments.to(groups.device))
-    if bottleneck:
-        keep = keep & ~bottleneck_blocked(groups)
-    own = family.own_allowed(model, groups)
-    return {k: a & keep for k, a in own.items()} if isinstance(own, dict) else own & keep
-
-
-def packed_block_mask(family, groups: torch.Tensor, segments: torch.Tensor, bottleneck: bool):
-    """`packed_allowed` for a causal LM as a flex BlockMask (document ids: no attention across examples)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from livr.backbones.base import Family
-    from livr.sequence import ANSWER, IMAGE, PROMPT
-
-    if type(family).own_allowed is not Family.own_allowed:
-        raise ValueError(f"data.packing with flex_attention: family {family.name} has its own attention rules; use sdpa")
-    segments = segments.to(groups.device)
-    valid = groups != PAD
-    blind = ((groups == ANSWER) | (groups == PROMPT)) if bottleneck else torch.zeros_like(valid)
-    image = groups == IMAGE
-
-    def mask_mod(b, h, q, kv):
-        own = ((kv <= q) & valid[b, kv] & (segments[b, q] == segments[b, kv])) | ((q == kv) & ~valid[b, q])
-        return own & ~(blind[b, q] & image[b, kv])
-
-    n = groups.shape[1]
-    return create_block_mask(mask_mod, groups.shape[0], None, n, n, device=groups.device)
-
-
 def step_rows(micro_batches, accum: int):
     """The micro-batches (index lists) of `livr.data.loader.micro_batches` grouped per optimizer step: this rank's
     rows of each step, in order (the same rows the unpacked step uses)."""
@@ -142,3 +102,6 @@ def step_rows(micro_batches, accum: int):
         if a % accum == accum - 1:
             yield step
             step = []
+
+
+register_check("data.packing", check_config)  # data.packing / data.max_tokens, before anything loads

@@ -20,9 +20,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from livr.atomic import replace_dir
 from livr.data.prompts import blink_prompt, choice_letters
 from livr.data.tasks import COLUMNS, IMAGE_COLUMNS, SYNTHETIC_TASKS, DataError, check_task
+from livr.utils.atomic import replace_dir
 
 GENERATOR_VERSION = 1  # bump when the pixels or texts change: invalidates make_synthetic's cache
 REQUEST_FILE = "livr_synthetic.json"

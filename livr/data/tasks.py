@@ -1,6 +1,10 @@
-"""Task names (BLINK's config names) and the data-layer error type."""
+"""Task names (BLINK's config names), the data-layer error type, and the config check of `data.tasks`."""
 
 from __future__ import annotations
+
+import difflib
+
+from livr.config import ConfigError, register_check
 
 # The paper's nine tasks, in Table-1 column order.
 PAPER_TASKS: tuple[str, ...] = (
@@ -55,3 +59,28 @@ def check_task(task: str, valid: tuple[str, ...] = BLINK_TASKS, what: str = "tas
     if task not in valid:
         raise DataError(f"unknown {what} {task!r} (valid: {', '.join(valid)})")
     return task
+
+
+def _task_hint(task: str, valid: tuple) -> str:
+    """' (did you mean 'Counting'?)' for a near miss; the list syntax for a comma-separated string."""
+    if "," in task:
+        names = [t.strip() for t in task.split(",")]
+        return f" (a list is written data.tasks=[{','.join(names)}])"
+    folded = {v.lower(): v for v in valid}
+    close = [folded[task.lower()]] if task.lower() in folded else \
+        [folded[m] for m in difflib.get_close_matches(task.lower(), list(folded), n=1, cutoff=0.6)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_tasks(cfg) -> None:
+    """`data.tasks` names tasks of its source: BLINK's configs, or the synthetic generators' (one line, with the
+    likely spelling or the list syntax)."""
+    synthetic = "synthetic" in (cfg.data.source, cfg.data.test_source)
+    valid = SYNTHETIC_TASKS if synthetic else BLINK_TASKS
+    for t in cfg.data.tasks:
+        if t not in valid:
+            raise ConfigError(f"config: data.tasks={t!r}: unknown task {t!r}{_task_hint(t, valid)} for source "
+                              f"'{'synthetic' if synthetic else cfg.data.source}' (valid: {', '.join(valid)})")
+
+
+register_check("data.tasks", check_tasks)

@@ -19,8 +19,7 @@ from transformers import (
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from ..base import Family, contiguous_runs, shipped_config, truncate_text
-from ..registry import register
+from ..base import Family, contiguous_runs, register, shipped_config, truncate_text
 from ..tokenizer import GEMMA_TEMPLATE, build_tokenizer
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
@@ -66,8 +65,8 @@ class Gemma3(Family):
     def own_allowed(self, model, groups, rows=None):
         """Gemma 3's own rules: causal, OR both ways within each image; sliding layers AND the window after that.
         `rows`: only the last `rows` query rows (a decode step)."""
-        from livr.mask import causal_allowed, query_positions
-        from livr.sequence import IMAGE
+        from livr.method.groups import IMAGE
+        from livr.method.mask import causal_allowed, query_positions
 
         blocks = image_blocks(groups, IMAGE)
         q = query_positions(groups, rows)
@@ -82,7 +81,7 @@ class Gemma3(Family):
     def as_mask(self, model, allowed, dtype, rows=None):
         """Per layer type; in a decode step a sliding layer's cache holds only its last sliding_window - 1 keys plus
         the new ones, so its mask keeps only those columns."""
-        from livr.mask import additive
+        from livr.method.mask import additive
 
         out = {kind: additive(a, dtype, rows) for kind, a in allowed.items()}
         if rows is not None and "sliding_attention" in out:

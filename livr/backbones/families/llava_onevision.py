@@ -19,8 +19,7 @@ from transformers import (
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from ..base import Family, contiguous_runs, make_processor, set_token_ids, shipped_config, truncate_text
-from ..registry import register
+from ..base import Family, contiguous_runs, make_processor, register, set_token_ids, shipped_config, truncate_text
 from ..tokenizer import IM_END, IM_START, LLAVA_TEMPLATE, PAD, build_tokenizer
 from .qwen2_5_vl import TINY_TEXT
 

@@ -4,8 +4,7 @@ from typing import ClassVar
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ..base import Family, set_token_ids, shipped_config, truncate_text
-from ..registry import register
+from ..base import Family, register, set_token_ids, shipped_config, truncate_text
 from ..tokenizer import IM_END, IM_START, PAD, build_tokenizer, qwen_template
 
 # LM projections only: vision blocks are `model.visual.blocks.N.attn.qkv/proj`, `mlp.gate_proj/up_proj/down_proj`

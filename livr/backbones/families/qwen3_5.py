@@ -17,8 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
 from .. import gated_deltanet
-from ..base import set_token_ids, shipped_config, truncate_text
-from ..registry import register
+from ..base import register, set_token_ids, shipped_config, truncate_text
 from ..tokenizer import IM_END, IM_START, PAD, build_tokenizer
 from .qwen2_5_vl import QWEN_FROZEN_REGEX, QwenVL, qwen_token_ids
 
@@ -71,13 +70,13 @@ class HybridQwen(QwenVL):
 
     def own_allowed(self, model, groups, rows=None):
         """Causal for both layer types (the linear layers' "mask" only carries the token groups to them)."""
-        from livr.mask import causal_allowed
+        from livr.method.mask import causal_allowed
 
         own = causal_allowed(groups, rows)
         return GroupsDict(groups, False, {"full_attention": own, "linear_attention": own})
 
     def stage1_mask(self, model, groups, dtype, rows=None):
-        from livr.mask import bottleneck_blocked
+        from livr.method.mask import bottleneck_blocked
 
         from ..base import _inner_with
 
@@ -92,7 +91,7 @@ class HybridQwen(QwenVL):
                             dtype, rows)
 
     def as_mask(self, model, allowed, dtype, rows=None):
-        from livr.mask import additive
+        from livr.method.mask import additive
 
         out = {kind: additive(a, dtype, rows) for kind, a in allowed.items()}
         if isinstance(allowed, GroupsDict):

@@ -5,7 +5,7 @@ DeltaNet projections and the shared expert's MLP; the router is never trained.""
 from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeGatedDeltaNet
 
-from ..registry import register
+from ..base import register
 from .qwen3_5 import HybridQwen
 
 

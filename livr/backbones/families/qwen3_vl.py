@@ -4,7 +4,7 @@ from typing import ClassVar
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ..registry import register
+from ..base import register
 from ..tokenizer import build_tokenizer, qwen_template
 from .qwen2_5_vl import QWEN_SPECIALS, TINY_TEXT, QwenVL, qwen_token_ids
 

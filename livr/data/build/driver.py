@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from livr.atomic import replace_dir
 from livr.data.build.common import (
     Skip,
     SourceError,
@@ -33,6 +32,7 @@ from livr.data.build.common import (
 from livr.data.build.dedup import load_index
 from livr.data.prompts import OPEN_SUFFIX, choice_letters
 from livr.data.tasks import IMAGE_COLUMNS
+from livr.utils.atomic import replace_dir
 
 BUILD_VERSION = 2  # bump when any builder's output changes: invalidates finished builds
 MANIFEST = "livr_build.json"
