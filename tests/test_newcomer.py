@@ -214,27 +214,31 @@ def test_causal_suite_reports_progress(monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- the export on the CPU stack
-def test_export_says_when_stock_autoprocessor_needs_torchvision(monkeypatch):
-    """Stock processors with a video processor (Qwen, LLaVA-OneVision) need torchvision, which the CPU stack lacks:
-    `livr export` says so, with the fix; Gemma 3's processor needs none. Checked against stock transformers in a
-    process that never imports livr: the class really takes a video processor, and AutoVideoProcessor refuses."""
+def test_export_names_a_processor_stock_transformers_loads_without_torchvision():
+    """The Qwen processors build a video processor (torchvision, which the CPU stack lacks): the export names the
+    image-only PaddleOCRVLProcessor instead, so no note; LLaVA-OneVision's note points to trust_remote_code=True
+    (where torchvision is missing); Gemma 3's processor has no video processor. Checked against stock transformers
+    in a process that never imports livr: the classes take (or do not take) a video processor as assumed. (That the
+    exports load and answer as livr eval does: tests/test_adapter_reload.py, per family.)"""
     import importlib.util
     import subprocess
     import sys
 
-    from transformers import Gemma3Processor, Qwen2_5_VLProcessor
+    from transformers import Gemma3Processor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
-    from livr.export import processor_note
+    from livr.export import IMAGE_ONLY, processor_note
 
     have_tv = importlib.util.find_spec("torchvision") is not None
-    note = processor_note(Qwen2_5_VLProcessor)
+    assert processor_note(Qwen2_5_VLProcessor) is None and processor_note(Qwen3VLProcessor) is None
+    assert processor_note(Gemma3Processor) is None
+    note = processor_note(LlavaOnevisionProcessor)
     assert (note is None) == have_tv
     if note:
-        assert "torchvision" in note and "Qwen2_5_VLProcessor" in note and "\n" not in note
-    assert processor_note(Gemma3Processor) is None
+        assert "trust_remote_code=True" in note and "LlavaOnevisionProcessor" in note and "\n" not in note
     code = ("import inspect, sys; import transformers as t\n"
-            "assert 'video_processor' in inspect.signature(t.Qwen2_5_VLProcessor).parameters\n"
-            "assert 'video_processor' not in inspect.signature(t.Gemma3Processor).parameters\n"
+            "has = lambda c: 'video_processor' in inspect.signature(getattr(t, c)).parameters\n"
+            f"assert all(has(c) and not has(i) for c, i in {IMAGE_ONLY!r}.items())\n"
+            "assert has('LlavaOnevisionProcessor') and not has('Gemma3Processor')\n"
             "assert 'livr' not in sys.modules\n"
             "print(t.utils.is_torchvision_available())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120, check=False,
