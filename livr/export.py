@@ -66,13 +66,15 @@ def has_video_processor(processor_class: type) -> bool:
     return "video_processor" in inspect.signature(processor_class).parameters
 
 
-def processor_note(processor_class: type) -> str | None:
+def processor_note(processor_class: type, written: str | None = None) -> str | None:
     """How stock transformers loads this export's processor where it is not plain `AutoProcessor.from_pretrained(DIR)`
-    (a video-processor family with no image-only stock equivalent, in an environment without torchvision: PyPI's
-    torchvision 0.28.0 is built against CUDA torch and does not load against torch 2.13.0+cpu, measured), or None."""
+    (DIR names `written`, by default what write_processor_config names: a video-processor class, in an environment
+    without torchvision: PyPI's torchvision 0.28.0 is built against CUDA torch and does not load against torch
+    2.13.0+cpu, measured), or None."""
     import importlib.util
 
-    if not has_video_processor(processor_class) or processor_class.__name__ in IMAGE_ONLY:
+    written = written or IMAGE_ONLY.get(processor_class.__name__, processor_class.__name__)
+    if not has_video_processor(processor_class) or written != processor_class.__name__:
         return None
     if importlib.util.find_spec("torchvision") is not None:
         return None
@@ -168,7 +170,7 @@ def export_run(run_dir: str, out_dir: str, *, adapter_only: bool = False) -> dic
         with open(os.path.join(tmp, "livr_export.json"), "w") as f:
             json.dump(info, f, indent=1)
     info["mlflow_run_id"] = log_export(cfg, run_dir, out_dir)
-    note = processor_note(lm.family.processor_class)
+    note = processor_note(lm.family.processor_class, info["processor_class"])
     if note:
         info["processor_note"] = note
     return info
