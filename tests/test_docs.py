@@ -113,7 +113,7 @@ def _tiny_args(argv: list[str], tiny: list[str]) -> list[str]:
     if argv[0] in ("train", "verify"):
         return tiny
     if argv[0] == "inspect":
-        return ["--limit", "4", "--heatmaps", "1"] + (["--seeds", "1"] if "--causal" in argv else [])
+        return ["--limit", "2", "--seeds", "1"] if "--causal" in argv else ["--limit", "4", "--heatmaps", "1"]
     if argv[:2] == ["data", "make-synthetic"]:
         return ["--train", "8", "--val", "4", "--test", "4", "--image-size", "56"]
     return []
