@@ -71,6 +71,9 @@ def test_every_shell_block_says_where_it_runs():
             lines = [ln for ln in body.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
             if len(_commands(body)) != len(lines) or info not in SHELL:
                 problems.append(f"{rel}:{line}: a cpu block must hold only livr commands")
+    for rel in DOCS:  # an indented (unfenced) command block would escape all of this
+        for m in re.finditer(r"\n\n((?: {4}|\t)(?:livr|python|bash|source|pip) [^\n]*)", FENCE.sub("", _read(rel))):
+            problems.append(f"{rel}: an indented command block ({m.group(1).strip()[:40]}): fence and mark it")
     assert found > 40 and not problems, problems
 
 
