@@ -420,4 +420,20 @@ CATALOGUE: list[Mutant] = [
       '    letter = parse_match(output, choice_letters(num_choices), choices) if parser == "match" else None\n'
       '    if letter is None:\n        letter = _parse_blink(output, num_choices)\n', tests=SCORING_FAST,
       why="match: the matcher decides before BLINK's fixed rule (which must win wherever it decides)"),
+
+    # ------------------------------------------------------------------ export.py, console.py (issue 31)
+    M("export_keeps_video_processor", "livr/tools/export.py", "    if stock in IMAGE_ONLY:\n", "    if False:\n",
+      tests=["tests/backbones/test_adapter_reload.py::test_export_runs_in_stock_transformers_with_livr_eval_answers"],
+      why="the Qwen exports name their stock processor, which builds a video processor: AutoProcessor.from_pretrained"
+          "(DIR) needs torchvision, which the CPU stack lacks"),
+    M("export_no_remote_processor", "livr/tools/export.py",
+      '        config["auto_map"] = {"AutoProcessor": f"{REMOTE_MODULE}.ImageOnly{stock}"}\n', "",
+      tests=["tests/backbones/test_adapter_reload.py::test_export_runs_in_stock_transformers_with_livr_eval_answers"],
+      why="LLaVA-OneVision's export cannot load its processor without torchvision, even with trust_remote_code=True"),
+    M("console_noise_unfiltered", "livr/utils/console.py",
+      '    """Filter NOISE_WARNINGS and NOISE_LOGS in this process (idempotent)."""\n',
+      '    """Filter NOISE_WARNINGS and NOISE_LOGS in this process (idempotent)."""\n    return\n',
+      tests=["tests/test_newcomer.py::test_known_third_party_noise_is_filtered_and_nothing_else",
+             "tests/training/test_nonfinite.py::test_ray_workers_stop_together_and_the_driver_says_one_line"],
+      why="known third-party noise (Ray's controller polling, transformers' FutureWarning) reaches the console"),
 ]

@@ -200,7 +200,7 @@ def make_preset(name: str, out_dir: str, *, seed: int = 0, num_layers: int = 0, 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     steps = ["build model + tokenizer", "save model", "save tokenizer", "save image processor", "install"]
-    bar = tqdm(total=len(steps), desc=f"materialise {name}", disable=not progress)
+    bar = tqdm(total=len(steps), desc=f"materialise {name}", disable=None if progress else True)  # None: tty only
     try:
         bar.set_postfix_str(steps[0])
         model, tok, ip = build_preset(name, seed=seed, num_layers=num_layers)

@@ -343,7 +343,7 @@ def generate_task(task: str, n: int, *, seed: int, split: str = "train", image_s
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"{task}/{split}", unit="row", leave=False)
+        it = tqdm(it, desc=f"{task}/{split}", unit="row", leave=False, disable=None)  # None: on a terminal only
     for i in it:
         out = gen(_Row(seed, task, split, i), image_size, **task_opts)
         choices, images = out["choices"], out["images"]

@@ -12,6 +12,13 @@ no livr code:
                                            return_dict=True, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 
+No torchvision is needed: the Qwen processors (Qwen2.5-VL, Qwen3-VL, Qwen3.5) build a video processor, which
+needs torchvision (the CPU stack has none), so DIR names transformers' image-only `PaddleOCRVLProcessor`, which
+expands `<|image_pad|>` by the same rule (checked at export: its inputs for a two-image prompt equal livr's, or the
+family's processor is kept). LLaVA-OneVision has no image-only stock equivalent: DIR carries a ten-line
+`processing_livr_export.py` (no livr import) for `AutoProcessor.from_pretrained(DIR, trust_remote_code=True)`;
+plain loading needs torchvision there. Gemma 3's processor has no video processor.
+
 `generation_config.json` stops at the family's end-of-turn token, as livr's decoding does. The directory is also
 logged to the run's MLflow run as the artifact `export/` (when the run has one). `--adapter-only`
 copies today's adapter layout (adapter/, latents.safetensors, tokenizer/, vocab.json, config.yaml) instead.
@@ -36,22 +43,94 @@ def latent_chat_template(template: str, latent_text: str) -> str:
     return template + "{%- if add_generation_prompt %}{{- '" + latent_text + "' }}{%- endif %}"
 
 
-def processor_note(processor_class: type) -> str | None:
-    """Why stock `AutoProcessor.from_pretrained(DIR)` cannot load this export here, or None: the family's stock
-    processor builds a video processor (Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-OneVision), which needs torchvision, and
-    this environment has none (the CPU stack: PyPI's torchvision 0.28.0 is built against CUDA torch and does not load
-    against torch 2.13.0+cpu, measured). Gemma 3's processor has no video processor and loads without it."""
-    import importlib.util
+# Stock processors with a video processor (which needs torchvision) -> a stock image-only processor class with the
+# same image-token rule (`image_grid_thw.prod() // merge_size**2` copies of the tokenizer's image token).
+IMAGE_ONLY = {"Qwen2VLProcessor": "PaddleOCRVLProcessor", "Qwen2_5_VLProcessor": "PaddleOCRVLProcessor",
+              "Qwen3VLProcessor": "PaddleOCRVLProcessor"}
+REMOTE_MODULE = "processing_livr_export"
+REMOTE_CODE = '''"""Written by `livr export`: {stock} without a video processor (transformers builds one, which needs
+torchvision), for AutoProcessor.from_pretrained(DIR, trust_remote_code=True). Images only; no livr import."""
+from transformers import {stock} as _Stock
+
+
+class ImageOnly{stock}(_Stock):
+    @classmethod
+    def get_attributes(cls):
+        return [a for a in super().get_attributes() if a != "video_processor"]
+'''
+
+
+def has_video_processor(processor_class: type) -> bool:
     import inspect
 
-    if "video_processor" not in inspect.signature(processor_class).parameters:
+    return "video_processor" in inspect.signature(processor_class).parameters
+
+
+def processor_note(processor_class: type, written: str | None = None) -> str | None:
+    """How stock transformers loads this export's processor where it is not plain `AutoProcessor.from_pretrained(DIR)`
+    (DIR names `written`, by default what write_processor_config names: a video-processor class, in an environment
+    without torchvision: PyPI's torchvision 0.28.0 is built against CUDA torch and does not load against torch
+    2.13.0+cpu, measured), or None."""
+    import importlib.util
+
+    written = written or IMAGE_ONLY.get(processor_class.__name__, processor_class.__name__)
+    if not has_video_processor(processor_class) or written != processor_class.__name__:
         return None
     if importlib.util.find_spec("torchvision") is not None:
         return None
-    return (f"stock AutoProcessor.from_pretrained(DIR) needs torchvision here ({processor_class.__name__} builds a "
-            "video processor) and this environment has none; install torchvision==0.28.0 (CUDA stack: PyPI; CPU "
-            "stack: --index-url https://download.pytorch.org/whl/cpu), or load AutoTokenizer and AutoImageProcessor "
-            "from DIR; the model, tokenizer, image processor and chat template load as they are")
+    return (f"stock AutoProcessor.from_pretrained(DIR) needs torchvision for {processor_class.__name__} (it builds a "
+            "video processor) and this environment has none: load it with AutoProcessor.from_pretrained(DIR, "
+            f"trust_remote_code=True) (DIR/{REMOTE_MODULE}.py, the stock class without the video processor)")
+
+
+def write_processor_config(tmp: str, family, model_config, processor) -> str:
+    """processor_config.json (what AutoProcessor reads), for loading without torchvision; returns the class it names.
+    A video-processor family: its image-only stock equivalent if it gives the same inputs as `processor`, else the
+    family's class plus the remote-code module without the video processor (auto_map, for trust_remote_code=True)."""
+    stock = family.processor_class.__name__
+    kwargs = family.processor_kwargs(model_config)
+    if stock in IMAGE_ONLY:
+        _write_json(os.path.join(tmp, "processor_config.json"), {"processor_class": IMAGE_ONLY[stock], **kwargs})
+        path = os.path.join(tmp, "tokenizer_config.json")
+        with open(path) as f:
+            tok = json.load(f)
+        extra = tok.get("extra_special_tokens") if isinstance(tok.get("extra_special_tokens"), dict) else {}
+        tok["extra_special_tokens"] = {**extra, "image_token": family.image_token}  # -> tokenizer.image_token(_id)
+        _write_json(path, tok)
+        if _same_inputs(tmp, processor):
+            return IMAGE_ONLY[stock]
+        _write_json(path, {k: v for k, v in tok.items() if k != "extra_special_tokens"} if not extra
+                    else {**tok, "extra_special_tokens": extra})
+    config = {"processor_class": stock, **kwargs}
+    if has_video_processor(family.processor_class):
+        with open(os.path.join(tmp, REMOTE_MODULE + ".py"), "w") as f:
+            f.write(REMOTE_CODE.format(stock=stock))
+        config["auto_map"] = {"AutoProcessor": f"{REMOTE_MODULE}.ImageOnly{stock}"}
+    _write_json(os.path.join(tmp, "processor_config.json"), config)
+    return stock
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _same_inputs(out_dir: str, processor) -> bool:
+    """Whether AutoProcessor.from_pretrained(out_dir) turns a two-image prompt (two sizes) into the inputs
+    `processor` (livr's) makes."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    stock = AutoProcessor.from_pretrained(out_dir)
+    images = [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (40, 96), (20, 90, 220))]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "probe"}]}]
+    text = stock.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if text != processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False):
+        return False
+    a = stock(text=[text], images=[images], return_tensors="pt")
+    b = processor(text=[text], images=[images], return_tensors="pt")
+    return set(a) <= set(b) and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
 
 
 def export_run(run_dir: str, out_dir: str, *, adapter_only: bool = False) -> dict:
@@ -87,13 +166,11 @@ def export_run(run_dir: str, out_dir: str, *, adapter_only: bool = False) -> dic
         processor.save_pretrained(tmp)  # tokenizer (+ latent tokens, + template) and image processor
         with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
             f.write(template)
-        with open(os.path.join(tmp, "processor_config.json"), "w") as f:  # what AutoProcessor passes to __init__
-            json.dump({"processor_class": lm.family.processor_class.__name__,
-                       **lm.family.processor_kwargs(model.config)}, f, indent=1)
+        info["processor_class"] = write_processor_config(tmp, lm.family, model.config, processor)
         with open(os.path.join(tmp, "livr_export.json"), "w") as f:
             json.dump(info, f, indent=1)
     info["mlflow_run_id"] = log_export(cfg, run_dir, out_dir)
-    note = processor_note(lm.family.processor_class)
+    note = processor_note(lm.family.processor_class, info["processor_class"])
     if note:
         info["processor_note"] = note
     return info

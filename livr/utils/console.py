@@ -21,6 +21,7 @@ NOISE_LOGS = {
     "DeepSpeed": ("Setting accelerator to CPU",),  # on import without a GPU (the export, the engine)
     "ray.train.v2._internal.execution.controller.placement_group_cleaner":
         ("Failed to query Ray Train Controller actor state",),  # polled while the controller shuts down
+    "transformers.processing_utils": ("`PaddleOCRVLProcessor` defines `image_processor_class",),  # livr export's check
     "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),  # a new sqlite store
 }
 

@@ -91,50 +91,46 @@ def stock_peft_logits(base, run_dir: str, batch: dict, forward_keys) -> torch.Te
         return stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **mm).logits
 
 
-def _stock_processor(out_dir: str, fam):
-    """AutoProcessor.from_pretrained(out_dir) where torchvision is installed. This CPU image has no torchvision, which
-    the stock video processors import, so the family's own processor class is built from the exported tokenizer
-    and image processor instead (livr's wrapper only lets video_processor be None; it changes no processing)."""
-    from transformers import AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(out_dir)
-    except ImportError:
-        from livr.backbones.base import processor_class_for
-
-        tok = AutoTokenizer.from_pretrained(out_dir)
-        ip = fam.image_processor_class.from_pretrained(out_dir)
-        from transformers import AutoConfig
-
-        return processor_class_for(fam.processor_class)(image_processor=ip, tokenizer=tok, video_processor=None,
-                                                       chat_template=tok.chat_template,
-                                                       **fam.processor_kwargs(AutoConfig.from_pretrained(
-                                                           out_dir, trust_remote_code=True)))
+# Families whose stock processor builds a video processor (needs torchvision) and has no image-only stock equivalent:
+# their export loads with AutoProcessor.from_pretrained(DIR, trust_remote_code=True) (DIR/processing_livr_export.py).
+# Every other family loads with plain AutoProcessor.from_pretrained(DIR), torchvision or not.
+REMOTE_PROCESSOR = {"llava_onevision"}
 
 
 def stock_answers(out_dir: str, lm, rows, max_new_tokens: int = 6, trust_remote_code: bool = False) -> list[str]:
-    """Greedy answers of an exported directory through stock transformers only: AutoModelForImageTextToText, the
-    exported chat template (asserted to end with the latents after the assistant header), generate."""
-    from transformers import AutoModelForImageTextToText
+    """Greedy answers of an exported directory through stock transformers only, in a process that never imports
+    livr (tests/stock_answers.py): AutoModelForImageTextToText, AutoProcessor (plain, as the README writes it, except
+    for REMOTE_PROCESSOR families), the exported chat template (it must end with the latents after the assistant
+    header), generate."""
+    import subprocess
+    import sys
+    import tempfile
 
     from livr.data.prompts import format_prompt
     from livr.data.sequence import images_of
 
-    model = AutoModelForImageTextToText.from_pretrained(out_dir, trust_remote_code=trust_remote_code).eval()
-    processor = _stock_processor(out_dir, lm.family)
+    work = tempfile.mkdtemp(dir=os.path.dirname(out_dir))
+    spec_rows = []
+    for i, row in enumerate(rows):
+        paths = []
+        for j, image in enumerate(images_of(row)):
+            paths.append(os.path.join(work, f"{i}_{j}.png"))
+            image.save(paths[-1])  # lossless: the same pixels
+        spec_rows.append({"prompt": format_prompt(row), "images": paths})
     latent_text = "".join(lm.tokenizer.convert_ids_to_tokens(lm.latent_ids))
-    got = []
-    for row in rows:
-        images = images_of(row)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": format_prompt(row)}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-        assert text.endswith(lm.family.assistant_header + latent_text), text[-80:]  # the latents after the header
-        inputs = processor(text=[text], images=[images], return_tensors="pt")
-        with torch.no_grad():
-            seq = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        got.append(processor.tokenizer.decode(seq[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-    return got
+    spec = {"dir": out_dir, "trust_remote_code": trust_remote_code, "max_new_tokens": max_new_tokens,
+            "processor_trust_remote_code": lm.family.name in REMOTE_PROCESSOR,
+            "expect_prompt_end": lm.family.assistant_header + latent_text, "rows": spec_rows}
+    with open(os.path.join(work, "spec.json"), "w") as f:
+        json.dump(spec, f)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stock_answers.py")
+    env = {**os.environ, "PYTHONPATH": "", "HF_MODULES_CACHE": os.path.join(work, "modules")}
+    p = subprocess.run([sys.executable, script, os.path.join(work, "spec.json")], cwd="/", env=env, check=False,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("stock answers: ")), None)
+    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    return json.loads(line[len("stock answers: "):])["answers"]
 
 
 def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp_path):

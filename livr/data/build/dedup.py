@@ -219,5 +219,5 @@ def load_index(dirs, clip: str | None = None, progress: bool = False) -> Exclude
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="indexing --exclude images", unit="example", leave=False)
+        it = tqdm(it, desc="indexing --exclude images", unit="example", leave=False, disable=None)  # terminal only
     return ExcludeIndex(it, clip=Clip(clip) if clip else None)

@@ -102,7 +102,7 @@ def _fill(spec: dict, task: str, split: str, units: list, n: int, seed: int, exc
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc=f"{task}/{split}", unit="row", leave=False)
+        bar = tqdm(total=n, desc=f"{task}/{split}", unit="row", leave=False, disable=None)  # None: on a terminal only
 
     def prep(arg):
         u, r = arg
