@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from livr import attention
 from livr.backbones import resolve_backbone_path
+from livr.backbones.preflight import check_before_loading
 from livr.checkpoint import recover_last, save_run_artifacts, seed_rng
 from livr.config import Config, from_dict, save_config
 from livr.console import progress_disabled
@@ -160,6 +161,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     # ---------------------------------------------------------------- setup
     ctx = setup_distributed(cfg)
     attention.check(cfg, resolve_device(cfg.model.device), training=True)  # before anything loads: kernels that cannot run here
+    check_before_loading(cfg)  # the backbone's config: refused models, expert LoRA without experts, kernels
     quiet = ctx.rank != 0 or os.environ.get("LIVR_QUIET") == "1"
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
     last = os.path.join(ckpt_dir, "last")
