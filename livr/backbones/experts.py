@@ -66,3 +66,29 @@ def _numel(shape) -> int:
     for d in shape:
         out *= d
     return out
+
+
+def fix_zero3_expert_layout() -> None:
+    """transformers 5.24 loads Qwen3-VL-MoE's fused experts through `Transpose(1, 2, check_dims=True)`: it transposes
+    a checkpoint tensor unless its shape already equals the model parameter's. Under ZeRO-3 (`zero.Init`) that
+    parameter is an empty partition, so a checkpoint already in the model's layout (any checkpoint saved by
+    transformers 5, livr's presets included) is transposed: a square stack silently, any other with a size
+    mismatch. Compare with the parameter's real shape (`ds_shape`) instead. Idempotent."""
+    from transformers.core_model_loading import Transpose
+
+    stock = Transpose.convert
+    if getattr(stock, "_livr_ds_shape", False):
+        return
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        model, name = kwargs.get("model"), kwargs.get("full_layer_name")
+        if self.check_dims and model is not None and name is not None:
+            shape = getattr(model.get_parameter(name), "ds_shape", None)
+            tensor = next(iter(input_dict.values()))
+            tensor = tensor[0] if isinstance(tensor, list) else tensor
+            if shape is not None and tuple(tensor.shape) == tuple(shape):
+                return {self.get_target_pattern(input_dict, source_patterns, target_patterns): tensor}
+        return stock(self, input_dict, source_patterns, target_patterns, **kwargs)
+
+    convert._livr_ds_shape = True
+    Transpose.convert = convert

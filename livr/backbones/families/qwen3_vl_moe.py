@@ -7,6 +7,7 @@ from typing import ClassVar
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .. import experts
 from ..registry import register
 from ..tokenizer import build_tokenizer, qwen_template
 from .qwen2_5_vl import QWEN_SPECIALS, TINY_TEXT, qwen_token_ids
@@ -23,6 +24,9 @@ class Qwen3_VL_Moe(Qwen3_VL):
     hub_id = "Qwen/Qwen3-VL-30B-A3B-Instruct"
     # its preprocessor_config.json: the Qwen3-VL processor settings (patch 16, merge 2)
     image_processor_defaults: ClassVar[dict] = Qwen3_VL.image_processor_defaults
+
+    def __init__(self):
+        experts.fix_zero3_expert_layout()  # its fused experts load transposed under ZeRO-3 otherwise
 
     def tiny_parts(self):
         """tiny-qwen3-vl's shape with a MoE MLP in both layers (4 experts of width 32, 2 per token) and an untied
