@@ -172,7 +172,8 @@ def test_flex_attention_for_a_hybrid_bottleneck_is_refused(no_loading, backbone_
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 (one process)
-def test_zero3_gathers_and_saves_the_expert_lora(backbone_cache, data_cache, tmp_path):
+@pytest.mark.parametrize("backbone", MOE)
+def test_zero3_gathers_and_saves_the_expert_lora(backbone, backbone_cache, data_cache, tmp_path):
     """`livr train` in one process under ZeRO-3 (every parameter really partitioned) with LoRA on the experts: the
     saved adapter holds every expert LoRA tensor at its full shape, trained (not the empty partitions), and stock
     PEFT loads it onto a fresh base."""
@@ -183,7 +184,7 @@ def test_zero3_gathers_and_saves_the_expert_lora(backbone_cache, data_cache, tmp
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "z3.json").write_text(json.dumps(ds))
     over = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
-        "model.backbone": "tiny-qwen3-vl-moe", **EXPERTS, "distributed.deepspeed": str(tmp_path / "z3.json"),
+        "model.backbone": backbone, **EXPERTS, "distributed.deepspeed": str(tmp_path / "z3.json"),
         "train.stage1_steps": 2, "train.stage2_steps": 2, "data.num_workers": 0, "eval.splits": "[val]",
         "name": "z3"})
     run = _livr_train(over)
@@ -191,18 +192,19 @@ def test_zero3_gathers_and_saves_the_expert_lora(backbone_cache, data_cache, tmp
     adapter = tmp_path / "runs" / "z3" / "adapter"
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     experts = {k: v for k, v in saved.items() if ".mlp.experts." in k}
-    r, e, h, i = 4, 4, 64, 32  # lora.r, experts, hidden, expert width of tiny-qwen3-vl-moe
+    r, e, h, i = 4, 4, 64, 32  # lora.r, experts, hidden, expert width of both tiny MoE presets
     want = {"lora_A": {(r * e, h), (r * e, i)}, "lora_B": {(2 * i, r * e), (h, r * e)}}
-    assert len(experts) == 2 * 2 * 2  # 2 layers x (gate_up_proj, down_proj) x (A, B)
+    layers = preset_parts(backbone)[0].get_text_config().num_hidden_layers
+    assert len(experts) == layers * 2 * 2  # (gate_up_proj, down_proj) x (A, B) per layer
     for k, v in experts.items():
         assert tuple(v.shape) in want["lora_A" if "lora_A" in k else "lora_B"], (k, v.shape)
     assert all(v.abs().sum() > 0 for k, v in experts.items() if "lora_B" in k)  # trained off their zero init
     # (the first step of each stage has learning rate 0: the warm-up starts at 0)
     from peft import PeftModel
 
-    bb = load_backbone("tiny-qwen3-vl-moe", cache_dir=backbone_cache)
+    bb = load_backbone(backbone, cache_dir=backbone_cache)
     with open(tmp_path / "runs" / "z3" / "vocab.json") as f:
         bb.model.resize_token_embeddings(json.load(f)["vocab"])
     stock = PeftModel.from_pretrained(bb.model, str(adapter))
     loaded = {n: p for n, p in stock.named_parameters() if ".mlp.experts." in n and "lora_B" in n}
-    assert len(loaded) == 4 and all(p.abs().sum() > 0 for p in loaded.values())
+    assert len(loaded) == 2 * layers and all(p.abs().sum() > 0 for p in loaded.values())
