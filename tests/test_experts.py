@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
-from test_adapter_reload import _as_if_trained, stock_peft_logits
+from test_adapter_reload import _as_if_trained, stock_answers, stock_peft_logits
 
 from livr.backbones import load_backbone, preset_parts
 from livr.backbones.preflight import check_before_loading
@@ -44,7 +44,7 @@ def _experts(model):
 def test_expert_lora_trains_and_the_router_stays_frozen(expert_run):
     """Every MoE layer's gate_up_proj and down_proj take a LoRA pair; one AdamW step moves it (the base experts and
     the router `mlp.gate` stay bit-identical and have no gradient); the expert LoRA changes the answer logits."""
-    cfg, lm, batch = expert_run
+    _, lm, batch = expert_run
     layers = lm.model.get_base_model().config.get_text_config().num_hidden_layers
     trainable = {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
     expert_lora = [n for n in trainable if ".mlp.experts." in n]
@@ -90,6 +90,44 @@ def test_expert_lora_reloads_in_stock_peft_exactly(expert_run):
     bb = load_backbone(cfg.model.backbone, cache_dir=cfg.model.cache_dir)
     out = stock_peft_logits(bb.model, cfg.run_dir, batch, lm.family.forward_keys)
     assert torch.equal(out, logits), f"max |Δ| {(out - logits).abs().max():.3g}"
+
+
+def test_export_merges_the_expert_lora_for_stock_transformers(expert_run, tmp_path):
+    """`livr export` merges the expert LoRA into the fused expert weights: stock AutoModelForImageTextToText +
+    generate give livr eval's answers."""
+    from livr.cli import main
+    from livr.evaluate import evaluate_rows
+
+    cfg, lm, _ = expert_run
+    _as_if_trained(lm, seed=11)
+    lm.model.eval()
+    save_run_artifacts(lm, cfg.run_dir)
+    out = str(tmp_path / "export")
+    assert main(["export", "--run", cfg.run_dir, "--out", out]) == 0
+    rows = generate_task("Counting", 2, seed=4) + generate_task("Jigsaw", 1, seed=4)
+    want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
+    assert stock_answers(out, lm, rows) == want
+
+
+def test_two_stage_expert_lora_run_resumes_exactly(backbone_cache, data_cache, tmp_path):
+    """`livr train` (torch engine) with expert LoRA on tiny-qwen3-vl-moe, two stages; killed after step 3 and
+    resumed, it ends with the uninterrupted run's weights (expert LoRA included), bit for bit."""
+    from test_gpu_readiness import _livr_train
+
+    base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
+        "model.backbone": "tiny-qwen3-vl-moe", **EXPERTS, "train.stage1_steps": 2, "train.stage2_steps": 2,
+        "distributed.checkpoint_every": 1, "data.num_workers": 0, "eval.splits": "[val]"})
+    whole = _livr_train(base + ["name=whole"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = _livr_train(base + ["name=cut"], {"LIVR_FAIL_AT_STEP": "3"})
+    assert cut.returncode != 0 and "injected failure at step 3" in cut.stderr, cut.stderr[-2000:]
+    again = _livr_train(base + ["name=cut"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = tmp_path / "runs"
+    a, b = (load_file(str(runs / n / "checkpoints" / "last" / "trainable.safetensors")) for n in ("whole", "cut"))
+    assert a.keys() == b.keys() and any(".mlp.experts." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".mlp.experts." in k and "lora_B" in k and v.abs().sum() > 0 for k, v in a.items())
 
 
 @pytest.mark.parametrize("experts", [False, True])
