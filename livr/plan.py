@@ -42,12 +42,10 @@ P = all parameters, T = trainable, N = GPUs, V = vocab rows, h = hidden, A = lab
              into a full copy of the embedding table (and of a tied head, kept for backward) every forward, and
              the backward builds a dense V×h gradient before keeping the rows (measured on CPU for the
              Qwen2.5-VL-3B width: 2 merged copies + 2 dense gradients of 1.16 GiB each allocated per step)
-  experts    MoE layers: the routed experts are in P (weights); LoRA on them (lora.expert_targets) adds r·E·(in + out)
-             per targeted 3-D parameter to T, and each forward parametrises the layer's targeted expert stack as a
-             new tensor W + s·B·A kept for the backward: expert_copies = that stack·b per MoE layer (one layer's
-             with checkpointing; one layer's transient in evaluation). The MLP width i of the activations is the
-             active one, k routed experts + a shared expert. "active" = parameters one token runs through (P less
-             the (E - k)/E of the experts it is not routed to)
+  experts    (MoE) in P; lora.expert_targets adds r·E·(in + out) per targeted 3-D parameter to T, and each forward
+             builds the layer's stack W + s·B·A, kept for backward: expert_copies = stack·b per MoE layer (one with
+             checkpointing; one transient in evaluation). i = the active width (k experts + a shared one);
+             active = P less the (E - k)/E of the experts a token is not routed to
   overhead   1 GiB            CUDA context, kernels, allocator slack
 Evaluation (greedy generation of eval.batch_size B rows of length L during training: weights and optimizer states stay
 resident, gradients are freed; no activations are kept for backward):
