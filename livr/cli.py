@@ -9,6 +9,9 @@ import sys
 
 
 def _config(args):
+    # the layers that own task names, packing and declared families register those config checks: imported first
+    import livr.backbones.declared
+    import livr.data.packing  # noqa: F401
     from livr.config import load_config
 
     return load_config(args.config, args.overrides)

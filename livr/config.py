@@ -57,6 +57,9 @@ class LoraConfig:
     targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # LoRA on a MoE model's fused 3-D expert weights (gate_up_proj, down_proj; PEFT target_parameters; needs
+    # dropout 0); [] = off. The router never trains. livr/backbones/experts.py
+    expert_targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -418,6 +421,14 @@ def _check_optim(o: OptimConfig) -> None:
         _fail("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
 
 
+def _check_expert_targets(lora: LoraConfig) -> None:
+    for name in lora.expert_targets:
+        _one_of("lora.expert_targets", name, ("gate_up_proj", "down_proj"))
+    if lora.expert_targets and lora.dropout:
+        _fail("lora.expert_targets", lora.expert_targets, f"PEFT's LoRA on 3-D expert weights takes no dropout; set "
+              f"lora.dropout=0 (is {lora.dropout})")
+
+
 def looks_like_path(backbone: str) -> bool:
     """A local path rather than a preset name or hub id (`org/name`, one '/'): starts with '/', '.' or '~', holds a
     backslash, or has more than one '/'."""
@@ -490,6 +501,7 @@ def validate(cfg: Config) -> Config:
             _fail(f"lora.{key}", getattr(cfg.lora, key), "must be >= 1")
     if not 0 <= cfg.lora.dropout < 1:
         _fail("lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+    _check_expert_targets(cfg.lora)
     if not cfg.data.tasks:
         _fail("data.tasks", cfg.data.tasks, "needs at least one task")
     if cfg.data.cache_mib < 0:

@@ -1,5 +1,7 @@
 """Shared test set-up: offline, quiet, everything written under pytest's tmp dirs."""
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -34,3 +36,11 @@ def tiny_overrides(backbone_cache: str, data_cache: str, tmp_path, **extra) -> l
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def livr_train(overrides: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`livr train` as a user runs it: one process, no launcher, no RANK/WORLD_SIZE in the environment."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-m", "livr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),
+                           *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)

@@ -24,6 +24,8 @@ def _err(capsys) -> str:
     ("Counting,Jigsaw", "a list is written data.tasks=[Counting,Jigsaw]"),
 ])
 def test_task_names_hint_the_spelling_and_the_list_syntax(value, hint):
+    import livr.data.tasks  # noqa: F401 (the data layer registers the task-name check; every entry point imports it)
+
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"data.tasks={value}"])
     assert hint in str(e.value) and "\n" not in str(e.value)
@@ -140,7 +142,7 @@ def test_known_third_party_noise_is_filtered_and_nothing_else():
 
 def test_causal_suite_reports_progress(monkeypatch, capsys):
     """`livr inspect --causal` runs minutes on a CPU: one line per phase on stderr, none under LIVR_QUIET=1."""
-    from livr import causal_report
+    from livr.insight import causal_report
 
     for name in ("interventions", "patching", "representations"):
         monkeypatch.setattr(causal_report, name, lambda *a, _n=name, **k: {"ran": _n})

@@ -311,6 +311,12 @@ def make_processor(family: Family, image_processor, tokenizer, config, chat_temp
                **video, **family.processor_kwargs(config))
 
 
+
+def flex_capable(family) -> bool:
+    """Whether the family's own attention rule is one causal mask for every layer (what a flex BlockMask carries)."""
+    return type(family).own_allowed is Family.own_allowed
+
+
 # ----------------------------------------------------------------------------- the registry's table
 FAMILIES: dict[str, Family] = {}
 # model types livr knows and refuses, with why (a faithful bottleneck for them does not exist yet)

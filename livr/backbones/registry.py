@@ -13,6 +13,7 @@ intermediate 128; vision depth 2, hidden 32; BPE vocab 1024 + specials). Measure
 fp32 sdpa, fwd+bwd of one example (chat template + one 112x112 image):
   tiny-qwen2.5-vl       289,888 params  untied  112px -> 16 tokens, 56px -> 4, capped at 224x224 (64)  ~10 ms
   tiny-qwen3-vl         258,272 params  tied    112px -> 16 (resized to 128), 56px -> 4, cap 256x256    ~10 ms
+  tiny-qwen3-vl-moe     324,768 params  untied  as tiny-qwen3-vl; 4 experts of width 32, 2 per token
   tiny-llava-onevision  248,864 params  untied  alone in its example: 112px or 56px -> 36 tokens;
                                                 two images per example: 17 tokens each                   ~10 ms
 
@@ -26,6 +27,7 @@ layers and the first min(N, depth) vision blocks, so a CPU can run a step at tru
   size-qwen3-vl-4b         Qwen/Qwen3-VL-4B-Instruct                4,437,815,808 params (36 layers, vision 24)
   size-llava-onevision-7b  llava-hf/llava-onevision-qwen2-7b-ov-hf  8,030,807,584 params (28 layers, vision 26)
   size-gemma-3-4b          google/gemma-3-4b-it                     4,300,079,472 params (34 layers, vision 27)
+  size-qwen3-vl-30b-a3b    Qwen/Qwen3-VL-30B-A3B-Instruct          31,070,754,032 params (48 layers, vision 27; MoE)
 A materialised preset lives in <cache_dir>/<name>-L<depth> (tiny presets at their own depth: <cache_dir>/<name>);
 its livr_preset.json records name, seed, depth and dtype.
 """

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from livr.backbones.base import flex_capable
+
 FLASH = ("flash_attention_2", "flash_attention_3")
 MASK_KERNELS = ("sdpa", "eager", "flex_attention")  # kernels that take livr's Stage-1 mask
 
@@ -59,12 +61,6 @@ def resolve(cfg, device: torch.device, family=None) -> AttentionPlan:
     if vision == "auto":
         vision = "flash_attention_2" if cuda and flash_available("flash_attention_2") else "sdpa"
     return AttentionPlan(stage1, m.attn_implementation_stage2 or stage1, vision)
-
-
-def flex_capable(family) -> bool:
-    from livr.backbones.base import Family
-
-    return type(family).own_allowed is Family.own_allowed
 
 
 def check(cfg, device: torch.device, training: bool = False) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from livr.backbones import Backbone, family_for, load_backbone, resolve_backbone_path
+from livr.backbones import Backbone, experts, load_backbone, preflight, resolve_backbone_path
 from livr.backbones.declared import declared_family
 from livr.config import Config, ConfigError
 from livr.data.sequence import SequenceBuilder
@@ -185,8 +185,9 @@ def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = T
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_zero_stage(cfg, 3 if loading else 0)
     attention.check(cfg, device)
-    family = declared_family(cfg.model.family) if cfg.model.family else family_for(
-        resolve_backbone_path(cfg.model.backbone, cfg.model.cache_dir, cfg.model.num_layers), cfg.model.trust_remote_code)
+    path = resolve_backbone_path(cfg.model.backbone, cfg.model.cache_dir, cfg.model.num_layers)
+    family = declared_family(cfg.model.family) if cfg.model.family else preflight.registered_family(cfg, path)
+    preflight.check_backbone(cfg, preflight.config_at(path, cfg.model.trust_remote_code), family)  # before loading
     kernels = attention.resolve(cfg, device, family)
     bb = load_backbone(
         cfg.model.backbone, cache_dir=cfg.model.cache_dir, dtype=dtype, device=str(device),
@@ -268,6 +269,7 @@ def _peft(cfg: Config, bb: Backbone, ids: list[int], adapter_dir: str | None, tr
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=lora_regex(bb.family.lora_target_regex, bb.family.lora_targets(cfg.lora.targets)),
         trainable_token_indices=tokens,  # the untied head's rows: saved, frozen (see _freeze_head_rows)
+        target_parameters=experts.target_parameters(cfg.lora.expert_targets),  # MoE experts (off by default)
     )
     with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only (not on whether a
         torch.manual_seed(cfg.train.seed)     # preset was just materialised, which consumes RNG)

@@ -43,11 +43,13 @@ def _text(config):
 
 
 def lm_dims(config) -> dict:
+    from livr.backbones.experts import mlp_width  # a MoE's f: the k routed experts (+ a shared one) a token runs
+
     t = _text(config)
     d, layers, heads = t.hidden_size, t.num_hidden_layers, t.num_attention_heads
     h = getattr(t, "head_dim", None) or d // heads
     kv = getattr(t, "num_key_value_heads", None) or heads
-    return {"L": layers, "d": d, "H": heads, "h": h, "Hkv": kv, "f": t.intermediate_size,
+    return {"L": layers, "d": d, "H": heads, "h": h, "Hkv": kv, "f": mlp_width(t),
             "q": heads * h, "kv": kv * h}
 
 

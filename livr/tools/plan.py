@@ -42,6 +42,10 @@ P = all parameters, T = trainable, N = GPUs, V = vocab rows, h = hidden, A = lab
              into a full copy of the embedding table (and of a tied head, kept for backward) every forward, and
              the backward builds a dense V×h gradient before keeping the rows (measured on CPU for the
              Qwen2.5-VL-3B width: 2 merged copies + 2 dense gradients of 1.16 GiB each allocated per step)
+  experts    (MoE) in P; lora.expert_targets adds r·E·(in + out) per targeted 3-D parameter to T, and each forward
+             builds the layer's stack W + s·B·A, kept for backward: expert_copies = stack·b per MoE layer (one with
+             checkpointing; one transient in evaluation). i = the active width (k experts + a shared one);
+             active = P less the (E - k)/E of the experts a token is not routed to
   overhead   1 GiB            CUDA context, kernels, allocator slack
 Evaluation (greedy generation of eval.batch_size B rows of length L during training: weights and optimizer states stay
 resident, gradients are freed; no activations are kept for backward):
@@ -87,12 +91,14 @@ def count_parameters(cfg) -> dict:
     """Exact counts from the config: total, language model, vision+projector, LoRA, latent rows, layer max."""
     import torch
 
+    from livr.backbones import experts, preflight
     from livr.model.build import lora_regex
-    from livr.tools.plan_data import config_model, plan_family
+    from livr.tools.plan_data import config_model
 
     config, source = backbone_config(cfg.model.backbone, cfg.model.cache_dir, getattr(cfg.model, "num_layers", 0),
                                      cfg.model.trust_remote_code)
-    family = plan_family(cfg, config)
+    family = preflight.family_of(cfg, config)
+    preflight.check_backbone(cfg, config, family)
     with torch.device("meta"):
         model = config_model(family, config, cfg.model.trust_remote_code)
     head = model.get_output_embeddings()
@@ -100,13 +106,15 @@ def count_parameters(cfg) -> dict:
     params = dict(model.named_parameters())  # tied weights appear once
     total = sum(p.numel() for p in params.values())
     vision = sum(p.numel() for n, p in params.items() if frozen.fullmatch(n))
-    target = re.compile(lora_regex(family.lora_target_regex, cfg.lora.targets))
+    target = re.compile(lora_regex(family.lora_target_regex, family.lora_targets(cfg.lora.targets)))
     lora, matched = 0, set()
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and target.fullmatch(name):
             lora += cfg.lora.r * (mod.in_features + mod.out_features)
             matched.add(name.rsplit(".", 1)[-1])
     text = config.get_text_config()
+    moe = experts.counts(model, text, cfg.lora.r, cfg.lora.expert_targets)
+    lora += moe["expert_lora"]
     h = text.hidden_size
     k = cfg.latents.num_latents
     layers = next(m for n, m in model.named_modules() if re.fullmatch(r"(.*\.)?language_model\.layers", n))
@@ -119,7 +127,7 @@ def count_parameters(cfg) -> dict:
         "hidden": h, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
         "q_dim": text.num_attention_heads * head_dim,
         "kv_dim": getattr(text, "num_key_value_heads", text.num_attention_heads) * head_dim,
-        "intermediate": text.intermediate_size, "vocab": text.vocab_size,
+        "intermediate": experts.mlp_width(text), "vocab": text.vocab_size, **moe, "active": total - moe["inactive"],
         "tied": head is not None and head.weight is model.get_input_embeddings().weight,
         "vision_depth": _vision_depth(config),
     }
@@ -177,8 +185,9 @@ def estimate(c: dict, *, b: int, stage: int, gpus: int, seq: int, micro: int, ch
     mask = micro * seq * seq * b if livr_mask else 0
     logits = micro * min(labelled, seq) * c["vocab"] * (b + 8 + (4 if b < 4 else 0))
     rows = c["vocab"] * h * b * (2 if c.get("tied") else 1) if c["latent_rows"] else 0
+    copies = c.get("expert_layer_copy", 0) * b * (1 if checkpointing else c.get("expert_layers", 0))
     out = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts, "mask": mask,
-           "logits": logits, "latent_rows": rows, "overhead": OVERHEAD}
+           "logits": logits, "latent_rows": rows, "expert_copies": copies, "overhead": OVERHEAD}
     out["total"] = sum(out.values())
     out["cpu_offload"] = cpu
     return out
@@ -191,7 +200,8 @@ def estimate_eval(c: dict, train: dict, *, b: int, seq: int, batch: int, new_tok
     h, q, kv, i = c["hidden"], c["q_dim"], c["kv_dim"], c["intermediate"]
     out = {"weights": train["weights"], "optimizer": train["optimizer"],
            "kv_cache": c["layers"] * 2 * batch * (seq + new_tokens) * kv * b,
-           "prefill": batch * seq * b * (3 * h + q + 2 * kv + 2 * i) + (2 * batch * c["heads"] * seq * seq * b if eager else 0),
+           "prefill": batch * seq * b * (3 * h + q + 2 * kv + 2 * i) + (2 * batch * c["heads"] * seq * seq * b if eager else 0)
+           + c.get("expert_layer_copy", 0) * b,  # one MoE layer's parametrised expert stack (lora.expert_targets)
            "mask": batch * seq * seq * b if bottleneck_mask else 0,
            "logits": batch * c["vocab"] * (b + 4), "pixels": batch * pixel_bytes * b / 4, "overhead": OVERHEAD}
     out["total"] = sum(out.values())
@@ -325,8 +335,10 @@ def format_plan(p: dict) -> str:
     lines = [
         f"livr plan: {c['backbone']} ({c['family']}; config: {c['config_source']})",
         f"  parameters   {c['total']:,} (language model {c['language_model']:,}, vision + projector {c['vision']:,})",
+        *([(f"  experts      {c['experts']:,} in {c['num_experts']} routed experts per MoE layer, "
+           f"{c['experts_per_token']} per token: active {c['active']:,} per token")] if c["experts"] else []),
         (f"  trainable    {c['trainable']:,} = LoRA r{s['lora_r']} on {targets or 'nothing'} {c['lora']:,}"
-         f" + latent rows {c['latent_rows']:,}"),
+         + (f" (experts {c['expert_lora']:,})" if c["expert_lora"] else "") + f" + latent rows {c['latent_rows']:,}"),
         (f"  LM shape     hidden {c['hidden']}, layers {c['layers']}{depth}, heads {c['heads']}, q {c['q_dim']}, "
          f"kv {c['kv_dim']}, MLP {c['intermediate']}, vocab {c['vocab']}, head {'tied' if c['tied'] else 'untied'}; "
          f"vision depth {c['vision_depth']}"),
@@ -350,8 +362,8 @@ def format_plan(p: dict) -> str:
         + f", {s['gpus']} GPU(s), micro-batch {s['micro_batch']}, sequence {s['seq_len']} tokens",
         f"  per GPU (GiB)         {'no ckpt':>9} {'grad ckpt':>10}",
     ]
-    for key in ("weights", "gradients", "optimizer", "activations", "mask", "logits", "latent_rows", "overhead",
-                "train_total"):
+    for key in ("weights", "gradients", "optimizer", "activations", "mask", "logits", "latent_rows", "expert_copies",
+                "overhead", "train_total"):
         lines.append(f"    {key:<19} {a[key] / GIB:9.2f} {g[key] / GIB:10.2f}")
     ea, eg = p["evaluation"]["no_checkpointing"], p["evaluation"]["checkpointing"]
     lines.append(f"  evaluating (batch {s['eval_batch']}, same GPU)")

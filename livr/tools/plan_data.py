@@ -5,56 +5,15 @@ from __future__ import annotations
 
 import os
 
+from livr.backbones.preflight import backbone_config, plan_family
+
 MIB = 1024**2
-SHIPPED = os.path.join(os.path.dirname(__file__), "backbones", "configs")
 # A BLINK-like multiple-choice prompt (for --images N --image-size WxH, where there are no rows to read)
 DEFAULT_PROMPT = ("Given the images, which option best answers the question about the objects, their positions "
                   "and their appearance? Look at every image carefully before answering.\nSelect from the "
                   "following choices.\n(A) the first option\n(B) the second option\n(C) the third option\n"
                   "(D) the fourth option")
 
-
-
-def backbone_config(name_or_path: str, cache_dir: str, num_layers: int = 0, trust_remote_code: bool = False):
-    """(transformers config, where it came from) for a preset (built in memory, never materialised), a local
-    dir, a shipped copy, or a hub id; cut to `num_layers` decoder layers when > 0."""
-    from transformers import AutoConfig
-
-    from livr.backbones import preset_parts
-    from livr.backbones.base import shipped_config
-    from livr.backbones.registry import SIZE_HUB_IDS, is_preset, truncate_config
-
-    if is_preset(name_or_path):
-        config = preset_parts(name_or_path, num_layers)[0]
-        hub = SIZE_HUB_IDS.get(name_or_path)
-        return config, f"preset {name_or_path}" + (f" = {hub}'s architecture" if hub else "")
-    path = os.path.expanduser(name_or_path)
-    if os.path.isdir(path):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        source = os.path.join(os.path.abspath(path), "config.json")
-    elif (config := shipped_config(name_or_path)) is not None:
-        source = os.path.join(SHIPPED, name_or_path.replace("/", "__") + ".json")
-    else:
-        try:
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-            source = f"{name_or_path} (HF cache / hub)"
-        except OSError as e:
-            raise FileNotFoundError(
-                f"cannot read the config of {name_or_path!r} ({str(e).splitlines()[0]}): livr plan needs it from "
-                f"the HF cache or the hub (unset HF_HUB_OFFLINE once), or model.backbone=<a local dir with config.json>"
-            ) from None
-    return truncate_config(config, num_layers, name_or_path), source
-
-
-def plan_family(cfg, config):
-    """The family livr trains `config` with: the config-declared one (`model.family`) if any, else the registry's."""
-    if getattr(cfg.model, "family", None):
-        from livr.backbones.declared import declared_family
-
-        return declared_family(cfg.model.family)
-    from livr.backbones import family_for
-
-    return family_for(config.model_type)
 
 
 def config_model(family, config, trust_remote_code: bool = False):

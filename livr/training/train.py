@@ -20,7 +20,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from livr.backbones import resolve_backbone_path
-from livr.config import Config, from_dict, save_config
+from livr.backbones.preflight import check_before_loading
+from livr.config import Config, from_dict, save_config, validate
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.packing import check_config as check_packing
 from livr.data.packing import step_rows
@@ -133,7 +134,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
     SIGINT / SIGTERM: the step finishes, a checkpoint is written, the MLflow run ends KILLED and `RunStopped`
     is raised; a crash ends it FAILED (`livr.training.lifecycle`).
     """
-    cfg = cfg if isinstance(cfg, Config) else from_dict(cfg)
+    cfg = validate(cfg) if isinstance(cfg, Config) else from_dict(cfg)  # (with the checks of data and backbones)
     if report is None and os.environ.get("RANK", "0") == "0" and not lock_held(cfg.run_dir):
         with run_lock(cfg.run_dir):  # running alone, this process owns the run: one live run per directory
             return train_worker(cfg, resume_from=resume_from)
@@ -161,6 +162,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
     # ---------------------------------------------------------------- setup
     ctx = setup_distributed(cfg)
     attention.check(cfg, resolve_device(cfg.model.device), training=True)  # before anything loads: kernels that cannot run here
+    check_before_loading(cfg)  # the backbone's config: refused models, expert LoRA without experts, kernels
     quiet = ctx.rank != 0 or os.environ.get("LIVR_QUIET") == "1"
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
     last = os.path.join(ckpt_dir, "last")

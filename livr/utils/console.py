@@ -62,6 +62,12 @@ def plain_progress() -> None:
         return
     for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(key, "1")  # (transformers follows huggingface_hub's setting)
+    # a library already imported read those variables at its import: switch its bars off directly
+    for module, off in (("transformers.utils.logging", "disable_progress_bar"),
+                        ("huggingface_hub.utils", "disable_progress_bars"),
+                        ("datasets.utils.logging", "disable_progress_bar")):
+        if module in sys.modules:
+            getattr(sys.modules[module], off)()
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's worker-log prefixes without ANSI colour codes
 
 

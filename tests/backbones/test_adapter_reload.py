@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 
 from livr.backbones import TINY_PRESETS, load_backbone
 from livr.config import load_config, save_config
@@ -123,7 +123,7 @@ def stock_answers(out_dir: str, lm, rows, max_new_tokens: int = 6, trust_remote_
             "expect_prompt_end": lm.family.assistant_header + latent_text, "rows": spec_rows}
     with open(os.path.join(work, "spec.json"), "w") as f:
         json.dump(spec, f)
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stock_answers.py")
+    script = os.path.join(ROOT, "tests", "stock_answers.py")
     env = {**os.environ, "PYTHONPATH": "", "HF_MODULES_CACHE": os.path.join(work, "modules")}
     p = subprocess.run([sys.executable, script, os.path.join(work, "spec.json")], cwd="/", env=env, check=False,
                        capture_output=True, text=True, timeout=300)

@@ -216,10 +216,11 @@ def test_lora_and_frozen_regexes(name):
     vision_prefixes = ("model.visual", "model.vision_tower", "model.multi_modal_projector", "model.image_newline")
     lora = [n for n, _ in model.named_modules() if re.fullmatch(fam.lora_target_regex, n)]
     # every linear projection of the LM's layers (attention q/k/v/o, a hybrid's linear-attention projections, the
-    # MLP or a MoE's shared-expert MLP), never a MoE router (`mlp.gate`, `shared_expert_gate`)
+    # MLP or a MoE's shared-expert MLP), never a MoE router (`mlp.gate`, `shared_expert_gate`); a MoE without a shared
+    # expert (Qwen3-VL-MoE) has only its attention projections as Linear layers (its experts are 3-D parameters)
     proj = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
             and n.startswith("model.language_model.layers.") and not re.search(r"\.(gate|shared_expert_gate)$", n)]
-    assert sorted(lora) == sorted(proj) and len(lora) >= 7 * model.config.get_text_config().num_hidden_layers
+    assert sorted(lora) == sorted(proj) and len(lora) >= 4 * model.config.get_text_config().num_hidden_layers
     assert all(n.startswith("model.language_model.layers.") for n in lora)
     assert not any(re.fullmatch(fam.frozen_module_regex, n) for n in lora)
     for n, _ in model.named_parameters():

@@ -32,6 +32,7 @@ FAMILIES = list(TINY_PRESETS)  # every registered family, through its tiny prese
 SPEC = {
     "qwen2_5_vl": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
     "qwen3_vl": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
+    "qwen3_vl_moe": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
     "llava_onevision": {"image": "<image>", "header": "<|im_start|>assistant\n", "eot": "<|im_end|>"},
     # Qwen3.5's chat template: thinking on by default, so the generation prompt opens a think block
     "qwen3_5": {"image": "<|image_pad|>", "header": "<|im_start|>assistant\n<think>\n", "eot": "<|im_end|>"},

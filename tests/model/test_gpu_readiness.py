@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, livr_train, tiny_overrides
 from safetensors.torch import load_file
 
 
@@ -20,25 +20,17 @@ def _offload_json(tmp_path) -> str:
     return str(path)
 
 
-def _livr_train(overrides: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    """`livr train` as a user runs it: one process, no launcher, no RANK/WORLD_SIZE in the environment."""
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-m", "livr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),
-                           *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
-
-
 def test_one_process_zero3_offload_trains_two_stages_and_resumes_exactly(backbone_cache, data_cache, tmp_path):
     ds = _offload_json(tmp_path)
     base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
         "distributed.deepspeed": ds, "train.stage1_steps": 2, "train.stage2_steps": 2, "distributed.checkpoint_every": 1,
         "data.num_workers": 0, "eval.splits": "[val]"})
-    whole = _livr_train(base + ["name=whole"])
+    whole = livr_train(base + ["name=whole"])
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "mpi4py" not in whole.stderr
-    cut = _livr_train(base + ["name=cut"], {"LIVR_FAIL_AT_STEP": "3"})
+    cut = livr_train(base + ["name=cut"], {"LIVR_FAIL_AT_STEP": "3"})
     assert cut.returncode != 0 and "injected failure at step 3" in cut.stderr, cut.stderr[-2000:]
-    again = _livr_train(base + ["name=cut"])
+    again = livr_train(base + ["name=cut"])
     assert again.returncode == 0, again.stderr[-3000:]
     runs = tmp_path / "runs"
     got = {n: json.loads((runs / n / "final_metrics.json").read_text()) for n in ("whole", "cut")}

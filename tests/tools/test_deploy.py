@@ -228,7 +228,8 @@ def test_train_logs_to_mlflow_server_over_http(mlflow_server, backbone_cache, da
 
 
 # ----------------------------------------------------------------------------- livr plan
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-llava-onevision", "tiny-qwen3-vl-moe",
+                                    "tiny-qwen3.5-moe"])
 def test_plan_counts_equal_measured(preset, backbone_cache, tmp_path):
     """plan's total = sum(p.numel()) of the loaded backbone; plan's trainable = LoRA + (K+1)·hidden latent rows
     = the trainable parameter count of build_model (PEFT's LoRA A/B and trainable_tokens delta)."""
