@@ -9,6 +9,7 @@ import re
 import shlex
 import time
 
+import pytest
 from conftest import tiny_overrides
 
 from livr.cli import main
@@ -136,6 +137,7 @@ def _placed(argv: list[str], tmp_path, first_run) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_docs_cpu_blocks_run_as_written(backbone_cache, data_cache, tmp_path, monkeypatch, capsys):
     """Each command of every `cpu` block runs and exits 0. The first `livr train` (docs/quickstart.md's) runs as its
     own process logged to a file, as a newcomer's would: no progress-bar escape codes, one line per epoch with loss

@@ -149,6 +149,7 @@ def q25_depth2(tmp_path_factory):
     return resolve_backbone_path("size-qwen2.5-vl-3b", str(cache), num_layers=2)
 
 
+@pytest.mark.slow
 def test_size_preset_depth2_materialises_loads_and_steps(q25_depth2):
     """Offline materialisation at depth 2 (true width), stamped; through build_model (K=4 latents in the padded
     vocab rows, LoRA); one Stage-1 forward + backward on a 448x448 image (256 image tokens) in fp32, and a forward

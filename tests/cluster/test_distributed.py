@@ -8,6 +8,8 @@ from conftest import tiny_overrides
 
 from livr.config import ConfigError, load_config
 
+pytestmark = pytest.mark.slow  # real clusters / servers / whole runs: not in the fast tier
+
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LIVR_QUIET": "1",
        "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test clusters only

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, tiny_overrides
 
+pytestmark = pytest.mark.slow  # real clusters / servers / whole runs: not in the fast tier
+
 BINS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
 SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 

@@ -120,6 +120,7 @@ def ray_cluster():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_asha_sweep_mlflow_best_config(ray_cluster, backbone_cache, data_cache, tmp_path):
     from livr.cli import main
     from livr.cluster.tune import run_sweep
@@ -203,6 +204,7 @@ class _Payload:
         return (os.mkdir, (self.path,))
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cache, data_cache, tmp_path, monkeypatch):
     """The driver (the real CLI, in a subprocess) is stopped (SIGINT) while its second trial has written its
     first epoch's checkpoint but Tune holds no result of it; a planted pickle in Tune's state is refused; the
@@ -216,7 +218,7 @@ def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cach
     space = {"latents.num_latents": {"grid": [2, 4, 8]}}
     ov = _overrides(backbone_cache, data_cache, tmp_path, space, name="resume",
                     **{"tune.max_concurrent_trials": 1, "tune.scheduler": "fifo", "train.stage1_epochs": 1,
-                       "train.stage2_epochs": 1})
+                       "train.stage2_epochs": 1, "data.train_size": 16})  # 4 steps an epoch
     (tmp_path / "sweep.yaml").write_text("name: resume\n")
     cmd = [sys.executable, "-m", "livr.cli", "tune", "--config", str(tmp_path / "sweep.yaml"), *ov]
     xdg = tmp_path / "xdg"  # the signing key lives here, outside the sweep's storage
@@ -266,15 +268,15 @@ def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cach
     resumed = [d for d in trials if len(_read(str(sweep / d / "trial_starts.log")).splitlines()) == 2]
     assert len(resumed) == 1  # the interrupted one
     with open(sweep / resumed[0] / "final_metrics.json") as f:
-        assert json.load(f)["resumed_from"] == [8]  # from its own checkpoint after epoch 1, Tune knowing nothing
+        assert json.load(f)["resumed_from"] == [4]  # from its own checkpoint after epoch 1, Tune knowing nothing
     import csv
 
     with open(sweep / "results.csv") as f:
         rows = {r["trial"]: r for r in csv.DictReader(f)}
     assert len(rows) == 3
-    for r in rows.values():  # the resumed trial too: 2 of 2 epochs (not Tune's restarted count), 16 of 16 steps
+    for r in rows.values():  # the resumed trial too: 2 of 2 epochs (not Tune's restarted count), 8 of 8 steps
         assert (r["epochs"], r["planned_epochs"], r["steps"], r["planned_steps"], r["status"]) == \
-            ("2", "2", "16", "16", "completed"), r
+            ("2", "2", "8", "8", "completed"), r
     client, runs = _mlflow_runs(uri)
     parent = [r for r in runs if r.data.tags.get("livr.sweep") == "true"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
@@ -284,6 +286,7 @@ def test_resume_after_interrupt_keeps_finished_trials(ray_cluster, backbone_cach
     assert len(client.get_metric_history(first_child.info.run_id, "stage2/val_accuracy")) == 1
 
 
+@pytest.mark.slow
 def test_tune_over_ray_train_two_workers_per_trial(ray_cluster, backbone_cache, data_cache, tmp_path):
     from livr.cluster.tune import run_sweep
 

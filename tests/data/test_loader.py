@@ -83,6 +83,7 @@ def test_a_bad_row_in_a_worker_is_a_one_line_error(lm_rows):
     assert "Counting_bad_3" in str(e.value) and "\n" not in str(e.value) and "worker" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_truncated_image_passes_loading_and_fails_when_encoded_naming_its_row(lm_rows, tmp_path):
     """Loading checks image headers only (cheap at 6k rows); the full decode happens in a loader worker, and a
     file damaged past its header is then the same one-line error naming task and idx."""
@@ -110,6 +111,7 @@ def test_a_truncated_image_passes_loading_and_fails_when_encoded_naming_its_row(
     assert str(e.value).startswith("Counting idx=Counting_cut_1") and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_pixel_budget_caps_image_tokens(backbone_cache, data_cache, tmp_path):
     row = generate_task("Counting", 1, seed=0, image_size=224)[0]
     image_id = None

@@ -69,6 +69,7 @@ def _packed_worker(rank, world, init, overrides, max_tokens, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_packed_equal_one_rank_unpacked(backbone_cache, data_cache, tmp_path):
     """Ranks with different numbers of packed micro-batches (DDP syncs at each rank's last one) give the one-rank
     unpacked step's loss and gradients."""

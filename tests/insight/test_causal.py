@@ -187,6 +187,7 @@ def test_probe_is_at_chance_on_random_labels_and_not_on_a_decodable_one():
     assert ci(probe(x, decodable, tasks))["mean"] > 0.9
 
 
+@pytest.mark.slow
 def test_causal_suite_writes_its_files_and_logs_to_mlflow(runs, capsys):
     from mlflow.tracking import MlflowClient
 

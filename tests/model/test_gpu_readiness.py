@@ -20,6 +20,7 @@ def _offload_json(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_one_process_zero3_offload_trains_two_stages_and_resumes_exactly(backbone_cache, data_cache, tmp_path):
     ds = _offload_json(tmp_path)
     base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
@@ -62,6 +63,7 @@ def _groups(images: int, tokens_per_image: int, batch: int = 1) -> torch.Tensor:
     return torch.tensor([seq] * batch)
 
 
+@pytest.mark.slow
 def test_compiled_flex_makes_at_most_two_graphs_over_a_runs_lengths(monkeypatch):
     """One to four 1024x768 images (Qwen2.5-VL: 999 tokens each) and smaller ones, L 351-4197, at the paper's
     micro-batch 1, through livr's own compiled flex (inductor, dynamic shapes, GQA): at most 2 graphs, and the
@@ -232,6 +234,7 @@ def test_zero3_refusals_before_the_model_loads(backbone_cache, data_cache, tmp_p
     assert "\n" not in str(e.value) and "val split: task Counting idx=Counting_7 has no image" in str(e.value)
 
 
+@pytest.mark.slow
 def test_process_group_timeout_reaches_ray_and_the_one_process_group(backbone_cache, data_cache, tmp_path):
     """distributed.timeout_s (default 2 h: local rank 0 may download a backbone while the others wait) is Ray
     Train's TorchConfig timeout, and the timeout of the group livr makes itself."""

@@ -197,6 +197,7 @@ def _wait_healthy(server, timeout=120):
     pytest.fail(f"MLflow server not healthy after {timeout} s: {_log_tail(server)}")
 
 
+@pytest.mark.slow
 def test_train_logs_to_mlflow_server_over_http(mlflow_server, backbone_cache, data_cache, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -109,6 +109,7 @@ def _history(uri: str, run_id: str, key: str) -> list:
                                               key=lambda m: (m.timestamp, m.step))]
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_loses_and_duplicates_nothing(server, tmp_path, capfd):
     cfg = _cfg(tmp_path, server.url, "outage")
     tracker = Tracker(cfg, 0, cfg.run_dir)
@@ -152,6 +153,7 @@ def test_server_killed_mid_run_loses_and_duplicates_nothing(server, tmp_path, ca
     assert err.count("reachable again; replayed") == 1, err
 
 
+@pytest.mark.slow
 def test_server_down_at_end_is_replayed_by_the_next_tracker(server, tmp_path, monkeypatch, capfd):
     from mlflow.tracking import MlflowClient
 
@@ -255,6 +257,7 @@ t.end()
 """
 
 
+@pytest.mark.slow
 def test_concurrent_launches_share_a_fresh_sqlite_store(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = [subprocess.Popen([sys.executable, "-c", LAUNCH, str(i)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,

@@ -283,6 +283,7 @@ def two_ranks(tmp_path_factory, backbone_cache, data_cache):
         return {"results": json.load(f), "runs": str(tmp / "runs"), "marker": marker, "one": whole1.run_dir}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "z2", "z3"])
 def test_two_ranks_killed_and_resumed_equal_uninterrupted(two_ranks, kind):
     """Bit for bit with dropout 0.05: weights, AdamW moments and steps (gathered from the ZeRO partitions),
@@ -297,6 +298,7 @@ def test_two_ranks_killed_and_resumed_equal_uninterrupted(two_ranks, kind):
     assert rng["world_size"] == 2 and len(rng["ranks"]) == 2
 
 
+@pytest.mark.slow
 def test_pickles_planted_in_a_zero2_checkpoint_are_never_loaded(two_ranks, tmp_path):
     res = two_ranks["results"]["z2-cut"]
     assert res["result"]["resumed_from"] == [2, 6]  # resumed twice from checkpoints holding the planted files
@@ -308,6 +310,7 @@ def test_pickles_planted_in_a_zero2_checkpoint_are_never_loaded(two_ranks, tmp_p
     assert (tmp_path / "ran").exists()
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size(two_ranks):
     """1 process x accumulation 2 killed at step 3, resumed on 2 ranks x 1: continues from step 2 with a one-line
     warning about the RNG states, and ends where the uninterrupted one-process run ends (dropout 0; the sums

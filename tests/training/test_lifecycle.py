@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.slow  # real clusters / servers / whole runs: not in the fast tier
 
 
 def _launch(overrides, tmp_path, env_extra=None):

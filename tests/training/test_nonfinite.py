@@ -32,6 +32,7 @@ def _all_finite(run_dir: str) -> list[str]:
     return files
 
 
+@pytest.mark.slow
 def test_lr_1e30_stops_with_a_finite_checkpoint_and_one_line(backbone_cache, data_cache, tmp_path):
     over = tiny_overrides(backbone_cache, data_cache, tmp_path, name="boom", **{
         "optim.lr": 1e30, "train.stage1_steps": 20, "train.stage2_steps": 4, "train.max_nonfinite_skips": 3,
@@ -169,6 +170,7 @@ def _rank_worker(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_skips_a_step_one_rank_made_nonfinite(tmp_path):
     """DDP and ZeRO-2 on 2 gloo ranks: NaN on rank 1 alone; both ranks skip it, both apply the next step. A loss
     that is inf on rank 1 alone while every gradient is finite: DDP skips on both ranks; ZeRO-2 (whose overflow
@@ -187,6 +189,7 @@ def test_every_rank_skips_a_step_one_rank_made_nonfinite(tmp_path):
                                  {"finite": True, "applied": True, "moved": True}, last], (rank, kind, res[kind])
 
 
+@pytest.mark.slow
 def test_ray_workers_stop_together_and_the_driver_says_one_line(backbone_cache, data_cache, tmp_path):
     """Two Ray Train workers (DDP), NaN planted on rank 1 only, train.nonfinite=stop: both ranks take the decision,
     the driver ends with the worker's one-line error (exit 2), the checkpoint of the last finite state in place."""

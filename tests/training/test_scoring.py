@@ -214,6 +214,7 @@ def _dist_worker(rank, world, overrides, answers, tmp, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_eval_gathers_every_prediction(backbone_cache, data_cache, tmp_path):
     from livr.backbones import resolve_backbone_path
     from livr.model.build import build_model

@@ -263,6 +263,7 @@ def _hand_loss(overrides: list[str]) -> float:
     return nll / count
 
 
+@pytest.mark.slow
 def test_gradient_is_the_global_token_mean_for_any_batching(backbone_cache, data_cache, tmp_path):
     """Answers of unequal token lengths: micro-batch 4 x accumulation 1, 1 x 4, 2 x 2 and 2 ranks x (2 x 1)
     and 2 ranks x (1 x 2) give the same gradient (the per-token mean over the whole global batch)."""

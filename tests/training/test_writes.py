@@ -12,9 +12,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, tiny_overrides
 
 from livr.training.checkpoint import read_best, verify_checkpoint
+
+pytestmark = pytest.mark.slow  # real clusters / servers / whole runs: not in the fast tier
 
 LIMIT = 32 * 1024  # above config.yaml and the JSONs, below the tiny run's safetensors (~38 KiB and more)
 
