@@ -300,13 +300,15 @@ CATALOGUE: list[Mutant] = [
       '    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})',
       '    pass',
       why="resume restores the weights but not AdamW's moments"),
-    M("resume_without_weights", "livr/training/checkpoint.py",
-      '    load_trainable_state(model, ck["trainable"], path)\n    if opt is not None:',
-      '    if opt is not None:',
+    M("resume_without_weights", "livr/training/engine.py",
+      '        load_trainable_state(self.model, ck["trainable"], path)\n        load_optimizer(',
+      '        load_optimizer(',
       why="resume restores the optimizer and counters but not the trained LoRA/latent weights"),
-    M("resume_forgets_best", "livr/training/checkpoint.py",
-      '    return ck["state"]\n',
-      '    return {**ck["state"], "best": -1.0, "best_at": None}\n',
+    M("resume_forgets_best", "livr/training/engine.py",
+      '        load_optimizer(self.model, self.opt, ck["optimizer"], path)\n        restore_rng(ck["rng"], self.rank, self.world)\n'
+      '        return ck["state"]\n',
+      '        load_optimizer(self.model, self.opt, ck["optimizer"], path)\n        restore_rng(ck["rng"], self.rank, self.world)\n'
+      '        return {**ck["state"], "best": -1.0, "best_at": None}\n',
       why="the best validation accuracy so far is not restored: a worse epoch after resume becomes 'best'"),
     M("optimizer_step_count_not_saved", "livr/training/checkpoint.py",
       '                if k in OPT_KEYS:\n',
@@ -318,10 +320,11 @@ CATALOGUE: list[Mutant] = [
       why="an incomplete checkpoint (no optimizer tensors) is not reported as incomplete"),
 
     # ------------------------------------------------------------------ evaluate.py (generation, aggregation)
-    M("every_rank_evaluates_every_row", "livr/training/evaluate.py",
-      "mine = list(range(rank, len(rows), world))",
-      "mine = list(range(len(rows)))",
-      tests=["tests/training/test_scoring.py::test_two_process_eval_gathers_every_prediction", SCORING, TRAIN],
+    M("every_rank_evaluates_every_row", "livr/data/lengths.py",  # (length-grouped evaluation is the default)
+      "mine = order[start + rank * batch_size: start + (rank + 1) * batch_size]",
+      "mine = order[start: start + chunk]",
+      tests=["tests/training/test_scoring.py::test_two_process_eval_gathers_every_prediction", SCORING, TRAIN,
+             "tests/training/test_eval_grouping.py"],
       why="evaluation not sharded: every rank scores every row, counts are multiplied by the world size"),
     M("eval_counts_not_reduced", "livr/training/evaluate.py",
       "        dist.all_reduce(t)\n",
