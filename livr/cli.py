@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb = sub.add_parser("backbone", help="backbone tools").add_subparsers(dest="sub", required=True)
     sp = bb.add_parser("make", help="materialise an offline preset (tiny, or real size with random weights) into DIR")
     sp.add_argument("name", help="tiny-qwen2.5-vl | tiny-qwen3-vl | tiny-llava-onevision | tiny-gemma3 | "
-                                 "size-qwen2.5-vl-3b | size-qwen3-vl-4b | size-llava-onevision-7b | size-gemma-3-4b")
+                                 "size-qwen2.5-vl-3b | size-qwen3-vl-4b | size-llava-onevision-7b | size-gemma-3-4b | "
+                                 "size-qwen3.5-4b | ... (livr.backbones.PRESETS)")
     sp.add_argument("dir")
     sp.add_argument("--num-layers", type=int, default=0,
                     help="keep the first N decoder layers and vision blocks (0 = the preset's own depth)")

@@ -28,6 +28,10 @@ layers and the first min(N, depth) vision blocks, so a CPU can run a step at tru
   size-llava-onevision-7b  llava-hf/llava-onevision-qwen2-7b-ov-hf  8,030,807,584 params (28 layers, vision 26)
   size-gemma-3-4b          google/gemma-3-4b-it                     4,300,079,472 params (34 layers, vision 27)
   size-qwen3-vl-30b-a3b    Qwen/Qwen3-VL-30B-A3B-Instruct          31,070,754,032 params (48 layers, vision 27; MoE)
+  size-qwen3.5-4b          Qwen/Qwen3.5-4B                          4,539,265,536 params (32 layers, 24 of them
+                                                                    Gated DeltaNet; vision 24)
+  size-qwen3.5-35b-a3b     Qwen/Qwen3.5-35B-A3B                    35,107,181,936 params (40 layers, 30 of them
+                                                                    Gated DeltaNet; vision 27; MoE)
 A materialised preset lives in <cache_dir>/<name>-L<depth> (tiny presets at their own depth: <cache_dir>/<name>);
 its livr_preset.json records name, seed, depth and dtype.
 """

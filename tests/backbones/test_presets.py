@@ -14,7 +14,9 @@ from livr.backbones.base import make_processor
 from livr.backbones.registry import _is_preset, family_for, preset_dirname
 from livr.config import ConfigError, load_config
 
-# config.json (+ preprocessor_config.json) of each checkpoint, as published
+# config.json (+ preprocessor_config.json) of each checkpoint, as published. Qwen3.5: transformers builds no MTP
+# (multi-token prediction) layer, which the checkpoints also hold; the published sizes count it (configs/README.md)
+QWEN35_4B_PARAMS, QWEN35_35B_PARAMS, QWEN35_35B_ACTIVE = 4_539_265_536, 35_107_181_936, 3_901_560_176
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 PUBLISHED = {
     "size-qwen2.5-vl-3b": {  # Qwen/Qwen2.5-VL-3B-Instruct
@@ -53,6 +55,39 @@ PUBLISHED = {
         "processor": {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 65536,
                       "max_pixels": 16777216, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
         "depth2": {"deepstack_visual_indexes": [1]},
+    },
+    "size-qwen3.5-4b": {  # Qwen/Qwen3.5-4B (hybrid: 3 Gated DeltaNet layers : 1 full-attention layer, 32 layers)
+        "params": QWEN35_4B_PARAMS,
+        "text": {"hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4,
+                 "head_dim": 256, "intermediate_size": 9216, "vocab_size": 248320, "linear_num_key_heads": 16,
+                 "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                 "linear_conv_kernel_dim": 4},
+        "tied": True, "rope": {"mrope_section": [11, 11, 10], "mrope_interleaved": True, "rope_theta": 10000000,
+                               "partial_rotary_factor": 0.25},
+        "vision": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2560,
+                   "num_position_embeddings": 2304, "deepstack_visual_indexes": []},
+        "processor": {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 65536,
+                      "max_pixels": 16777216, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        "depth2": {},
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    },
+    "size-qwen3.5-35b-a3b": {  # Qwen/Qwen3.5-35B-A3B (hybrid as above; 256 experts of width 512, 8 per token, shared)
+        "params": QWEN35_35B_PARAMS,
+        "text": {"hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2,
+                 "head_dim": 256, "vocab_size": 248320, "num_experts": 256, "num_experts_per_tok": 8,
+                 "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "linear_num_key_heads": 16,
+                 "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                 "linear_conv_kernel_dim": 4},
+        "tied": False, "rope": {"mrope_section": [11, 11, 10], "mrope_interleaved": True, "rope_theta": 10000000,
+                                "partial_rotary_factor": 0.25},
+        "vision": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2048,
+                   "num_position_embeddings": 2304, "deepstack_visual_indexes": []},
+        "processor": {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 65536,
+                      "max_pixels": 16777216, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        "depth2": {},
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
     },
     "size-llava-onevision-7b": {  # llava-hf/llava-onevision-qwen2-7b-ov-hf (Qwen2-7B + SigLIP-so400m, 26 layers)
         "params": 8_030_807_584,
@@ -111,8 +146,10 @@ def test_size_preset_is_the_published_architecture(name):
     if name.startswith("size-llava"):
         assert cfg.vision_aspect_ratio == "anyres_max_9" and len(ip.image_grid_pinpoints) == 36
         assert ip.image_grid_pinpoints[-1] == [2304, 2304] and cfg.vision_feature_select_strategy == "full"
-    if "layer_types" in want:
-        assert text.layer_types[:6] == want["layer_types"] and text.layer_types[6:12] == want["layer_types"]
+    if "layer_types" in want:  # the published pattern, repeating (Gemma 3's 34 layers end mid-period)
+        period = want["layer_types"]
+        assert text.layer_types == (period * text.num_hidden_layers)[:text.num_hidden_layers]
+    if "mm_tokens_per_image" in want:
         assert cfg.mm_tokens_per_image == want["mm_tokens_per_image"]
     fam = family_for(cfg.model_type)
     assert len(tok) < text.vocab_size  # the offline BPE; the embedding keeps the real vocab (unused rows)
@@ -293,6 +330,23 @@ def test_plan_size_presets_from_images(capsys):
     assert main(["plan", "model.backbone=size-qwen3-vl-4b", "--images", "4", "--image-size", "1024x768", "--json"]) == 0
     q3 = json.loads(capsys.readouterr().out)["sequence"]
     assert q3["per_image"] == [768] * 4 and 3150 <= q3["seq_len"] <= 3350
+
+
+def test_plan_qwen35_size_presets(capsys):
+    """`livr plan` on the Qwen3.5 size presets (their shipped configs, built on the meta device): the parameter
+    counts of the published architectures, 35B-A3B's active parameters per token (~3B: 8 of 256 experts + the
+    shared one), and Qwen3.5's 32-px merged patches (1024x768 -> 768 image tokens)."""
+    from livr.cli import main
+
+    assert main(["plan", "model.backbone=size-qwen3.5-4b", "--images", "1", "--image-size", "1024x768", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["counts"]["total"] == QWEN35_4B_PARAMS and "Qwen/Qwen3.5-4B" in p["counts"]["config_source"]
+    assert p["sequence"]["per_image"] == [768] and p["counts"]["experts"] == 0
+    assert main(["plan", "model.backbone=size-qwen3.5-35b-a3b", "--images", "1", "--image-size", "1024x768",
+                 "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["counts"]
+    assert c["total"] == QWEN35_35B_PARAMS and c["active"] == QWEN35_35B_ACTIVE
+    assert c["experts"] == 40 * 256 * 3 * 2048 * 512 and c["experts_per_token"] == 8
 
 
 def test_plan_sequence_from_the_data_equals_encoding(tmp_path):

@@ -162,4 +162,4 @@ class Qwen3_5(HybridQwen):
     model_types = ("qwen3_5",)
     model_class = Qwen3_5ForConditionalGeneration
     config_class = Qwen3_5Config
-    tiny_preset = "tiny-qwen3.5"
+    tiny_preset, size_preset, hub_id = "tiny-qwen3.5", "size-qwen3.5-4b", "Qwen/Qwen3.5-4B"

@@ -16,7 +16,8 @@ class Qwen3_5_Moe(HybridQwen):
     model_class = Qwen3_5MoeForConditionalGeneration
     config_class = Qwen3_5MoeConfig
     gdn_class = Qwen3_5MoeGatedDeltaNet
-    tiny_preset = "tiny-qwen3.5-moe"
+    tiny_preset, size_preset = "tiny-qwen3.5-moe", "size-qwen3.5-35b-a3b"
+    hub_id = "Qwen/Qwen3.5-35B-A3B"
 
     def tiny_text(self, tok) -> dict:
         """tiny-qwen3.5's layers with a MoE MLP: 4 experts of width 32, 2 per token, a shared expert of width 32."""
