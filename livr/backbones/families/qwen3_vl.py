@@ -8,6 +8,15 @@ from ..base import register
 from ..tokenizer import build_tokenizer, qwen_template
 from .qwen2_5_vl import QWEN_SPECIALS, TINY_TEXT, QwenVL, qwen_token_ids
 
+# the tiny Qwen3-VL vision tower and image processor (shared by tiny-qwen3-vl-moe)
+TINY_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+               "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64, "num_position_embeddings": 64,
+               "deepstack_visual_indexes": [0], "initializer_range": 0.1}
+
+
+def tiny_image_processor() -> Qwen2VLImageProcessorPil:
+    return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=256 * 256, patch_size=16, merge_size=2,
+                                    temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 @register
 class Qwen3_VL(QwenVL):
@@ -33,11 +42,6 @@ class Qwen3_VL(QwenVL):
                 "pad_token_id": tok.pad_token_id, "tie_word_embeddings": True,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
                                     "mrope_interleaved": True}}
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
-                  "num_position_embeddings": 64, "deepstack_visual_indexes": [0], "initializer_range": 0.1}
-        cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+        cfg = Qwen3VLConfig(text_config=text, vision_config=dict(TINY_VISION), tie_word_embeddings=True,
                             initializer_range=0.1, **qwen_token_ids(tok))
-        ip = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=256 * 256, patch_size=16, merge_size=2,
-                                      temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return cfg, tok, ip
+        return cfg, tok, tiny_image_processor()

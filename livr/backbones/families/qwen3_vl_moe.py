@@ -5,13 +5,12 @@ dense MLP where a layer has one); the experts take LoRA only with `lora.expert_t
 from typing import ClassVar
 
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .. import experts
 from ..base import register
 from ..tokenizer import build_tokenizer, qwen_template
 from .qwen2_5_vl import QWEN_SPECIALS, TINY_TEXT, qwen_token_ids
-from .qwen3_vl import Qwen3_VL
+from .qwen3_vl import TINY_VISION, Qwen3_VL, tiny_image_processor
 
 
 @register
@@ -37,11 +36,6 @@ class Qwen3_VL_Moe(Qwen3_VL):
                 "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
                                     "mrope_interleaved": True}}
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
-                  "num_position_embeddings": 64, "deepstack_visual_indexes": [0], "initializer_range": 0.1}
-        cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+        cfg = Qwen3VLMoeConfig(text_config=text, vision_config=dict(TINY_VISION), tie_word_embeddings=False,
                                initializer_range=0.1, **qwen_token_ids(tok))
-        ip = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=256 * 256, patch_size=16, merge_size=2,
-                                      temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return cfg, tok, ip
+        return cfg, tok, tiny_image_processor()
