@@ -40,9 +40,6 @@ def check_config(cfg, family=None, plan=None) -> None:
         raise ConfigError(f"config: data.packing=true with model.attn_implementation*={flash[0]}: FlashAttention "
                           "takes no 4-D mask, so it cannot keep packed examples apart; use sdpa or flex_attention "
                           "(or auto)")
-    if cfg.distributed.deepspeed:
-        raise ConfigError("config: data.packing=true with distributed.deepspeed: DeepSpeed counts a fixed number of "
-                          "micro-batches per step, packing makes it vary; pack under the torch engine")
     if family is not None and "linear_attention" in getattr(family, "layer_kinds", ()):
         raise ConfigError(f"config: data.packing=true: family {family.name} has recurrent (linear-attention) layers "
                           "whose state would flow from one packed example into the next; leave packing off")
@@ -91,6 +88,21 @@ def collate_packed(items: list[dict], pad_id: int, max_tokens: int) -> list[dict
         batch["segments"], batch["seq_lens"] = segments[None], seq_lens
         out.append(batch)
     return out
+
+
+def even_packs(micro: list[dict], device) -> list[dict]:
+    """Several ranks under DeepSpeed ZeRO: every rank must run as many micro-batches per step (ZeRO-2 reduces the
+    gradients of every backward, ZeRO-3 gathers the parameters of every forward: collectives all ranks join), but
+    packing gives each rank its own count. The ranks agree on the step's largest count (one all-reduce); a rank with
+    fewer packs gets fillers: its smallest pack again, which `train_step` runs with weight 0 (no gradient, not in
+    the loss), while the other ranks run their extra packs. (DDP syncs only at each rank's last micro-batch: no
+    fillers needed there.)"""
+    import torch.distributed as dist
+
+    n = torch.tensor([len(micro)], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    smallest = min(micro, key=lambda b: b["input_ids"].numel())
+    return [smallest] * (int(n.item()) - len(micro))
 
 
 def step_rows(micro_batches, accum: int):

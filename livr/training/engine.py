@@ -149,6 +149,8 @@ class TorchEngine:
     averages over ranks, hence the loss × world; its bucketed all-reduce overlaps the boundary backward, and
     the other accumulation steps run under `no_sync` (`sync(boundary)`)."""
 
+    collective_micro = False  # DDP communicates at the boundary only: ranks may run different numbers of micro-batches
+
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, rank: int, world: int):
         self.model, self.opt, self.cfg, self.rank, self.world = model, opt, cfg, rank, world
         self.micro, self.accum = cfg.train.micro_batch_size, cfg.train.grad_accum
@@ -217,7 +219,11 @@ def _with_batch(state: dict, engine) -> dict:
 
 
 class DeepSpeedEngine:
-    """A DeepSpeed ZeRO engine around the PEFT model."""
+    """A DeepSpeed ZeRO engine around the PEFT model. The accumulation boundary is livr's (the step's last
+    micro-batch, `set_gradient_accumulation_boundary`), not DeepSpeed's count of gradient_accumulation_steps:
+    a packed step (`data.packing`) runs as many micro-batches as its packs."""
+
+    collective_micro = True  # ZeRO-2 reduces at every backward, ZeRO-3 gathers at every forward: equal counts
 
     def __init__(self, lm, opt: torch.optim.Optimizer, ds_config: dict, rank: int, world: int):
         import deepspeed
@@ -241,6 +247,7 @@ class DeepSpeedEngine:
         if boundary:
             for g in self.engine.optimizer.param_groups:
                 g["lr"] = lr
+        self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss * self.world, scale_wrt_gas=False)
         t0 = time.perf_counter()
         self.engine.step()

@@ -24,7 +24,7 @@ from livr.backbones.preflight import check_before_loading
 from livr.config import Config, from_dict, save_config, validate
 from livr.data.loader import EncodedRows, auto_workers, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.packing import check_config as check_packing
-from livr.data.packing import step_rows
+from livr.data.packing import even_packs, step_rows
 from livr.data.splits import load_splits
 from livr.data.tasks import DataError
 from livr.method.groups import IGNORE
@@ -355,14 +355,19 @@ def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ct
         tokens = tokens.clamp(min=1.0)
     else:
         tokens = max(1.0, tokens)
-    total = None
-    for a, batch in enumerate(micro):
-        boundary = a == len(micro) - 1
+    even = cfg.data.packing and ctx.world > 1 and getattr(engine, "collective_micro", False)  # DeepSpeed
+    fillers = even_packs(micro, lm.device) if even else []
+    total, runs = None, micro + fillers  # (fillers: weight 0, so that every rank joins ZeRO's collectives alike)
+    for a, batch in enumerate(runs):
+        boundary = a == len(runs) - 1
         with engine.sync(boundary):
             nll, _ = lm.answer_nll(batch, stage.bottleneck, module=engine.forward_module)
             if injected_nan(state.get("global_step", 0) + 1, ctx.rank):
                 nll = nll * float("nan")
-            total = nll.detach() if total is None else total + nll.detach()
+            if a >= len(micro):
+                nll = nll * 0.0
+            else:
+                total = nll.detach() if total is None else total + nll.detach()
             engine.micro_step(nll / tokens, boundary, lr, total / tokens if boundary else None)
 
 

@@ -1,6 +1,8 @@
 """Packing under the bottleneck (livr/data/packing.py): a packed step's loss and gradients equal the unpacked step's,
 no attention across packed examples (leak probe), the bottleneck per packed example (K = 0 invariance), first-fit
 decreasing, the flex BlockMask equal to the 4-D mask, one-line config errors."""
+import os
+
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -19,6 +21,10 @@ def _rows():
     # unequal sizes and labelled-token counts (a per-micro-batch normalisation would show)
     return (generate_task("Counting", 2, seed=1, mode="open", min_count=9, max_count=12)
             + generate_task("Visual_Similarity", 1, seed=1) + generate_task("Counting", 2, seed=2, mode="open"))
+
+
+def _six_rows():
+    return _rows() + generate_task("Counting", 1, seed=3, mode="open")
 
 
 def _lm(backbone_cache, data_cache, tmp_path, backbone, **extra):
@@ -46,8 +52,33 @@ def _step(cfg, lm, micro, bottleneck, rank=0, world=1):
     return engine.last.loss, grads  # the step's loss, summed over ranks
 
 
-def _packed_worker(rank, world, init, overrides, max_tokens, out):
-    """One rank of a 2-rank packed step: its share of the global batch (the unpacked step's rows), packed."""
+def _ds_step(cfg, lm, micro, rank, world):
+    """One real train_step through livr's DeepSpeed engine: (loss, the whole gradients ZeRO steps with, read from
+    its partitions at the boundary, just before its optimizer step, clipped as the torch engine's are)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from livr.training.engine import make_engine
+    from livr.training.train import Context, Stage, train_step
+
+    engine = make_engine(lm, cfg, rank, world)
+    grads, step, ds = {}, engine.engine.step, engine.engine
+
+    def step_capturing(*a, **k):
+        if ds.is_gradient_accumulation_boundary():
+            grads.update({n: safe_get_full_grad(p).detach().clone() for n, p in engine.model.named_parameters()
+                          if p.requires_grad})
+        return step(*a, **k)
+
+    ds.step = step_capturing
+    train_step(lm, engine, cfg, Stage("stage1", True, 4, "sdpa"), {"step": 1}, micro, Context(rank, world, rank))
+    norm = torch.stack([g.norm() for g in grads.values()]).norm()  # clipped as torch's clip_grad_norm_ would
+    clip = min(1.0, cfg.train.max_grad_norm / (float(norm) + 1e-6))
+    return engine.last.loss, {n: g * clip for n, g in grads.items()}, ds.global_steps
+
+
+def _packed_worker(rank, world, init, overrides, max_tokens, out, engines=("torch",)):
+    """One rank of a 2-rank packed step: its share of the global batch (the unpacked step's rows), packed; once per
+    engine ("torch", or a DeepSpeed JSON's path)."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -56,45 +87,75 @@ def _packed_worker(rank, world, init, overrides, max_tokens, out):
     from livr.model.build import build_model
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as Ray Train / torchrun set them
     try:
-        cfg = load_config(None, overrides)
-        lm = build_model(cfg)
-        items = [lm.builder.encode(r) for r in _rows()[:4]]
-        (rows,) = step_rows(micro_batches(4, seed=0, stage=0, start_step=0, steps=1, micro_batch=1, accum=2,
-                                          world=world, rank=rank), 2)
-        micro = collate_packed([dict(items[i]) for i in rows], lm.tokenizer.pad_token_id, max_tokens)
-        loss, grads = _step(cfg, lm, micro, True, rank, world)
-        save_file({**grads, "loss": torch.tensor(loss), "packs": torch.tensor(len(micro))}, f"{out}.rank{rank}")
+        if engines != ("torch",):
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)  # wraps this process group
+        for e, engine in enumerate(engines):
+            ds = [] if engine == "torch" else [f"distributed.deepspeed={engine}"]
+            cfg = load_config(None, [*overrides, *ds])
+            torch.manual_seed(0)
+            lm = build_model(cfg)
+            items = [lm.builder.encode(r) for r in _six_rows()]
+            (rows,) = step_rows(micro_batches(6, seed=0, stage=0, start_step=0, steps=1, micro_batch=1, accum=3,
+                                              world=world, rank=rank), 3)
+            micro = collate_packed([dict(items[i]) for i in rows], lm.tokenizer.pad_token_id, max_tokens)
+            if ds:
+                loss, grads, steps = _ds_step(cfg, lm, micro, rank, world)
+                grads["optimizer_steps"] = torch.tensor(steps)
+            else:
+                loss, grads = _step(cfg, lm, micro, True, rank, world)
+            save_file({**grads, "loss": torch.tensor(loss), "packs": torch.tensor(len(micro))}, f"{out}{e}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_ranks_packed_equal_one_rank_unpacked(backbone_cache, data_cache, tmp_path):
-    """Ranks with different numbers of packed micro-batches (DDP syncs at each rank's last one) give the one-rank
-    unpacked step's loss and gradients."""
+    """Ranks with different numbers of packed micro-batches give the one-rank unpacked step's loss and gradients:
+    under DDP (it syncs at each rank's last one) and under DeepSpeed ZeRO-2 and ZeRO-3 (the rank with fewer packs
+    runs a weight-0 filler, so that both join every collective; the step is applied once, at livr's boundary)."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     cfg, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl")
-    items = [lm.builder.encode(r) for r in _rows()[:4]]
+    items = [lm.builder.encode(r) for r in _six_rows()]
     loss_u, grads_u = _step(cfg, lm, [collate([it], lm.tokenizer.pad_token_id) for it in items], True)
     from livr.data.loader import micro_batches
     from livr.data.packing import step_rows
 
     pairs = [sum(items[i]["input_ids"].shape[0] for i in next(step_rows(micro_batches(
-        4, seed=0, stage=0, start_step=0, steps=1, micro_batch=1, accum=2, world=2, rank=r), 2))) for r in (0, 1)]
+        6, seed=0, stage=0, start_step=0, steps=1, micro_batch=1, accum=3, world=2, rank=r), 3))) for r in (0, 1)]
     assert pairs[0] != pairs[1]
     over = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
-        "lora.dropout": 0.0, "train.micro_batch_size": 1, "train.grad_accum": 2})
+        "lora.dropout": 0.0, "train.micro_batch_size": 1, "train.grad_accum": 3, "data.packing": True,
+        "data.max_tokens": min(pairs)})
     out = str(tmp_path / "packed")
-    mp.spawn(_packed_worker, nprocs=2, join=True, args=(2, str(tmp_path / "pg"), over, min(pairs), out))
-    got = [load_file(f"{out}.rank{r}") for r in (0, 1)]
-    assert sorted(int(g.pop("packs")) for g in got) == [1, 2]  # one rank packs its pair, the other cannot
-    for g in got:
-        assert abs(g.pop("loss").item() - loss_u) <= 1e-5 * loss_u
-        for n, ref in grads_u.items():
-            assert (g[n] - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-8), n
+    engines = ("torch", "deepspeed_configs/zero2.json", _zero3_json(tmp_path))
+    mp.spawn(_packed_worker, nprocs=2, join=True, args=(2, str(tmp_path / "pg"), over, min(pairs), out, engines))
+    for e, engine in enumerate(engines):
+        got = [load_file(f"{out}{e}.rank{r}") for r in (0, 1)]
+        # one rank packs its three rows into one micro-batch, the other into two: neither is the accumulation's 3
+        assert sorted(int(g.pop("packs")) for g in got) == [1, 2], engine
+        for g in got:
+            if engine != "torch":  # livr's boundary, not DeepSpeed's count of 2 micro-batches: one step, applied
+                assert int(g.pop("optimizer_steps")) == 1, engine
+            assert abs(g.pop("loss").item() - loss_u) <= 1e-5 * loss_u, engine
+            assert g.keys() == grads_u.keys(), engine
+            for n, ref in grads_u.items():
+                assert (g[n] - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-8), (engine, n)
+
+
+def _zero3_json(tmp_path) -> str:
+    import json
+
+    with open("deepspeed_configs/zero3.json") as f:
+        ds = json.load(f)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition the tiny model
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    return str(tmp_path / "zero3.json")
 
 
 @pytest.mark.parametrize("backbone,bottleneck,extra", [
