@@ -100,7 +100,9 @@ def test_two_ranks_packed_equal_one_rank_unpacked(backbone_cache, data_cache, tm
 @pytest.mark.parametrize("backbone,bottleneck,extra", [
     ("tiny-qwen2.5-vl", True, {}), ("tiny-qwen2.5-vl", False, {}), ("tiny-llava-onevision", True, {}),
     ("tiny-llava-onevision", False, {}), ("tiny-qwen2.5-vl", True, {"model.cache_vision": True}),
-    ("tiny-gemma3", True, {})])  # (its own rule: images both ways, sliding windows; also passes Stage 2, Qwen3-VL)
+    ("tiny-gemma3", True, {}),  # (its own rule: images both ways, sliding windows; also passes Stage 2, Qwen3-VL)
+    # hybrid: each example's slice through the Gated DeltaNet layers from a fresh state (two recurrences in Stage 1)
+    ("tiny-qwen3.5", True, {}), ("tiny-qwen3.5", False, {}), ("tiny-qwen3.5-moe", True, {})])
 def test_packed_step_equals_unpacked(backbone, bottleneck, extra, backbone_cache, data_cache, tmp_path):
     cfg, lm = _lm(backbone_cache, data_cache, tmp_path, backbone, **extra)
     items = [lm.builder.encode(r) for r in _rows()]
@@ -161,6 +163,35 @@ def test_no_attention_across_packed_examples_and_bottleneck_per_example(backbone
                 assert moved < 1e-6  # the only path from B's pixels to its answer is the latents: none here
             else:
                 assert moved > 1e-4  # the latents (or the causal mask) carry B's image
+
+
+def test_no_state_across_packed_examples_in_gated_deltanet_layers(backbone_cache, data_cache, tmp_path):
+    """Leak probe for the recurrent layers (tiny-qwen3.5: 3 Gated DeltaNet layers, 1 full attention): example A's
+    pixels or tokens move nothing of example B's logits (both stages); under Stage 1 with K = 0, B's prompt and
+    answer logits ignore B's own image (the bottleneck holds per example), under Stage 2 they do not. A packed row
+    with a cache is refused."""
+    _, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen3.5", **{"latents.num_latents": 0})
+    lm.model.eval()
+    rows = _rows()
+    a, b = lm.builder.encode(rows[2]), lm.builder.encode(rows[0])
+    pad, na = lm.tokenizer.pad_token_id, a["input_ids"].shape[0]
+
+    def logits(first, second, bottleneck):
+        (batch,) = collate_packed([dict(first), dict(second)], pad, 10**6)
+        with torch.no_grad():
+            return lm.forward(batch, bottleneck)[0, na:]
+
+    text_a = {**a, "input_ids": torch.where(a["groups"] == IMAGE, a["input_ids"], (a["input_ids"] + 7) % 500)}
+    blind = torch.isin(b["groups"], torch.tensor([ANSWER, 2]))  # B's answer and prompt rows
+    for bottleneck in (True, False):
+        ref = logits(a, b, bottleneck)
+        for changed in (_other_pixels(a, 1), text_a):
+            assert (logits(changed, b, bottleneck) - ref).abs().max() < 1e-6
+        moved = (logits(a, _other_pixels(b, 2), bottleneck) - ref)[blind].abs().max()
+        assert (moved < 1e-6) if bottleneck else (moved > 1e-4)
+    (batch,) = collate_packed([dict(a), dict(b)], pad, 10**6)
+    with pytest.raises(RuntimeError, match="a packed row .* runs without a cache"), torch.no_grad():
+        lm.model(**lm.model_inputs(batch, True), use_cache=True)  # training only
 
 
 def test_first_fit_decreasing():
