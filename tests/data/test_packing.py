@@ -229,6 +229,20 @@ def test_packing_config_errors(extra, needle, tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("backbone,family,key", [("tiny-qwen3.5", "qwen3_5", "model.attn_implementation_stage2"),
+                                                ("tiny-gemma3", "gemma3", "model.attn_implementation")])
+def test_packing_with_flex_refused_where_a_block_mask_cannot_carry_the_family(backbone, family, key, tmp_path):
+    """Packing of a hybrid family works under sdpa; flex for any stage of a family with its own rules (Qwen3.5's dict
+    per layer type, Gemma 3's two-way images) is refused before anything loads, in one line."""
+    from livr.backbones.preflight import check_before_loading
+
+    over = {"data.packing": True, "model.backbone": backbone, "model.cache_dir": str(tmp_path)}
+    check_before_loading(load_config(None, [f"{k}={v}" for k, v in over.items()]))  # sdpa: packs
+    with pytest.raises(ConfigError, match=f"data.packing.*flex_attention: family {family} ") as e:
+        check_before_loading(load_config(None, [f"{k}={v}" for k, v in {**over, key: "flex_attention"}.items()]))
+    assert "\n" not in str(e.value)
+
+
 def test_flex_packed_forward_equals_sdpa(backbone_cache, data_cache, tmp_path):
     """The flex path of a packed row (BlockMask with document ids; forward only: CPU has no flex backward)."""
     _, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen2.5-vl")
