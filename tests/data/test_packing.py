@@ -1,6 +1,7 @@
 """Packing under the bottleneck (livr/data/packing.py): a packed step's loss and gradients equal the unpacked step's,
-no attention across packed examples (leak probe), the bottleneck per packed example (K = 0 invariance), first-fit
-decreasing, the flex BlockMask equal to the 4-D mask, one-line config errors."""
+no attention across packed examples (leak probe), no recurrent state across them (Qwen3.5's Gated DeltaNet layers),
+the bottleneck per packed example (K = 0 invariance), first-fit decreasing, the flex BlockMask equal to the 4-D mask,
+one-line config errors."""
 import pytest
 import torch
 from conftest import tiny_overrides
