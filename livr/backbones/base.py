@@ -131,6 +131,14 @@ class Family:
             return {kind: additive(a, dtype, rows) for kind, a in allowed.items()}
         return additive(allowed, dtype, rows)
 
+    def packed_mask(self, model, groups: torch.Tensor, segments: torch.Tensor, bottleneck: bool, dtype: torch.dtype):
+        """The `attention_mask` of a packed row (livr/data/packing.py; `segments` [B, L] numbers its examples):
+        `packed_allowed` (block-diagonal: the model's own rule, and under Stage 1 the bottleneck, inside each example)
+        as `as_mask` makes it."""
+        from livr.method.mask import packed_allowed
+
+        return self.as_mask(model, packed_allowed(self, model, groups, segments, bottleneck), dtype)
+
     # --- processor and images
     def processor_kwargs(self, config) -> dict:
         """Processor settings taken from the model config (so that its image-token count equals the model's)."""

@@ -20,10 +20,19 @@ Activation: the family's Stage-1 mask is a dict per layer type whose "linear_att
 False for the model's own rules as a 4-D mask). `install(cls)` wraps `cls.forward` once: any other
 `attention_mask` (None or 2-D: Stage 2, SFT, stock inference, transformers' own generate) runs the stock forward
 untouched.
+
+Packed rows (`data.packing`, livr/data/packing.py): several examples concatenated in one row must not share a state.
+The family's packed mask is also tagged with `livr_segments`: per row, the (start, end) of each example's contiguous
+slice (and of the padding's), found once per forward from the row's `segments`. `livr_forward` then runs each slice
+alone, from a fresh state (an empty convolution window, a zero recurrent state), and concatenates the outputs:
+the stock forward with the slice's 2-D padding mask (Stage 2) or `two_recurrences` (Stage 1), so every example gets
+exactly what it gets unpacked (a padding slice is zeroed like any padding: finite, and read by nothing). Training
+only: a packed row takes no cache (a RuntimeError).
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 
 import torch
@@ -34,11 +43,20 @@ from livr.method.groups import ANSWER, IMAGE, PAD, PROMPT
 BLIND_GROUPS = (PROMPT, ANSWER)
 
 
-def tag(mask: torch.Tensor, groups: torch.Tensor, bottleneck: bool) -> torch.Tensor:
-    """Mark an additive 4-D mask for the Gated DeltaNet layers: their token groups, and whether it is Stage 1."""
+def tag(mask: torch.Tensor, groups: torch.Tensor, bottleneck: bool, segments: torch.Tensor | None = None):
+    """Mark an additive 4-D mask for the Gated DeltaNet layers: their token groups, whether it is Stage 1, and for a
+    packed row its `segments` [B, L] (each row's slices, as (start, end) pairs: one host sync per forward)."""
     mask.livr_groups = groups
     mask.livr_bottleneck = bottleneck
+    if segments is not None:
+        mask.livr_segments = [slices(row) for row in segments]
     return mask
+
+
+def slices(segments: torch.Tensor) -> list[tuple[int, int]]:
+    """[L] example numbers of a packed row -> the (start, end) of each run of equal numbers (an example, padding)."""
+    cuts = [0, *(torch.nonzero(segments[1:] != segments[:-1]).flatten() + 1).tolist(), segments.shape[0]]
+    return list(itertools.pairwise(cuts))
 
 
 def install(cls) -> None:
@@ -64,6 +82,14 @@ def livr_forward(self, stock, hidden_states, cache, mask, **kwargs):
                            "groups reached a linear-attention layer (build it with the family's stage1_mask/as_mask)")
     n = hidden_states.shape[1]
     g = groups[:, -n:].to(hidden_states.device)
+    packed = getattr(mask, "livr_segments", None)
+    if packed is not None:
+        if cache is not None:
+            raise RuntimeError(f"{type(self).__name__} layer {self.layer_idx}: a packed row (data.packing) runs "
+                               "without a cache (training only); pass use_cache=False")
+        return torch.cat([torch.cat([per_example(self, stock, hidden_states[r:r + 1, s:e], g[r:r + 1, s:e],
+                                                 mask.livr_bottleneck, **kwargs) for s, e in row], dim=1)
+                          for r, row in enumerate(packed)])
     valid = g != PAD
     pad2d = valid.to(hidden_states.dtype)  # (the stock layer only multiplies by it: ones change nothing, no host sync)
     decoding = cache is not None and cache.get_conv_state(self.layer_idx) is not None
@@ -73,6 +99,13 @@ def livr_forward(self, stock, hidden_states, cache, mask, **kwargs):
                                "prefix must be a prompt/answer position")
         return stock(self, hidden_states, cache=cache, attention_mask=None if n == 1 else pad2d, **kwargs)
     return two_recurrences(self, hidden_states, g, cache)
+
+
+def per_example(self, stock, hidden_states, g, bottleneck: bool, **kwargs):
+    """One example's slice of a packed row from a fresh state, as if it were alone (its padding slice: zeroed)."""
+    if bottleneck:
+        return two_recurrences(self, hidden_states, g)
+    return stock(self, hidden_states, cache=None, attention_mask=(g != PAD).to(hidden_states.dtype), **kwargs)
 
 
 def two_recurrences(self, hidden_states, g, cache=None):

@@ -7,7 +7,8 @@
 - `model.attn_implementation=flex_attention` for the bottleneck of a family whose own rules are not one causal mask
   (Qwen3.5's dict of masks per layer type, with the token groups for its Gated DeltaNet layers; Gemma 3's
   bidirectional images): livr's flex BlockMask is one causal mask for every layer, so such a family runs Stage 1
-  under sdpa or eager (`auto` picks sdpa).
+  under sdpa or eager (`auto` picks sdpa); with `data.packing`, flex for any stage of such a family (the packed
+  BlockMask has the same limit).
 Called by build_model (every command that loads a model), by `livr train` before its data loads, and by `livr plan`.
 """
 from __future__ import annotations
@@ -82,6 +83,12 @@ def check_backbone(cfg, config, family) -> None:
     if cfg.lora.expert_targets and not num_experts(text):
         _fail("lora.expert_targets", cfg.lora.expert_targets, f"{cfg.model.backbone} ({config.model_type}) has no "
               "routed experts (no MoE layer); leave it empty")
+    m = cfg.model
+    if cfg.data.packing and "flex_attention" in {m.attn_implementation, m.attn_implementation_stage2} \
+            and not flex_capable(family):
+        _fail("data.packing", True, f"with flex_attention: family {family.name} has its own attention rules, which "
+              "livr's packed flex BlockMask (one causal mask with document ids) cannot carry; use sdpa or eager "
+              "(or auto) with packing")
     if not bottleneck_runs(cfg):
         return
     kinds = getattr(family, "layer_kinds", None)

@@ -10,7 +10,8 @@
   included), so they restart at every example. Image tensors are concatenated in order as `collate` does.
   `segments` [1, L] numbers the examples of the row (-1 on padding); `seq_lens` their lengths.
 The mask that keeps packed examples apart is the method's: `livr.method.mask.packed_allowed` (4-D) and
-`livr.model.flex.packed_block_mask` (a flex BlockMask with document ids).
+`livr.model.flex.packed_block_mask` (a flex BlockMask with document ids). Recurrent (Gated DeltaNet) layers have no
+attention to mask: they run each example of the row from a fresh state (livr/backbones/gated_deltanet.py).
 The loss normalisation is that of `train_step` (total NLL / labelled tokens of the global batch): a step's
 gradient does not depend on how its examples are packed. Labels stay per example: the first token of an example
 is never labelled, so no position predicts across an example boundary.
@@ -23,9 +24,10 @@ from livr.config import ConfigError, register_check
 from livr.data.sequence import SEQ_KEYS, _cat_padded, collate
 
 
-def check_config(cfg, family=None, plan=None) -> None:
-    """One-line ConfigErrors for packing settings that cannot work (`family`, `plan`: the resolved family and
-    attention kernels, once the model is built)."""
+def check_config(cfg, plan=None) -> None:
+    """One-line ConfigErrors for packing settings that cannot work (`plan`: the resolved attention kernels, once
+    the model is built; a family whose own rules a flex BlockMask cannot carry is refused flex by
+    livr.backbones.preflight)."""
     d = cfg.data
     if not d.packing:
         return
@@ -40,9 +42,6 @@ def check_config(cfg, family=None, plan=None) -> None:
         raise ConfigError(f"config: data.packing=true with model.attn_implementation*={flash[0]}: FlashAttention "
                           "takes no 4-D mask, so it cannot keep packed examples apart; use sdpa or flex_attention "
                           "(or auto)")
-    if family is not None and "linear_attention" in getattr(family, "layer_kinds", ()):
-        raise ConfigError(f"config: data.packing=true: family {family.name} has recurrent (linear-attention) layers "
-                          "whose state would flow from one packed example into the next; leave packing off")
 
 
 def plan_packs(lengths: list[int], max_tokens: int) -> list[list[int]]:

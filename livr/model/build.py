@@ -20,7 +20,6 @@ from livr.config import Config, ConfigError
 from livr.data.sequence import SequenceBuilder
 from livr.method.groups import IGNORE
 from livr.method.latents import add_latent_tokens
-from livr.method.mask import packed_allowed
 from livr.model import attention, flex
 from livr.model.device import resolve_device, resolve_dtype
 from livr.model.vision_cache import build_vision_cache, check_zero_stage
@@ -87,12 +86,11 @@ class LivrModel:
 
     def packed_mask(self, groups: torch.Tensor, segments: torch.Tensor, bottleneck: bool):
         """The mask of a packed row: a BlockMask with document ids (flex), else the family's additive mask(s) of
-        `packed_allowed` (block-diagonal: causal, the Stage-1 bottleneck inside each example)."""
+        `packed_allowed` (block-diagonal: causal, the Stage-1 bottleneck inside each example; `Family.packed_mask`)."""
         groups = groups.to(self.device)
         if self.attn_implementation() == flex.NAME:
             return flex.packed_block_mask(self.family, groups, segments, bottleneck)
-        return self.family.as_mask(self.model, packed_allowed(self.family, self.model, groups, segments, bottleneck),
-                                   self.dtype)
+        return self.family.packed_mask(self.model, groups, segments.to(self.device), bottleneck, self.dtype)
 
     def forward(self, batch: dict, bottleneck: bool) -> torch.Tensor:
         return self.model(**self.model_inputs(batch, bottleneck), use_cache=False).logits

@@ -189,7 +189,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         check_zero3_rows(splits)
     torch.manual_seed(cfg.train.seed)
     lm = build_model(cfg, loading=loading)
-    check_packing(cfg, lm.family, lm.attention)  # (the resolved family and kernels)
+    check_packing(cfg, lm.attention)  # (the resolved kernels)
     if hidden_answers(splits["val"], f"data.val_split={cfg.data.val_split!r}"):
         raise DataError(f"data.val_split={cfg.data.val_split!r}: its answers are hidden (BLINK test); validation and "
                         "model selection need a split with public answers")

@@ -1,6 +1,7 @@
 """Packing under the bottleneck (livr/data/packing.py): a packed step's loss and gradients equal the unpacked step's,
-no attention across packed examples (leak probe), the bottleneck per packed example (K = 0 invariance), first-fit
-decreasing, the flex BlockMask equal to the 4-D mask, one-line config errors."""
+no attention across packed examples (leak probe), no recurrent state across them (Qwen3.5's Gated DeltaNet layers),
+the bottleneck per packed example (K = 0 invariance), first-fit decreasing, the flex BlockMask equal to the 4-D mask,
+one-line config errors; 2 ranks under DDP, ZeRO-2 and ZeRO-3."""
 import os
 
 import pytest
@@ -161,7 +162,9 @@ def _zero3_json(tmp_path) -> str:
 @pytest.mark.parametrize("backbone,bottleneck,extra", [
     ("tiny-qwen2.5-vl", True, {}), ("tiny-qwen2.5-vl", False, {}), ("tiny-llava-onevision", True, {}),
     ("tiny-llava-onevision", False, {}), ("tiny-qwen2.5-vl", True, {"model.cache_vision": True}),
-    ("tiny-gemma3", True, {})])  # (its own rule: images both ways, sliding windows; also passes Stage 2, Qwen3-VL)
+    ("tiny-gemma3", True, {}),  # (its own rule: images both ways, sliding windows; also passes Stage 2, Qwen3-VL)
+    # hybrid: each example's slice through the Gated DeltaNet layers from a fresh state (two recurrences in Stage 1)
+    ("tiny-qwen3.5", True, {}), ("tiny-qwen3.5", False, {}), ("tiny-qwen3.5-moe", True, {})])
 def test_packed_step_equals_unpacked(backbone, bottleneck, extra, backbone_cache, data_cache, tmp_path):
     cfg, lm = _lm(backbone_cache, data_cache, tmp_path, backbone, **extra)
     items = [lm.builder.encode(r) for r in _rows()]
@@ -224,6 +227,35 @@ def test_no_attention_across_packed_examples_and_bottleneck_per_example(backbone
                 assert moved > 1e-4  # the latents (or the causal mask) carry B's image
 
 
+def test_no_state_across_packed_examples_in_gated_deltanet_layers(backbone_cache, data_cache, tmp_path):
+    """Leak probe for the recurrent layers (tiny-qwen3.5: 3 Gated DeltaNet layers, 1 full attention): example A's
+    pixels or tokens move nothing of example B's logits (both stages); under Stage 1 with K = 0, B's prompt and
+    answer logits ignore B's own image (the bottleneck holds per example), under Stage 2 they do not. A packed row
+    with a cache is refused."""
+    _, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen3.5", **{"latents.num_latents": 0})
+    lm.model.eval()
+    rows = _rows()
+    a, b = lm.builder.encode(rows[2]), lm.builder.encode(rows[0])
+    pad, na = lm.tokenizer.pad_token_id, a["input_ids"].shape[0]
+
+    def logits(first, second, bottleneck):
+        (batch,) = collate_packed([dict(first), dict(second)], pad, 10**6)
+        with torch.no_grad():
+            return lm.forward(batch, bottleneck)[0, na:]
+
+    text_a = {**a, "input_ids": torch.where(a["groups"] == IMAGE, a["input_ids"], (a["input_ids"] + 7) % 500)}
+    blind = torch.isin(b["groups"], torch.tensor([ANSWER, 2]))  # B's answer and prompt rows
+    for bottleneck in (True, False):
+        ref = logits(a, b, bottleneck)
+        for changed in (_other_pixels(a, 1), text_a):
+            assert (logits(changed, b, bottleneck) - ref).abs().max() < 1e-6
+        moved = (logits(a, _other_pixels(b, 2), bottleneck) - ref)[blind].abs().max()
+        assert (moved < 1e-6) if bottleneck else (moved > 1e-4)
+    (batch,) = collate_packed([dict(a), dict(b)], pad, 10**6)
+    with pytest.raises(RuntimeError, match="a packed row .* runs without a cache"), torch.no_grad():
+        lm.model(**lm.model_inputs(batch, True), use_cache=True)  # training only
+
+
 def test_first_fit_decreasing():
     packs = plan_packs([5, 9, 3, 7, 12, 2], 10)
     assert sorted(i for p in packs for i in p) == list(range(6))
@@ -251,11 +283,24 @@ def test_flex_block_mask_equals_the_4d_mask():
 @pytest.mark.parametrize("extra,needle", [
     ({"data.max_tokens": 0}, "data.max_tokens=0"),
     ({"model.attn_implementation_stage2": "flash_attention_2"}, "FlashAttention"),
-    ({"distributed.deepspeed": "deepspeed_configs/zero2.json"}, "DeepSpeed"),
 ])
 def test_packing_config_errors(extra, needle, tmp_path):
     with pytest.raises(ConfigError, match=needle) as e:
         load_config(None, [f"{k}={v}" for k, v in {"data.packing": True, **extra}.items()])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("backbone,family,key", [("tiny-qwen3.5", "qwen3_5", "model.attn_implementation_stage2"),
+                                                ("tiny-gemma3", "gemma3", "model.attn_implementation")])
+def test_packing_with_flex_refused_where_a_block_mask_cannot_carry_the_family(backbone, family, key, tmp_path):
+    """Packing of a hybrid family works under sdpa; flex for any stage of a family with its own rules (Qwen3.5's dict
+    per layer type, Gemma 3's two-way images) is refused before anything loads, in one line."""
+    from livr.backbones.preflight import check_before_loading
+
+    over = {"data.packing": True, "model.backbone": backbone, "model.cache_dir": str(tmp_path)}
+    check_before_loading(load_config(None, [f"{k}={v}" for k, v in over.items()]))  # sdpa: packs
+    with pytest.raises(ConfigError, match=f"data.packing.*flex_attention: family {family} ") as e:
+        check_before_loading(load_config(None, [f"{k}={v}" for k, v in {**over, key: "flex_attention"}.items()]))
     assert "\n" not in str(e.value)
 
 

@@ -4,7 +4,9 @@ The Stage-1 bottleneck reaches the two layer types differently (livr/backbones/g
 full-attention layers take the additive 4-D Stage-1 mask; the Gated DeltaNet layers run two recurrences (the stock
 one, and an image-blind one read by prompt and answer positions). So the family's masks are a dict per layer type,
 as transformers' Qwen3.5 text model takes them; the "linear_attention" entry is the same additive mask tagged with
-the token groups. Stage 2, SFT and stock inference pass a 2-D mask and run the model unchanged.
+the token groups. Stage 2, SFT and stock inference pass a 2-D mask and run the model unchanged. A packed row
+(`data.packing`) has block-diagonal masks, the linear entry tagged with the segments too: each example's slice runs
+through the Gated DeltaNet layers from a fresh state.
 
 Chat format (the checkpoint's chat template): ChatML with `<|vision_start|><|image_pad|><|vision_end|>` per image,
 no default system prompt; the generation prompt is `<|im_start|>assistant\\n<think>\\n` (thinking on by default), so
@@ -96,6 +98,13 @@ class HybridQwen(QwenVL):
         out = {kind: additive(a, dtype, rows) for kind, a in allowed.items()}
         if isinstance(allowed, GroupsDict):
             gated_deltanet.tag(out["linear_attention"], allowed.groups, allowed.bottleneck)
+        return out
+
+    def packed_mask(self, model, groups, segments, bottleneck, dtype):
+        """The block-diagonal masks of a packed row; the Gated DeltaNet layers' entry also carries the segments, so
+        that each example runs from a fresh state (gated_deltanet.py)."""
+        out = super().packed_mask(model, groups, segments, bottleneck, dtype)
+        gated_deltanet.tag(out["linear_attention"], groups, bottleneck, segments)
         return out
 
     def init_random(self, model) -> None:
