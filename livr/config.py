@@ -175,6 +175,8 @@ class TrackingConfig:
     artifact_location: str = ""  # "" = <cwd>/mlartifacts, or the server's default for an http(s) uri (at experiment creation)
     experiment: str = "livr"
     run_name: str = ""  # "" = the run's name
+    system_metrics: bool = False  # MLflow's system/* metrics (CPU, memory, disk, network; GPU with nvidia-ml-py), rank 0
+    system_metrics_interval_s: float = 10.0  # seconds between two samples of them
 
 
 @dataclass
@@ -522,6 +524,8 @@ def validate(cfg: Config) -> Config:
         _one_of("eval.splits", split, ("train", "val", "test"))
     _one_of("eval.parser", cfg.eval.parser, ("blink", "lenient", "match"))
     _check_distributed(cfg.distributed)
+    if cfg.tracking.system_metrics_interval_s <= 0:
+        _fail("tracking.system_metrics_interval_s", cfg.tracking.system_metrics_interval_s, "must be > 0 (seconds)")
     _one_of("tune.mode", cfg.tune.mode, ("max", "min"))
     _one_of("tune.scheduler", cfg.tune.scheduler, ("asha", "fifo"))
     _one_of("tune.searcher", cfg.tune.searcher, ("random", "optuna"))

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import livr.data  # noqa: F401 (registers the task-name and packing checks, as the CLI does before loading a config)
 from livr.config import Config, ConfigError, load_config, save_config
 
 
@@ -39,6 +40,7 @@ def test_saved_config_reproduces(tmp_path):
     ("train.nonfinite=ignore", "train.nonfinite='ignore': must be one of skip, stop"),
     ("train.max_nonfinite_skips=-1", "train.max_nonfinite_skips=-1: must be >= 0"),
     ("distributed.storage_shared=maybe", "distributed.storage_shared must be bool"),
+    ("tracking.system_metrics_interval_s=0", "tracking.system_metrics_interval_s=0.0: must be > 0"),
 ])
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -218,9 +218,11 @@ class Tracker:
         if run_id is None and os.path.exists(id_file):
             with open(id_file) as f:
                 run_id = f.read().strip()
+        self.monitor = None
         if run_id:  # a restart or resume continues the same MLflow run (id from the checkpoint or run dir)
             self.run_id = run_id
             self.outbox.put({"op": "running", "run": run_id})
+            self._system_metrics(cfg, resumed=True)
             return
         tags = {"backbone": cfg.model.backbone, "mode": cfg.train.mode, "tasks": ",".join(cfg.data.tasks),
                 "num_latents": str(cfg.latents.num_latents), "livr.run_dir": os.path.abspath(run_dir)}
@@ -232,6 +234,24 @@ class Tracker:
             f.write(self.run_id)
         os.replace(id_file + ".tmp", id_file)
         self.log_params(flatten(to_dict(cfg)))
+        self._system_metrics(cfg, resumed=False)
+
+    def _system_metrics(self, cfg: Config, resumed: bool) -> None:
+        """`tracking.system_metrics`: MLflow's own monitor (a thread sampling psutil, and the GPUs through pynvml
+        when nvidia-ml-py is installed) logs system/* metrics of rank 0's machine straight to the store, every
+        `system_metrics_interval_s`; a resumed run continues its steps. Best effort: an unreachable store stops
+        the monitor, never the training (the outbox keeps only livr's own metrics)."""
+        if not cfg.tracking.system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
+                                                resume_logging=resumed, tracking_uri=self.uri)
+            self.monitor.start()
+        except Exception as e:  # noqa: BLE001 - system metrics must not stop a run
+            say(f"tracking.system_metrics: MLflow's monitor did not start ({type(e).__name__}: {str(e)[:200]})")
+            self.monitor = None
 
     def log_params(self, params: dict) -> None:
         if not self.active or self.ended:
@@ -280,6 +300,8 @@ class Tracker:
             return
         self.ended = True
         try:
+            if self.monitor is not None:  # its last samples, before the run stops being RUNNING
+                self.monitor.finish()
             self.outbox.put({"op": "status", "run": self.run_id, "status": status, "t": int(time.time() * 1000)})
             left = self.outbox.close(_flush_s())
             if left:

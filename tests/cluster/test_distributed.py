@@ -54,7 +54,10 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     ds = "deepspeed_configs/zero2.json" if zero == "zero2" else _zero3_json(tmp_path, offload=True)
     name = f"ds-{zero}-résumé"  # Ray needs ASCII names ('ascii' codec can't encode): it gets ray_safe_name(name)
     cache = {"model.cache_vision": True} if zero == "zero2" else {}  # (refused under ZeRO-3)
-    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.deepspeed": ds, **cache})
+    # packed: 2 rows of ~100-200 tokens per rank and step, 250 tokens a pack: the ranks' pack counts differ from
+    # step to step and from the accumulation's 1 (livr's boundary; the rank with fewer packs runs a filler)
+    pack = {"data.packing": True, "data.max_tokens": 250}
+    cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.deepspeed": ds, **cache, **pack})
     result = run_distributed(cfg)
     assert result["global_step"] == 4 and result["ray_checkpoint"]
     ckpt = result["ray_checkpoint"]

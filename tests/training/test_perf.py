@@ -58,7 +58,8 @@ def test_perf_metrics_in_a_real_runs_mlflow_store(backbone_cache, data_cache, tm
         "train.stage1_steps": 2, "train.stage2_steps": 2, "train.device_peak_tflops": 0.05,
         "data.val_size": 4, "data.test_size": 4, "eval.batch_size": 4,
         # through the packed loader path too (livr/data/packing.py): 2 micro-batches of 2 examples per step
-        "train.micro_batch_size": 2, "train.grad_accum": 2, "data.packing": True, "data.max_tokens": 200})
+        "train.micro_batch_size": 2, "train.grad_accum": 2, "data.packing": True, "data.max_tokens": 200,
+        "tracking.system_metrics": True, "tracking.system_metrics_interval_s": 0.2})  # MLflow's system/* too
     cfg = load_config(None, over)
     import livr.training.train
 
@@ -94,3 +95,8 @@ def test_perf_metrics_in_a_real_runs_mlflow_store(backbone_cache, data_cache, tm
     samples = client.get_metric_history(run.info.run_id, "perf/samples_per_s")[0].value
     assert 20 < tokens / samples < 500  # tokens per example of the tiny synthetic rows
     assert len(client.get_metric_history(run.info.run_id, "perf/eval_s")) >= 1
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    mem = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert len(cpu) >= 2 and all(0 <= m.value <= 100 for m in cpu), [m.value for m in cpu]  # sampled through the run
+    assert mem and all(m.value > 0 for m in mem)
+    assert sorted(m.step for m in cpu) == list(range(len(cpu)))
