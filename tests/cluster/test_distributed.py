@@ -54,9 +54,9 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     ds = "deepspeed_configs/zero2.json" if zero == "zero2" else _zero3_json(tmp_path, offload=True)
     name = f"ds-{zero}-résumé"  # Ray needs ASCII names ('ascii' codec can't encode): it gets ray_safe_name(name)
     cache = {"model.cache_vision": True} if zero == "zero2" else {}  # (refused under ZeRO-3)
-    # packed: 2 rows of ~100-200 tokens per rank and step, 250 tokens a pack: the ranks' pack counts differ from
-    # step to step and from the accumulation's 1 (livr's boundary; the rank with fewer packs runs a filler)
-    pack = {"data.packing": True, "data.max_tokens": 250}
+    # packed: a rank's 2 rows (97 tokens each) of a step, accumulated as 2 micro-batches of 1, become one packed
+    # micro-batch: DeepSpeed steps at livr's boundary, not after its 2 (tests/data/test_packing.py: unequal counts)
+    pack = {"data.packing": True, "data.max_tokens": 200, "train.micro_batch_size": 1, "train.grad_accum": 2}
     cfg = _cfg(backbone_cache, data_cache, tmp_path, name=name, **{"distributed.deepspeed": ds, **cache, **pack})
     result = run_distributed(cfg)
     assert result["global_step"] == 4 and result["ray_checkpoint"]
@@ -70,6 +70,7 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     assert not [f for f in files if f.endswith((".pt", ".pkl", ".bin"))], files
     ck = read_checkpoint(ckpt)
     assert len(ck["rng"]["ranks"]) == 2 and ck["opt_meta"]["zero_stage"] == int(zero[-1])
+    assert ck["opt_meta"]["engine_global_steps"] == 4  # DeepSpeed stepped at each of livr's 4 boundaries
     assert ck["opt_meta"]["optimizer"] == ("DeepSpeedCPUAdam" if zero == "zero3" else "AdamW")  # ZeRO-3 offloads
     assert any(k.endswith(".exp_avg_sq") and v.abs().sum() > 0 for k, v in ck["optimizer"].items()), "AdamW moments"
     # the adapter was gathered: whole tensors that load with PEFT, latent rows trained, other rows untouched
