@@ -26,6 +26,18 @@ def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
+def zero3_json(tmp_path, offload: bool = False) -> str:
+    """A ZeRO-3 JSON (as shipped, `zero3_offload.json` with `offload`) that really partitions a tiny model."""
+    import json
+
+    with open(os.path.join(ROOT, "deepspeed_configs", f"{'zero3_offload' if offload else 'zero3'}.json")) as f:
+        ds = json.load(f)  # (offload: no optimizer in it; livr runs DeepSpeed's CPU Adam there)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+    path = tmp_path / ("zero3_offload_test.json" if offload else "zero3_test.json")
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
 def tiny_overrides(backbone_cache: str, data_cache: str, tmp_path, **extra) -> list[str]:
     """key=value overrides for a fast tiny run writing only under tmp dirs."""
     base = {

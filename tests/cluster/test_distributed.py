@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, zero3_json
 
 from livr.config import ConfigError, load_config
 
@@ -35,15 +35,6 @@ def ray_local():
         ray.shutdown()
 
 
-def _zero3_json(tmp_path, offload: bool = False):
-    with open(f"deepspeed_configs/{'zero3_offload' if offload else 'zero3'}.json") as f:
-        ds = json.load(f)  # (offload: as shipped, no optimizer in it; livr runs DeepSpeed's CPU Adam there)
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition the tiny model
-    path = tmp_path / "zero3_test.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
-
-
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, data_cache, tmp_path):
     from livr.backbones import load_backbone
@@ -51,7 +42,7 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     from livr.training.runlock import ray_safe_name
     from livr.training.runs import load_run
 
-    ds = "deepspeed_configs/zero2.json" if zero == "zero2" else _zero3_json(tmp_path, offload=True)
+    ds = "deepspeed_configs/zero2.json" if zero == "zero2" else zero3_json(tmp_path, offload=True)
     name = f"ds-{zero}-résumé"  # Ray needs ASCII names ('ascii' codec can't encode): it gets ray_safe_name(name)
     cache = {"model.cache_vision": True} if zero == "zero2" else {}  # (refused under ZeRO-3)
     # packed: a rank's 2 rows (97 tokens each) of a step, accumulated as 2 micro-batches of 1, become one packed
@@ -191,7 +182,7 @@ def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, 
     cases = [({"distributed.deepspeed": str(bad_json)}, "not valid JSON"),
              ({"distributed.deepspeed": str(stage9)}, "stage=9 does not exist"),
              ({"distributed.num_workers": 5}, "needs 5 CPU in all but the cluster has 2"),
-             ({"distributed.deepspeed": _zero3_json(tmp_path), "model.cache_vision": True}, "cache_vision=true under ZeRO-3")]
+             ({"distributed.deepspeed": zero3_json(tmp_path), "model.cache_vision": True}, "cache_vision=true under ZeRO-3")]
     for extra, message in cases:
         cfg = _cfg(backbone_cache, data_cache, tmp_path, name="bad", **extra)
         with pytest.raises(ConfigError, match=message):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, zero3_json
 
 from livr.config import ConfigError, load_config
 from livr.data.packing import collate_packed, plan_packs
@@ -134,7 +134,7 @@ def test_two_ranks_packed_equal_one_rank_unpacked(backbone_cache, data_cache, tm
         "lora.dropout": 0.0, "train.micro_batch_size": 1, "train.grad_accum": 3, "data.packing": True,
         "data.max_tokens": min(pairs)})
     out = str(tmp_path / "packed")
-    engines = ("torch", "deepspeed_configs/zero2.json", _zero3_json(tmp_path))
+    engines = ("torch", "deepspeed_configs/zero2.json", zero3_json(tmp_path))
     mp.spawn(_packed_worker, nprocs=2, join=True, args=(2, str(tmp_path / "pg"), over, min(pairs), out, engines))
     for e, engine in enumerate(engines):
         got = [load_file(f"{out}{e}.rank{r}") for r in (0, 1)]
@@ -147,16 +147,6 @@ def test_two_ranks_packed_equal_one_rank_unpacked(backbone_cache, data_cache, tm
             assert g.keys() == grads_u.keys(), engine
             for n, ref in grads_u.items():
                 assert (g[n] - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-8), (engine, n)
-
-
-def _zero3_json(tmp_path) -> str:
-    import json
-
-    with open("deepspeed_configs/zero3.json") as f:
-        ds = json.load(f)
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition the tiny model
-    (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    return str(tmp_path / "zero3.json")
 
 
 @pytest.mark.parametrize("backbone,bottleneck,extra", [
@@ -196,44 +186,10 @@ def _other_pixels(item, seed):
     return {**item, "pixel_values": torch.randn(px.shape, generator=torch.Generator().manual_seed(seed)).to(px.dtype)}
 
 
-def test_no_attention_across_packed_examples_and_bottleneck_per_example(backbone_cache, data_cache, tmp_path):
-    """Leak probe: example A's pixels or tokens move nothing of example B (both stages); under the Stage-1 mask
-    with K = 0, B's prompt and answer logits ignore B's own image, with K > 0 they do not."""
-    for k in (0, 4):
-        _, lm = _lm(backbone_cache, data_cache, tmp_path / f"k{k}", "tiny-qwen2.5-vl", **{"latents.num_latents": k})
-        lm.model.eval()
-        rows = _rows()
-        a, b = lm.builder.encode(rows[2]), lm.builder.encode(rows[0])  # A: 3 images, B: 1 image
-        pad = lm.tokenizer.pad_token_id
-        na = a["input_ids"].shape[0]
-
-        def logits(first, second, bottleneck, lm=lm, pad=pad, na=na):
-            (batch,) = collate_packed([dict(first), dict(second)], pad, 10**6)
-            with torch.no_grad():
-                return lm.forward(batch, bottleneck)[0, na:]
-
-        text_a = {**a, "input_ids": torch.where(a["groups"] == IMAGE, a["input_ids"], (a["input_ids"] + 7) % 500)}
-        blind = torch.isin(b["groups"], torch.tensor([ANSWER, 2]))  # B's answer and prompt rows
-        for bottleneck in (True, False):
-            ref = logits(a, b, bottleneck)
-            if k == 4:
-                for changed in (_other_pixels(a, 1), text_a):
-                    assert torch.equal(logits(changed, b, bottleneck), ref) or \
-                        (logits(changed, b, bottleneck) - ref).abs().max() < 1e-6
-            moved = (logits(a, _other_pixels(b, 2), bottleneck) - ref)[blind].abs().max()
-            if bottleneck and k == 0:
-                assert moved < 1e-6  # the only path from B's pixels to its answer is the latents: none here
-            else:
-                assert moved > 1e-4  # the latents (or the causal mask) carry B's image
-
-
-def test_no_state_across_packed_examples_in_gated_deltanet_layers(backbone_cache, data_cache, tmp_path):
-    """Leak probe for the recurrent layers (tiny-qwen3.5: 3 Gated DeltaNet layers, 1 full attention): example A's
-    pixels or tokens move nothing of example B's logits (both stages); under Stage 1 with K = 0, B's prompt and
-    answer logits ignore B's own image (the bottleneck holds per example), under Stage 2 they do not. A packed row
-    with a cache is refused."""
-    _, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen3.5", **{"latents.num_latents": 0})
-    lm.model.eval()
+def _assert_examples_apart(lm, latents: int, other_a: bool = True):
+    """Leak probe on the packed row [A, B] (A: 3 images, B: 1): A's pixels or tokens move nothing of B's logits
+    (both stages, `other_a`); B's own image moves B's prompt and answer logits, except under Stage 1 with no
+    latents (the bottleneck per example). Returns (A, B) encoded."""
     rows = _rows()
     a, b = lm.builder.encode(rows[2]), lm.builder.encode(rows[0])
     pad, na = lm.tokenizer.pad_token_id, a["input_ids"].shape[0]
@@ -247,11 +203,34 @@ def test_no_state_across_packed_examples_in_gated_deltanet_layers(backbone_cache
     blind = torch.isin(b["groups"], torch.tensor([ANSWER, 2]))  # B's answer and prompt rows
     for bottleneck in (True, False):
         ref = logits(a, b, bottleneck)
-        for changed in (_other_pixels(a, 1), text_a):
+        for changed in (_other_pixels(a, 1), text_a) if other_a else ():
             assert (logits(changed, b, bottleneck) - ref).abs().max() < 1e-6
         moved = (logits(a, _other_pixels(b, 2), bottleneck) - ref)[blind].abs().max()
-        assert (moved < 1e-6) if bottleneck else (moved > 1e-4)
-    (batch,) = collate_packed([dict(a), dict(b)], pad, 10**6)
+        if bottleneck and latents == 0:
+            assert moved < 1e-6  # the only path from B's pixels to its answer is the latents: none here
+        else:
+            assert moved > 1e-4  # the latents (or the causal mask) carry B's image
+    return a, b
+
+
+def test_no_attention_across_packed_examples_and_bottleneck_per_example(backbone_cache, data_cache, tmp_path):
+    """Leak probe (tiny-qwen2.5-vl): example A's pixels or tokens move nothing of example B (both stages); under the
+    Stage-1 mask with K = 0, B's prompt and answer logits ignore B's own image, with K > 0 they do not."""
+    for k in (0, 4):
+        _, lm = _lm(backbone_cache, data_cache, tmp_path / f"k{k}", "tiny-qwen2.5-vl", **{"latents.num_latents": k})
+        lm.model.eval()
+        _assert_examples_apart(lm, k, other_a=k == 4)
+
+
+def test_no_state_across_packed_examples_in_gated_deltanet_layers(backbone_cache, data_cache, tmp_path):
+    """Leak probe for the recurrent layers (tiny-qwen3.5: 3 Gated DeltaNet layers, 1 full attention): example A's
+    pixels or tokens move nothing of example B's logits (both stages); under Stage 1 with K = 0, B's prompt and
+    answer logits ignore B's own image (the bottleneck holds per example), under Stage 2 they do not. A packed row
+    with a cache is refused."""
+    _, lm = _lm(backbone_cache, data_cache, tmp_path, "tiny-qwen3.5", **{"latents.num_latents": 0})
+    lm.model.eval()
+    a, b = _assert_examples_apart(lm, 0)
+    (batch,) = collate_packed([dict(a), dict(b)], lm.tokenizer.pad_token_id, 10**6)
     with pytest.raises(RuntimeError, match="a packed row .* runs without a cache"), torch.no_grad():
         lm.model(**lm.model_inputs(batch, True), use_cache=True)  # training only
 

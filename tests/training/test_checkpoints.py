@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_overrides
+from conftest import tiny_overrides, zero3_json
 from safetensors.torch import load_file
 
 import livr.training.train
@@ -241,14 +241,6 @@ def _two_rank_worker(rank: int, init: str, jobs: list, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _zero3_json(tmp_path) -> str:
-    with open("deepspeed_configs/zero3.json") as f:
-        ds = json.load(f)
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition the tiny model
-    (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    return str(tmp_path / "zero3.json")
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, backbone_cache, data_cache):
     """Runs on 2 gloo ranks, uninterrupted and killed + resumed: DDP, ZeRO-2 (with pickles planted in its
@@ -269,7 +261,7 @@ def two_ranks(tmp_path_factory, backbone_cache, data_cache):
             train_worker(cut1)
     finally:
         del os.environ["LIVR_FAIL_AT_STEP"]
-    z2, z3 = [f"distributed.deepspeed={p}" for p in ("deepspeed_configs/zero2.json", _zero3_json(tmp))]
+    z2, z3 = [f"distributed.deepspeed={p}" for p in ("deepspeed_configs/zero2.json", zero3_json(tmp))]
     src = _ckpt(cut1.run_dir)
     marker = str(tmp / "pickle-ran")
     jobs = [("ddp-whole", (base,), {}), ("ddp-cut", (base,), {"fail_at": (2, 7)}),
