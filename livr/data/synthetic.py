@@ -15,11 +15,22 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from livr.data.drawing import (
+    OBJECTS,
+    draw_object,
+    gradient,
+    iou,
+    load_font,
+    overlaps,
+    picture_params,
+    random_colour,
+    render_picture,
+    to_image,
+)
 from livr.data.prompts import blink_prompt, choice_letters
 from livr.data.tasks import COLUMNS, IMAGE_COLUMNS, SYNTHETIC_TASKS, DataError, check_task
 from livr.utils.atomic import replace_dir
@@ -59,80 +70,6 @@ class _Row:
         return int(np.random.default_rng(block).permutation(k)[self.i % k])
 
 
-@lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(y, x) pixel coordinates in [0, 1]."""
-    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    return y, x
-
-
-@lru_cache(maxsize=8)
-def _font(size: int):
-    return ImageFont.load_default(size=max(8, size))
-
-
-def _colour(rng, avoid=(), min_dist: float = 110.0) -> tuple[int, int, int]:
-    """A random RGB colour at least `min_dist` (Euclidean) from every colour in `avoid`."""
-    for _ in range(200):
-        c = rng.integers(0, 256, size=3)
-        if all(np.linalg.norm(c - np.asarray(a)) >= min_dist for a in avoid):
-            break
-    return tuple(int(v) for v in c)
-
-
-def _gradient(rng, size: int, c0, c1=None) -> np.ndarray:
-    """A linear gradient c0 -> c1 (default: c0 +- 30 per channel) at a random angle, float HxWx3."""
-    if c1 is None:
-        c1 = np.clip(np.asarray(c0) + rng.integers(-30, 31, 3), 0, 255)
-    y, x = _grid(size)
-    a = rng.uniform(0, 2 * np.pi)
-    t = (np.cos(a) * (x - 0.5) + np.sin(a) * (y - 0.5)) / 1.42 + 0.5
-    return np.asarray(c0, float) * (1 - t[..., None]) + np.asarray(c1, float) * t[..., None]
-
-
-def _to_image(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
-
-
-def _overlaps(box, boxes, gap: int) -> bool:
-    x0, y0, x1, y1 = box
-    return any(x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap for b in boxes)
-
-
-def _iou(a, b) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-# --------------------------------------------------------------------------------------------- pictures
-def _picture_params(rng, palette=None) -> dict:
-    """Parameters of a procedural picture: gradient + stripes + a few large shapes."""
-    pal = palette or [_colour(rng) for _ in range(5)]
-    shapes = [{"kind": str(rng.choice(["ellipse", "rect"])), "cx": rng.uniform(0.1, 0.9), "cy": rng.uniform(0.1, 0.9),
-               "rx": rng.uniform(0.08, 0.25), "ry": rng.uniform(0.08, 0.25), "colour": pal[2 + j % 3]}
-              for j in range(int(rng.integers(3, 6)))]
-    return {"palette": pal, "grad_seed": int(rng.integers(2**31)), "stripe_angle": rng.uniform(0, np.pi),
-            "stripe_freq": rng.uniform(2.0, 6.0), "stripe_phase": rng.uniform(0, 2 * np.pi),
-            "stripe_amp": rng.uniform(0.25, 0.6), "shapes": shapes}
-
-
-def _render_picture(p: dict, size: int) -> np.ndarray:
-    pal = p["palette"]
-    img = _gradient(np.random.default_rng(p["grad_seed"]), size, pal[0], pal[1])
-    y, x = _grid(size)
-    w = np.sin(2 * np.pi * p["stripe_freq"] * (np.cos(p["stripe_angle"]) * x + np.sin(p["stripe_angle"]) * y)
-               + p["stripe_phase"])
-    alpha = (p["stripe_amp"] * (w > 0))[..., None]
-    img = img * (1 - alpha) + np.asarray(pal[2], float) * alpha
-    pil = _to_image(img)
-    draw = ImageDraw.Draw(pil)
-    for s in p["shapes"]:
-        box = [(s["cx"] - s["rx"]) * size, (s["cy"] - s["ry"]) * size,
-               (s["cx"] + s["rx"]) * size, (s["cy"] + s["ry"]) * size]
-        (draw.ellipse if s["kind"] == "ellipse" else draw.rectangle)(box, fill=tuple(s["colour"]))
-    return np.asarray(pil, dtype=float)
-
-
 # --------------------------------------------------------------------------------------------- tasks
 def _counting(r: _Row, size: int, *, min_count: int = 1, max_count: int = 4, mode: str = "mc",
               num_choices: int = 4, shape_size: float = 0.0) -> dict:
@@ -158,8 +95,8 @@ def _counting(r: _Row, size: int, *, min_count: int = 1, max_count: int = 4, mod
         others = [others[j] for j in r.rng.permutation(len(others))]
         choices = [str(v) for v in others[:pos] + [k] + others[pos:]]
         answer = pos
-    rng, bg = r.rng, _colour(r.rng)
-    pil = _to_image(_gradient(rng, size, bg))
+    rng, bg = r.rng, random_colour(r.rng)
+    pil = to_image(gradient(rng, size, bg))
     draw = ImageDraw.Draw(pil)
     area = rng.uniform(0.05, 0.18) * size * size  # total shape area, independent of k
     for attempt in range(50):
@@ -169,7 +106,7 @@ def _counting(r: _Row, size: int, *, min_count: int = 1, max_count: int = 4, mod
         boxes = []
         for side in np.clip(sides, max(5, size * 0.06), size * 0.45).astype(int)[:k]:
             for x0, y0 in rng.integers(1, size - side - 1, size=(200, 2)).tolist():
-                if not _overlaps((x0, y0, x0 + side, y0 + side), boxes, 3):
+                if not overlaps((x0, y0, x0 + side, y0 + side), boxes, 3):
                     boxes.append((x0, y0, x0 + side, y0 + side))
                     break
         if len(boxes) == k:
@@ -177,7 +114,7 @@ def _counting(r: _Row, size: int, *, min_count: int = 1, max_count: int = 4, mod
     else:
         raise DataError(f"Counting: cannot place {k} shapes on a {size}px image; use a larger image_size")
     for box in boxes:
-        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=_colour(rng, [bg]))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=random_colour(rng, [bg]))
     question = "How many shapes (squares and circles) are in the image?"
     return {"images": [pil], "question": question, "choices": choices, "answer": answer if choices else str(k)}
 
@@ -207,42 +144,18 @@ def _relative_reflectance(r: _Row, size: int, *, same_threshold: float = 0.10, s
         side = int(rng.uniform(0.2, 0.3) * size)
         x0, y0 = rng.integers(3, size - side - 3, 2).tolist()
         box = (x0, y0, x0 + side, y0 + side)
-        if not _overlaps(box, boxes, 6):
+        if not overlaps(box, boxes, 6):
             boxes.append(box)
-    font = _font(size // 9)
+    font = load_font(size // 9)
     for box, g, colour, name in zip(boxes, (a, b), (RED, BLUE), "AB"):
         draw.rectangle(box, fill=grey(g))
         draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], outline=colour, width=2)
         draw.text((box[0] + 2, box[1]), name, fill=colour, font=font)
     if shading:
-        pil = _to_image(np.asarray(pil, float) * (1 - shading * _gradient(rng, size, (0,) * 3, (1,) * 3)))
+        pil = to_image(np.asarray(pil, float) * (1 - shading * gradient(rng, size, (0,) * 3, (1,) * 3)))
     question = "Which point has darker surface color, or are they about the same?"
     return {"images": [pil], "question": question, "choices": ["A is darker", "B is darker", "About the same"],
             "answer": label}
-
-
-_OBJECTS = ("ellipse", "triangle", "star", "diamond", "cross")
-
-
-def _draw_object(draw, kind: str, box, colour) -> None:
-    x0, y0, x1, y1 = box
-    cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
-    if kind == "ellipse":
-        draw.ellipse(box, fill=colour)
-    elif kind == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=colour)
-    elif kind == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
-    elif kind == "cross":
-        draw.rectangle([x0, cy - h / 6, x1, cy + h / 6], fill=colour)
-        draw.rectangle([cx - w / 6, y0, cx + w / 6, y1], fill=colour)
-    else:  # five-pointed star touching all four sides of the box
-        ang = -np.pi / 2 + np.arange(10) * np.pi / 5
-        rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-        px, py = np.cos(ang) * rad, np.sin(ang) * rad
-        px = x0 + (px - px.min()) / np.ptp(px) * w
-        py = y0 + (py - py.min()) / np.ptp(py) * h
-        draw.polygon(list(zip(px.tolist(), py.tolist())), fill=colour)
 
 
 def _object_localization(r: _Row, size: int, *, min_area: float = 0.15, max_area: float = 0.5,
@@ -250,9 +163,9 @@ def _object_localization(r: _Row, size: int, *, min_area: float = 0.15, max_area
     """One object; a red box (choice A) and a blue box (choice B); one fits the object tightly, the
     other has IoU in [min_iou, max_iou] with it."""
     rng, label = r.rng, r.label("label", 2)
-    kind = str(rng.choice(_OBJECTS))
-    bg = _colour(rng, [RED, BLUE], 120)
-    pil = _to_image(_gradient(rng, size, bg))
+    kind = str(rng.choice(OBJECTS))
+    bg = random_colour(rng, [RED, BLUE], 120)
+    pil = to_image(gradient(rng, size, bg))
     draw = ImageDraw.Draw(pil)
     for _ in range(1000):
         frac, aspect = rng.uniform(min_area, max_area), rng.uniform(0.6, 1.6)
@@ -268,14 +181,14 @@ def _object_localization(r: _Row, size: int, *, min_area: float = 0.15, max_area
             dy0 = y0 + h / 2 - dh / 2 + rng.uniform(-0.5, 0.5) * h
             other = (dx0, dy0, dx0 + dw, dy0 + dh)
             if 2 <= dx0 and 2 <= dy0 and other[2] <= size - 3 and other[3] <= size - 3 \
-                    and min_iou <= _iou(tight, other) <= max_iou:
+                    and min_iou <= iou(tight, other) <= max_iou:
                 break
         else:
             continue
         break
     else:
         raise DataError("Object_Localization: could not place a distractor box; check the IoU/area options")
-    _draw_object(draw, kind, [round(v) for v in tight], _colour(rng, [bg, RED, BLUE], 110))
+    draw_object(draw, kind, [round(v) for v in tight], random_colour(rng, [bg, RED, BLUE], 110))
     order = list(zip([tight, other] if label == 0 else [other, tight], (RED, BLUE)))
     for box, colour in (order if rng.random() < 0.5 else order[::-1]):
         draw.rectangle([round(box[0]) - 1, round(box[1]) - 1, round(box[2]) + 1, round(box[3]) + 1],
@@ -288,15 +201,15 @@ def _jigsaw(r: _Row, size: int, *, same_palette: bool = False) -> dict:
     """image_1: a picture with its bottom-right quadrant blacked out; image_2/image_3: that quadrant and
     the bottom-right quadrant of another picture (sharing the palette if same_palette)."""
     rng, label = r.rng, r.label("label", 2)
-    p = _picture_params(rng)
-    q = _picture_params(rng, p["palette"] if same_palette else None)
-    full, other = _render_picture(p, size), _render_picture(q, size)
+    p = picture_params(rng)
+    q = picture_params(rng, p["palette"] if same_palette else None)
+    full, other = render_picture(p, size), render_picture(q, size)
     h = size // 2
-    true, fake = _to_image(full[h:, h:]), _to_image(other[h:, h:])
+    true, fake = to_image(full[h:, h:]), to_image(other[h:, h:])
     full[h:, h:] = 0
     cands = [true, fake] if label == 0 else [fake, true]
     question = "The first image has its bottom-right quadrant missing. Which image is the missing part?"
-    return {"images": [_to_image(full), *cands], "question": question, "choices": SECOND_THIRD, "answer": label}
+    return {"images": [to_image(full), *cands], "question": question, "choices": SECOND_THIRD, "answer": label}
 
 
 def _visual_similarity(r: _Row, size: int, *, same_palette: bool = True, max_shift: int = 3,
@@ -304,15 +217,15 @@ def _visual_similarity(r: _Row, size: int, *, same_palette: bool = True, max_shi
     """image_1: reference; one candidate is the reference shifted by <= max_shift px, with Gaussian noise
     and a colour jitter, the other a different picture (same palette if same_palette)."""
     rng, label = r.rng, r.label("label", 2)
-    p = _picture_params(rng)
-    q = _picture_params(rng, p["palette"] if same_palette else None)
-    ref = _render_picture(p, size)
+    p = picture_params(rng)
+    q = picture_params(rng, p["palette"] if same_palette else None)
+    ref = render_picture(p, size)
     dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, 2))
     pert = np.roll(ref, (dy, dx), axis=(0, 1)) * rng.uniform(1 - jitter, 1 + jitter, 3)
     pert = pert + rng.normal(0, noise, pert.shape)
-    cands = [_to_image(pert), _to_image(_render_picture(q, size))]
+    cands = [to_image(pert), to_image(render_picture(q, size))]
     question = "The first image is the reference. Which image is most similar to the reference image?"
-    return {"images": [_to_image(ref), *(cands if label == 0 else cands[::-1])], "question": question,
+    return {"images": [to_image(ref), *(cands if label == 0 else cands[::-1])], "question": question,
             "choices": SECOND_THIRD, "answer": label}
 
 
