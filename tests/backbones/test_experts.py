@@ -92,7 +92,7 @@ def test_expert_lora_reloads_in_stock_peft_exactly(expert_run):
     assert torch.equal(out, logits), f"max |Δ| {(out - logits).abs().max():.3g}"
 
 
-def test_export_merges_the_expert_lora_for_stock_transformers(expert_run, tmp_path):
+def test_export_merges_the_expert_lora_for_stock_transformers(expert_run, stock_transformers, tmp_path):
     """`livr export` merges the expert LoRA into the fused expert weights: stock AutoModelForImageTextToText +
     generate give livr eval's answers."""
     from livr.cli import main
@@ -106,7 +106,7 @@ def test_export_merges_the_expert_lora_for_stock_transformers(expert_run, tmp_pa
     assert main(["export", "--run", cfg.run_dir, "--out", out]) == 0
     rows = generate_task("Counting", 2, seed=4) + generate_task("Jigsaw", 1, seed=4)
     want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
-    assert stock_answers(out, lm, rows) == want
+    assert stock_answers(stock_transformers, out, lm, rows) == want
 
 
 @pytest.mark.slow
