@@ -49,6 +49,22 @@ def livr_train(overrides: list[str], env: dict | None = None) -> subprocess.Comp
                            *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
 
 
+def livr_train_whole_and_cut(overrides: list[str], fail_at: int, tmp_path) -> tuple[subprocess.CompletedProcess, ...]:
+    """(whole, cut, again): `livr train` uninterrupted (name=whole), and the same run killed after step `fail_at`
+    (name=cut, LIVR_FAIL_AT_STEP) then launched again. The uninterrupted process runs alongside the other two (on
+    its own MLflow store), one torch thread each (all three alike), so that two processes share the two cores
+    without oversubscribing them; each is still one plain `livr train` process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = {"OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(livr_train, overrides + ["name=whole", f"tracking.uri=sqlite:///{tmp_path}/mlflow-whole.db"],
+                            one)
+        cut = livr_train(overrides + ["name=cut"], {**one, "LIVR_FAIL_AT_STEP": str(fail_at)})
+        again = livr_train(overrides + ["name=cut"], one)
+        return whole.result(), cut, again
+
+
 class StockTransformers:
     """`tests/stock_answers.py --serve` with an empty PYTHONPATH and cwd=/: an interpreter that never imports livr and
     pays the torch + transformers import once per session; each spec is answered in a fresh child forked from it."""

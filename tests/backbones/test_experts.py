@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import livr_train, tiny_overrides
+from conftest import livr_train, livr_train_whole_and_cut, tiny_overrides
 from safetensors.torch import load_file
 from test_adapter_reload import _as_if_trained, stock_answers, stock_peft_logits
 
@@ -118,11 +118,9 @@ def test_two_stage_expert_lora_run_resumes_exactly(backbone, backbone_cache, dat
     base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
         "model.backbone": backbone, **EXPERTS, "train.stage1_steps": 2, "train.stage2_steps": 2,
         "distributed.checkpoint_every": 1, "data.num_workers": 0, "eval.splits": "[val]"})
-    whole = livr_train(base + ["name=whole"])
+    whole, cut, again = livr_train_whole_and_cut(base, 3, tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    cut = livr_train(base + ["name=cut"], {"LIVR_FAIL_AT_STEP": "3"})
     assert cut.returncode != 0 and "injected failure at step 3" in cut.stderr, cut.stderr[-2000:]
-    again = livr_train(base + ["name=cut"])
     assert again.returncode == 0, again.stderr[-3000:]
     runs = tmp_path / "runs"
     a, b = (load_file(str(runs / n / "checkpoints" / "last" / "trainable.safetensors")) for n in ("whole", "cut"))
