@@ -1,7 +1,10 @@
 """Shared test set-up: offline, quiet, everything written under pytest's tmp dirs."""
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -56,3 +59,102 @@ def livr_train(overrides: list[str], env: dict | None = None) -> subprocess.Comp
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run([sys.executable, "-m", "livr.cli", "train", "--config", os.path.join(ROOT, "configs/demo.yaml"),
                            *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+
+
+def livr_train_whole_and_cut(overrides: list[str], fail_at: int, tmp_path) -> tuple[subprocess.CompletedProcess, ...]:
+    """(whole, cut, again): `livr train` uninterrupted (name=whole), and the same run killed after step `fail_at`
+    (name=cut, LIVR_FAIL_AT_STEP) then launched again. The uninterrupted process runs alongside the other two (on
+    its own MLflow store), one torch thread each (all three alike), so that two processes share the two cores
+    without oversubscribing them; each is still one plain `livr train` process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = {"OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(livr_train, overrides + ["name=whole", f"tracking.uri=sqlite:///{tmp_path}/mlflow-whole.db"],
+                            one)
+        cut = livr_train(overrides + ["name=cut"], {**one, "LIVR_FAIL_AT_STEP": str(fail_at)})
+        again = livr_train(overrides + ["name=cut"], one)
+        return whole.result(), cut, again
+
+
+class StockTransformers:
+    """`tests/stock_answers.py --serve` with an empty PYTHONPATH and cwd=/: an interpreter that never imports livr and
+    pays the torch + transformers import once per session; each spec is answered in a fresh child forked from it."""
+
+    def __init__(self, work: str):
+        self.work = work
+        self.proc = None
+
+    def _start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": "", "HF_MODULES_CACHE": os.path.join(self.work, "modules")}
+        self.stderr_path = os.path.join(self.work, f"server-{len(os.listdir(self.work))}.stderr")
+        with open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "stock_answers.py"), "--serve"],
+                                         cwd="/", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         text=True, start_new_session=True)
+        self.lines = queue.Queue()
+
+        def pump(out, lines):
+            for line in out:
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+
+        threading.Thread(target=pump, args=(self.proc.stdout, self.lines), daemon=True).start()
+
+    def run(self, spec_path: str, timeout: float = 300) -> tuple[int, list[str], str]:
+        """(the child's exit code, its stdout lines, its stderr and the server's)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.proc.stdin.write(spec_path + "\n")
+        self.proc.stdin.flush()
+        out, rc = [], None
+        try:
+            while rc is None:
+                line = self.lines.get(timeout=timeout)
+                if line is None:
+                    rc = -999  # the server itself died: its children go with it
+                    self.close(kill=True)
+                elif line.startswith("stock done: "):
+                    rc = int(line[len("stock done: "):])
+                else:
+                    out.append(line)
+        except queue.Empty:
+            self.close(kill=True)
+            rc = -998
+            out.append(f"no answer in {timeout} s: the stock server was killed")
+        err = ""
+        for path in (os.path.join(os.path.dirname(spec_path), "stderr.txt"), self.stderr_path):
+            if os.path.exists(path):
+                with open(path) as f:
+                    err += f.read()
+        return rc, out, err
+
+    def close(self, kill: bool = False) -> None:
+        """Ends the server (stdin closed: it exits after its current child), killed with its children after 30 s or
+        at once with `kill`."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=0 if kill else 30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            if kill or proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stock_transformers(tmp_path_factory):
+    """The session's stock-transformers server (tests/stock_answers.py); shut down at the end of the session."""
+    server = StockTransformers(str(tmp_path_factory.mktemp("stock")))
+    server._start()  # (its imports run while the first test exports)
+    try:
+        yield server
+    finally:
+        server.close()

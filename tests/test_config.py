@@ -60,25 +60,38 @@ def test_shipped_configs_validate():
         load_config(path)
 
 
-def _livr(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "livr.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300, check=False)
+def _livr(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
+    """`livr ARGV` for each argv, as separate processes started together (their start-ups overlap)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "livr.cli", *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for a in argvs]
+    done = []
+    try:
+        for a, p in zip(argvs, procs):
+            out, err = p.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(a, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
 
 
 def test_cli_config_show_and_errors():
-    out = _livr("config", "show", "--config", "configs/demo.yaml", "latents.num_latents=5")
+    out, bad, helped = _livr(["config", "show", "--config", "configs/demo.yaml", "latents.num_latents=5"],
+                             ["config", "show", "--config", "configs/demo.yaml", "train.mode=dpo"], ["--help"])
     assert out.returncode == 0, out.stderr
     assert "num_latents: 5" in out.stdout and "backbone: tiny-qwen2.5-vl" in out.stdout
-    bad = _livr("config", "show", "--config", "configs/demo.yaml", "train.mode=dpo")
     assert bad.returncode == 2 and "train.mode='dpo'" in bad.stderr and "Traceback" not in bad.stderr
-    assert _livr("--help").returncode == 0
+    assert helped.returncode == 0
 
 
 def test_cli_make_tiny_and_synthetic(tmp_path):
-    out = _livr("backbone", "make-tiny", "tiny-llava-onevision", str(tmp_path / "bb"))
-    assert out.returncode == 0, out.stderr
+    tiny, out = _livr(["backbone", "make-tiny", "tiny-llava-onevision", str(tmp_path / "bb")],
+                      ["data", "make-synthetic", "--out", str(tmp_path / "d"), "--tasks", "Counting", "Jigsaw",
+                       "--train", "8", "--val", "4", "--test", "4", "--parquet"])
+    assert tiny.returncode == 0, tiny.stderr
     assert (tmp_path / "bb" / "config.json").exists() and (tmp_path / "bb" / "model.safetensors").exists()
-    out = _livr("data", "make-synthetic", "--out", str(tmp_path / "d"), "--tasks", "Counting", "Jigsaw",
-                "--train", "8", "--val", "4", "--test", "4", "--parquet")
     assert out.returncode == 0, out.stderr
     for task in ("Counting", "Jigsaw"):
         assert (tmp_path / "d" / task / "train.parquet").exists()

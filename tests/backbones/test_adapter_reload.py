@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import tiny_overrides
 
 from livr.backbones import TINY_PRESETS, load_backbone
 from livr.config import load_config, save_config
@@ -97,13 +97,11 @@ def stock_peft_logits(base, run_dir: str, batch: dict, forward_keys) -> torch.Te
 REMOTE_PROCESSOR = {"llava_onevision"}
 
 
-def stock_answers(out_dir: str, lm, rows, max_new_tokens: int = 6, trust_remote_code: bool = False) -> list[str]:
+def stock_answers(stock, out_dir: str, lm, rows, max_new_tokens: int = 6, trust_remote_code: bool = False) -> list[str]:
     """Greedy answers of an exported directory through stock transformers only, in a process that never imports
-    livr (tests/stock_answers.py): AutoModelForImageTextToText, AutoProcessor (plain, as the README writes it, except
-    for REMOTE_PROCESSOR families), the exported chat template (it must end with the latents after the assistant
-    header), generate."""
-    import subprocess
-    import sys
+    livr (tests/stock_answers.py, run by `stock`, the session's stock_transformers fixture): AutoModelForImageTextToText,
+    AutoProcessor (plain, as the README writes it, except for REMOTE_PROCESSOR families), the exported chat template
+    (it must end with the latents after the assistant header), generate."""
     import tempfile
 
     from livr.data.prompts import format_prompt
@@ -123,17 +121,14 @@ def stock_answers(out_dir: str, lm, rows, max_new_tokens: int = 6, trust_remote_
             "expect_prompt_end": lm.family.assistant_header + latent_text, "rows": spec_rows}
     with open(os.path.join(work, "spec.json"), "w") as f:
         json.dump(spec, f)
-    script = os.path.join(ROOT, "tests", "stock_answers.py")
-    env = {**os.environ, "PYTHONPATH": "", "HF_MODULES_CACHE": os.path.join(work, "modules")}
-    p = subprocess.run([sys.executable, script, os.path.join(work, "spec.json")], cwd="/", env=env, check=False,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("stock answers: ")), None)
-    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    rc, out, err = stock.run(os.path.join(work, "spec.json"))
+    assert rc == 0, err[-3000:] + "\n".join(out)[-1000:]
+    line = next((ln for ln in out if ln.startswith("stock answers: ")), None)
+    assert line, "\n".join(out)[-2000:] + err[-2000:]
     return json.loads(line[len("stock answers: "):])["answers"]
 
 
-def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp_path):
+def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, stock_transformers, tmp_path):
     """`livr export`: stock AutoModelForImageTextToText + the exported chat template (which appends the latents)
     + generate give livr eval's answers; the merged weights carry the latent rows; --adapter-only copies files."""
     from mlflow.tracking import MlflowClient
@@ -155,7 +150,7 @@ def test_export_runs_in_stock_transformers_with_livr_eval_answers(saved_run, tmp
     rows = generate_task("Counting", 3, seed=4) + generate_task("Jigsaw", 2, seed=4)
     want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
 
-    assert stock_answers(out, lm, rows) == want
+    assert stock_answers(stock_transformers, out, lm, rows) == want
 
     merged = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(os.path.join(out, f)).items()}
     emb = next(v for k, v in merged.items() if k.endswith("embed_tokens.weight"))

@@ -93,7 +93,8 @@ def test_a_remote_code_vlm_trains_by_config_alone_and_passes_verify(remote_dir, 
     assert lm.family.name == "tiny_remote_vl" and lm.family.mrope
 
 
-def test_the_remote_code_run_exports_and_reloads_exactly_in_stock_libraries(remote_dir, remote_run, tmp_path):
+def test_the_remote_code_run_exports_and_reloads_exactly_in_stock_libraries(remote_dir, remote_run, stock_transformers,
+                                                                            tmp_path):
     """As for the registered families: stock PEFT on the remote-code base reproduces every logit; the export (its
     remote code carried along) answers in stock transformers exactly as livr eval does."""
     from test_adapter_reload import stock_answers, stock_peft_logits
@@ -119,7 +120,7 @@ def test_the_remote_code_run_exports_and_reloads_exactly_in_stock_libraries(remo
     want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
     export_run(cfg.run_dir, str(tmp_path / "export"))
     assert (tmp_path / "export" / "modeling_tiny_remote_vl.py").is_file()  # the remote code travels with it
-    assert stock_answers(str(tmp_path / "export"), lm, rows, trust_remote_code=True) == want
+    assert stock_answers(stock_transformers, str(tmp_path / "export"), lm, rows, trust_remote_code=True) == want
 
 
 def test_a_declared_family_that_leaks_fails_verify(remote_dir, backbone_cache, data_cache, tmp_path):

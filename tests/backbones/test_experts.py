@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import livr_train, tiny_overrides
+from conftest import livr_train, livr_train_whole_and_cut, tiny_overrides
 from safetensors.torch import load_file
 from test_adapter_reload import _as_if_trained, stock_answers, stock_peft_logits
 
@@ -92,7 +92,7 @@ def test_expert_lora_reloads_in_stock_peft_exactly(expert_run):
     assert torch.equal(out, logits), f"max |Δ| {(out - logits).abs().max():.3g}"
 
 
-def test_export_merges_the_expert_lora_for_stock_transformers(expert_run, tmp_path):
+def test_export_merges_the_expert_lora_for_stock_transformers(expert_run, stock_transformers, tmp_path):
     """`livr export` merges the expert LoRA into the fused expert weights: stock AutoModelForImageTextToText +
     generate give livr eval's answers."""
     from livr.cli import main
@@ -106,7 +106,7 @@ def test_export_merges_the_expert_lora_for_stock_transformers(expert_run, tmp_pa
     assert main(["export", "--run", cfg.run_dir, "--out", out]) == 0
     rows = generate_task("Counting", 2, seed=4) + generate_task("Jigsaw", 1, seed=4)
     want = [p["output"] for p in evaluate_rows(lm, rows, batch_size=2, max_new_tokens=6)["predictions"]]
-    assert stock_answers(out, lm, rows) == want
+    assert stock_answers(stock_transformers, out, lm, rows) == want
 
 
 @pytest.mark.slow
@@ -118,11 +118,9 @@ def test_two_stage_expert_lora_run_resumes_exactly(backbone, backbone_cache, dat
     base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
         "model.backbone": backbone, **EXPERTS, "train.stage1_steps": 2, "train.stage2_steps": 2,
         "distributed.checkpoint_every": 1, "data.num_workers": 0, "eval.splits": "[val]"})
-    whole = livr_train(base + ["name=whole"])
+    whole, cut, again = livr_train_whole_and_cut(base, 3, tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    cut = livr_train(base + ["name=cut"], {"LIVR_FAIL_AT_STEP": "3"})
     assert cut.returncode != 0 and "injected failure at step 3" in cut.stderr, cut.stderr[-2000:]
-    again = livr_train(base + ["name=cut"])
     assert again.returncode == 0, again.stderr[-3000:]
     runs = tmp_path / "runs"
     a, b = (load_file(str(runs / n / "checkpoints" / "last" / "trainable.safetensors")) for n in ("whole", "cut"))

@@ -23,16 +23,38 @@ def _cfg(backbone_cache, data_cache, tmp_path, **extra):
     return load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, **extra))
 
 
-@pytest.fixture
-def ray_local():
+@pytest.fixture(scope="module")
+def _local_cluster():
+    """The module's shared local cluster (its head node id once started); shut down at the module's end."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": ENV})
+    held = {}
     try:
-        yield ray
+        yield held
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_local_cluster):
+    """A local 2-CPU cluster, shared by the tests that use it one after another (the first starts it); a test that
+    starts a cluster of its own shuts it down first (_own_cluster), and the next user starts it again."""
+    import ray
+
+    if ray.is_initialized() and _local_cluster.get("node") != ray.get_runtime_context().get_node_id():
+        ray.shutdown()  # (not the shared one)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False,
+                 runtime_env={"env_vars": ENV})
+        _local_cluster["node"] = ray.get_runtime_context().get_node_id()
+    return ray
+
+
+def _own_cluster() -> None:
+    """Before a test starts its own cluster: the shared one (if up) is shut down."""
+    import ray
+
+    ray.shutdown()
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -92,6 +114,24 @@ def test_two_workers_deepspeed_two_stage_livr(zero, ray_local, backbone_cache, d
     assert torch.equal(saved[head_key], lm.model.get_base_model().lm_head.weight[lat])
 
 
+def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, tmp_path):
+    from livr.cluster.ray_train import run_distributed
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    stage9 = tmp_path / "stage9.json"
+    stage9.write_text(json.dumps({"zero_optimization": {"stage": 9}}))
+    cases = [({"distributed.deepspeed": str(bad_json)}, "not valid JSON"),
+             ({"distributed.deepspeed": str(stage9)}, "stage=9 does not exist"),
+             ({"distributed.num_workers": 5}, "needs 5 CPU in all but the cluster has 2"),
+             ({"distributed.deepspeed": zero3_json(tmp_path), "model.cache_vision": True}, "cache_vision=true under ZeRO-3")]
+    for extra, message in cases:
+        cfg = _cfg(backbone_cache, data_cache, tmp_path, name="bad", **extra)
+        with pytest.raises(ConfigError, match=message):
+            run_distributed(cfg)
+    assert not (tmp_path / "runs" / "bad").exists(), "nothing started"
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cache, tmp_path):
     import time
 
@@ -102,6 +142,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cach
 
     env = {**ENV, "LIVR_FAIL_AT_STEP": "5", "LIVR_FAIL_RANK": "1", "LIVR_FAIL_MODE": "exit",
            "LIVR_FAIL_MARKER": str(tmp_path / "failed-once")}
+    _own_cluster()
     ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         cfg = _cfg(backbone_cache, data_cache, tmp_path, name="fault", **{
@@ -140,6 +181,7 @@ def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_c
     from livr.cluster.ray_train import run_distributed
     from livr.training.train import train_worker
 
+    _own_cluster()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
                                                             "include_dashboard": False})
     try:
@@ -172,24 +214,6 @@ def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_c
     assert hits and max(hits) > 0, "the cached side read features from its cache"
 
 
-def test_config_errors_before_any_worker(ray_local, backbone_cache, data_cache, tmp_path):
-    from livr.cluster.ray_train import run_distributed
-
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text("{not json")
-    stage9 = tmp_path / "stage9.json"
-    stage9.write_text(json.dumps({"zero_optimization": {"stage": 9}}))
-    cases = [({"distributed.deepspeed": str(bad_json)}, "not valid JSON"),
-             ({"distributed.deepspeed": str(stage9)}, "stage=9 does not exist"),
-             ({"distributed.num_workers": 5}, "needs 5 CPU in all but the cluster has 2"),
-             ({"distributed.deepspeed": zero3_json(tmp_path), "model.cache_vision": True}, "cache_vision=true under ZeRO-3")]
-    for extra, message in cases:
-        cfg = _cfg(backbone_cache, data_cache, tmp_path, name="bad", **extra)
-        with pytest.raises(ConfigError, match=message):
-            run_distributed(cfg)
-    assert not (tmp_path / "runs" / "bad").exists(), "nothing started"
-
-
 def test_multi_node_needs_shared_storage_before_any_worker(backbone_cache, data_cache, tmp_path):
     """Two raylets: an empty distributed.storage_path, or a local one not declared shared, is a one-line error
     naming the key before any worker starts; a URI or distributed.storage_shared=true passes the check."""
@@ -198,6 +222,7 @@ def test_multi_node_needs_shared_storage_before_any_worker(backbone_cache, data_
 
     from livr.cluster.ray_train import check_storage, run_distributed
 
+    _own_cluster()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
                                                             "include_dashboard": False})
     try:

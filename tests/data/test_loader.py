@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_overrides
 
 from livr.config import ConfigError, load_config
-from livr.data.loader import EncodedRows, Rows, checked, make_loader, micro_batches
+from livr.data.loader import EncodedRows, Rows, checked, make_loader, micro_batches, shutdown_loaders
 from livr.data.sequence import collate
 from livr.data.splits import load_splits
 from livr.data.synthetic import generate_task
@@ -71,7 +71,16 @@ def test_loader_batches_equal_the_eager_reference(world, start, lm_rows):
                     assert torch.equal(batch[key], ref[key]), (rank, step, a, key)
 
 
-def test_a_bad_row_in_a_worker_is_a_one_line_error(lm_rows):
+@pytest.fixture
+def stop_loaders():
+    """The test's loader workers stopped when it ends (livr.data.loader.shutdown_loaders): an iterator left
+    half-read (in a traceback) is otherwise stopped by the garbage collector inside whatever a later test is doing,
+    where torch's shutdown waited out its 5 s join timeouts (10 s a test)."""
+    yield
+    shutdown_loaders()
+
+
+def test_a_bad_row_in_a_worker_is_a_one_line_error(lm_rows, stop_loaders):
     _, lm, _ = lm_rows
     rows = [dict(r) for r in generate_task("Counting", 3, seed=0)]
     rows[2] = dict(rows[2], idx="Counting_bad_3", image_1=b"not an image")
@@ -84,7 +93,7 @@ def test_a_bad_row_in_a_worker_is_a_one_line_error(lm_rows):
 
 
 @pytest.mark.slow
-def test_a_truncated_image_passes_loading_and_fails_when_encoded_naming_its_row(lm_rows, tmp_path):
+def test_a_truncated_image_passes_loading_and_fails_when_encoded_naming_its_row(lm_rows, tmp_path, stop_loaders):
     """Loading checks image headers only (cheap at 6k rows); the full decode happens in a loader worker, and a
     file damaged past its header is then the same one-line error naming task and idx."""
     import io

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, livr_train, tiny_overrides
+from conftest import ROOT, livr_train_whole_and_cut, tiny_overrides
 from safetensors.torch import load_file
 
 
@@ -26,12 +26,10 @@ def test_one_process_zero3_offload_trains_two_stages_and_resumes_exactly(backbon
     base = tiny_overrides(backbone_cache, data_cache, tmp_path, **{
         "distributed.deepspeed": ds, "train.stage1_steps": 2, "train.stage2_steps": 2, "distributed.checkpoint_every": 1,
         "data.num_workers": 0, "eval.splits": "[val]"})
-    whole = livr_train(base + ["name=whole"])
+    whole, cut, again = livr_train_whole_and_cut(base, 3, tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "mpi4py" not in whole.stderr
-    cut = livr_train(base + ["name=cut"], {"LIVR_FAIL_AT_STEP": "3"})
     assert cut.returncode != 0 and "injected failure at step 3" in cut.stderr, cut.stderr[-2000:]
-    again = livr_train(base + ["name=cut"])
     assert again.returncode == 0, again.stderr[-3000:]
     runs = tmp_path / "runs"
     got = {n: json.loads((runs / n / "final_metrics.json").read_text()) for n in ("whole", "cut")}

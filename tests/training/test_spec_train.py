@@ -237,11 +237,13 @@ def _step_grads(overrides: list[str], rank: int, world: int) -> tuple[dict, floa
     return grads, engine.last.loss  # the step's loss, summed over the ranks
 
 
-def _grad_worker(rank: int, world: int, init: str, overrides: list[str], out: str) -> None:
+def _grad_worker(rank: int, world: int, init: str, jobs: list[tuple[list[str], str]]) -> None:
+    """Each job's step on this rank (one process group, one spawn for every job): gradients and loss to its file."""
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        grads, loss = _step_grads(overrides, rank, world)
-        save_file({**grads, "loss": torch.tensor(loss)}, f"{out}.rank{rank}")
+        for overrides, out in jobs:
+            grads, loss = _step_grads(overrides, rank, world)
+            save_file({**grads, "loss": torch.tensor(loss)}, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -276,10 +278,10 @@ def test_gradient_is_the_global_token_mean_for_any_batching(backbone_cache, data
     assert len(lengths) >= 2, "the rows must have answers of different token lengths"
     runs = {f"mb{mb}xacc{acc}": _step_grads(base + [f"train.micro_batch_size={mb}", f"train.grad_accum={acc}"], 0, 1)
             for mb, acc in ((4, 1), (1, 4), (2, 2))}
-    for mb, acc in ((2, 1), (1, 2)):
-        out = str(tmp_path / f"w2_mb{mb}")
-        mp.spawn(_grad_worker, nprocs=2, join=True, args=(2, str(tmp_path / f"pg{mb}"), base + [
-            f"train.micro_batch_size={mb}", f"train.grad_accum={acc}"], out))
+    two = [(base + [f"train.micro_batch_size={mb}", f"train.grad_accum={acc}"], str(tmp_path / f"w2_mb{mb}"), mb, acc)
+           for mb, acc in ((2, 1), (1, 2))]
+    mp.spawn(_grad_worker, nprocs=2, join=True, args=(2, str(tmp_path / "pg"), [(o, out) for o, out, _, _ in two]))
+    for _, out, mb, acc in two:
         for rank in (0, 1):
             got = load_file(f"{out}.rank{rank}")
             runs[f"2 ranks x mb{mb}xacc{acc} (rank {rank})"] = (got, got.pop("loss").item())
