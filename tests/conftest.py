@@ -129,6 +129,15 @@ class StockTransformers:
                     err += f.read()
         return rc, out, err
 
+    def run_code(self, code: str, work: str, timeout: float = 300) -> tuple[int, list[str], str]:
+        """`code` run as `python -c CODE` would, in a child of the server (work: a fresh directory for its spec)."""
+        import json
+
+        os.makedirs(work, exist_ok=True)
+        with open(os.path.join(work, "spec.json"), "w") as f:
+            json.dump({"code": code}, f)
+        return self.run(os.path.join(work, "spec.json"), timeout)
+
     def close(self, kill: bool = False) -> None:
         """Ends the server (stdin closed: it exits after its current child), killed with its children after 30 s or
         at once with `kill`."""

@@ -6,7 +6,7 @@ session) imports torch and transformers once, then for each SPEC.json path read 
 answers it (so no request sees another's models, remote code or state) and prints `stock done: RC` when the child has
 ended; the child's stderr goes to SPEC.json's directory (stderr.txt). SPEC: {"dir", "trust_remote_code" (the model),
 "processor_trust_remote_code", "expect_prompt_end", "max_new_tokens", "rows": [{"prompt", "images": [png paths]}]}.
-Prints a JSON list of answers; fails if livr was imported."""
+Prints a JSON list of answers; fails if livr was imported. A SPEC {"code": "..."} runs that code instead."""
 import json
 import os
 import sys
@@ -24,6 +24,10 @@ def _no_livr() -> None:
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
+    if "code" in spec:  # {"code": "..."}: run as `python -c` would (tests/test_newcomer.py)
+        exec(compile(spec["code"], "<stock code>", "exec"), {"__name__": "__main__"})  # noqa: S102 - a test's own code
+        sys.stdout.flush()
+        return
     out_dir = spec["dir"]
     model = AutoModelForImageTextToText.from_pretrained(out_dir, trust_remote_code=spec["trust_remote_code"]).eval()
     if spec["processor_trust_remote_code"] or spec["trust_remote_code"]:  # (a remote-code model: everything trusted)

@@ -159,15 +159,13 @@ def test_causal_suite_reports_progress(monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- the export on the CPU stack
-def test_export_names_a_processor_stock_transformers_loads_without_torchvision():
+def test_export_names_a_processor_stock_transformers_loads_without_torchvision(stock_transformers, tmp_path):
     """The Qwen processors build a video processor (torchvision, which the CPU stack lacks): the export names the
     image-only PaddleOCRVLProcessor instead, so no note; LLaVA-OneVision's note points to trust_remote_code=True
     (where torchvision is missing); Gemma 3's processor has no video processor. Checked against stock transformers
     in a process that never imports livr: the classes take (or do not take) a video processor as assumed. (That the
     exports load and answer as livr eval does: tests/backbones/test_adapter_reload.py, per family.)"""
     import importlib.util
-    import subprocess
-    import sys
 
     from transformers import Gemma3Processor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
@@ -186,7 +184,6 @@ def test_export_names_a_processor_stock_transformers_loads_without_torchvision()
             "assert has('LlavaOnevisionProcessor') and not has('Gemma3Processor')\n"
             "assert 'livr' not in sys.modules\n"
             "print(t.utils.is_torchvision_available())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120, check=False,
-                         env={**os.environ, "PYTHONPATH": ""})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == str(have_tv)
+    rc, stdout, stderr = stock_transformers.run_code(code, str(tmp_path / "stock"), timeout=120)  # (conftest.py)
+    assert rc == 0, stderr[-2000:]
+    assert "\n".join(stdout).strip() == str(have_tv)

@@ -137,13 +137,22 @@ def test_sbatch_starts_ray_trains_two_stages_and_logs_one_run(slurm, backbone_ca
     over = tiny_overrides(backbone_cache, data_cache, tmp_path, name="slurm", **{
         "distributed.num_workers": 1, "train.stage1_steps": 2, "train.stage2_steps": 2, "eval.splits": "[val]",
         "data.num_workers": 0})
-    out = subprocess.run(["sbatch", "--wait", "--nodes=1", f"--output={d}/job-%j.out", "launch/slurm.sbatch",
+    out = subprocess.run(["sbatch", "--nodes=1", f"--output={d}/job-%j.out", "launch/slurm.sbatch",
                           "configs/demo.yaml", *over], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=500, check=False)
+                         timeout=60, check=False)
+    assert out.returncode == 0, f"{out.stdout}{out.stderr}"
+    assert "Submitted batch job" in out.stdout
+    # until the job ends (what `sbatch --wait` does, but every 0.5 s: its own polls back off to 10 s apart)
+    job_id, start, state = out.stdout.split()[-1], time.monotonic(), ""
+    while state in ("", "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+        assert time.monotonic() - start < 500, f"job {job_id} still {state} after 500 s"
+        time.sleep(0.5)
+        show = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True,
+                              check=False).stdout
+        state = next((f.split("=", 1)[1] for f in show.split() if f.startswith("JobState=")), "")
     logs = [p.read_text(errors="replace") for p in Path(d).glob("job-*.out")]
     job = logs[0] if logs else ""
-    assert out.returncode == 0, f"{out.stdout}{out.stderr}\n{job[-4000:]}"
-    assert "Submitted batch job" in out.stdout
+    assert state == "COMPLETED" and "ExitCode=0:0" in show.split(), f"{show}\n{job[-4000:]}"  # sbatch --wait's 0
     assert "Ray runtime started" in job, job[-4000:]  # the job's own `ray start --head`
     final = tmp_path / "runs" / "slurm" / "final_metrics.json"
     assert final.exists(), job[-4000:]
@@ -153,5 +162,7 @@ def test_sbatch_starts_ray_trains_two_stages_and_logs_one_run(slurm, backbone_ca
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("livr-demo").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
-    time.sleep(2)
+    deadline = time.monotonic() + 2  # (its `ray start` steps end with the job: given 2 s)
+    while _ours(d, "raylet") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not _ours(d, "raylet"), "Ray outlived its job"
