@@ -51,10 +51,29 @@ def ray_local(_local_cluster):
 
 
 def _own_cluster() -> None:
-    """Before a test starts its own cluster: the shared one (if up) is shut down."""
+    """Before a test starts its own cluster (or connects to two_raylets): the shared one (if up) is shut down."""
     import ray
 
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_raylets():
+    """Two raylets (ray.cluster_utils.Cluster: a head and a second node with the custom resource `node2`, 1 CPU
+    each), shared by the multi-node tests one after another (each connects its own driver, then disconnects);
+    shut down at the module's end."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
+                                                            "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, resources={"node2": 1}, object_store_memory=100 * 1024**2)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -172,22 +191,18 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(backbone_cache, data_cach
     print(f"fault test: wall {wall:.1f} s, resumed from {result['resumed_from']}")
 
 
-def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_cache, data_cache, tmp_path):
+def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(two_raylets, backbone_cache, data_cache,
+                                                                      tmp_path):
     """2 workers on 2 nodes (one each) × micro-batch b == 1 process × accumulation 2, over the same global batches."""
     import ray
     from mlflow.tracking import MlflowClient
-    from ray.cluster_utils import Cluster
 
     from livr.cluster.ray_train import run_distributed
     from livr.training.train import train_worker
 
     _own_cluster()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
-                                                            "include_dashboard": False})
     try:
-        cluster.add_node(num_cpus=1, resources={"node2": 1}, object_store_memory=100 * 1024**2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
+        ray.init(address=two_raylets.address, runtime_env={"env_vars": ENV})
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         common = {"lora.dropout": 0.0, "train.stage1_steps": 3, "train.stage2_steps": 3}
         two = _cfg(backbone_cache, data_cache, tmp_path, name="two", **common,  # the vision cache on one side only
@@ -198,7 +213,6 @@ def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_c
         assert result["global_step"] == 6
     finally:
         ray.shutdown()
-        cluster.shutdown()
     one = _cfg(backbone_cache, data_cache, tmp_path, name="one", **common,
                **{"distributed.num_workers": 0, "train.grad_accum": 2})
     train_worker(one)
@@ -214,21 +228,16 @@ def test_two_nodes_one_worker_each_equal_one_worker_with_accumulation(backbone_c
     assert hits and max(hits) > 0, "the cached side read features from its cache"
 
 
-def test_multi_node_needs_shared_storage_before_any_worker(backbone_cache, data_cache, tmp_path):
+def test_multi_node_needs_shared_storage_before_any_worker(two_raylets, backbone_cache, data_cache, tmp_path):
     """Two raylets: an empty distributed.storage_path, or a local one not declared shared, is a one-line error
     naming the key before any worker starts; a URI or distributed.storage_shared=true passes the check."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from livr.cluster.ray_train import check_storage, run_distributed
 
     _own_cluster()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2,
-                                                            "include_dashboard": False})
     try:
-        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, runtime_env={"env_vars": ENV})
+        ray.init(address=two_raylets.address, runtime_env={"env_vars": ENV})
         local = str(tmp_path / "node-local")
         for extra, message in (({}, "distributed.storage_path is empty but the Ray cluster has 2 nodes"),
                                ({"distributed.storage_path": local}, (f"distributed.storage_path='{local}' is a local "
@@ -245,4 +254,3 @@ def test_multi_node_needs_shared_storage_before_any_worker(backbone_cache, data_
             check_storage(_cfg(backbone_cache, data_cache, tmp_path, name="spread", **extra))
     finally:
         ray.shutdown()
-        cluster.shutdown()
