@@ -63,7 +63,7 @@ def serve() -> None:
         if pid == 0:  # the child: answer, then leave without running the parent's clean-up
             rc = 1
             try:
-                err = os.open(os.path.join(os.path.dirname(spec_path), "stderr.txt"), os.O_WRONLY | os.O_CREAT)
+                err = os.open(os.path.join(os.path.dirname(spec_path), "stderr.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 os.dup2(err, 2)
                 main(spec_path)
                 rc = 0

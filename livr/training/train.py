@@ -355,7 +355,7 @@ def train_step(lm, engine, cfg, stage: Stage, state: dict, micro: list[dict], ct
         tokens = tokens.clamp(min=1.0)
     else:
         tokens = max(1.0, tokens)
-    even = cfg.data.packing and ctx.world > 1 and getattr(engine, "collective_micro", False)  # DeepSpeed
+    even = cfg.data.packing and ctx.world > 1 and engine.collective_micro  # DeepSpeed: equal counts per rank
     fillers = even_packs(micro, lm.device) if even else []
     total, runs = None, micro + fillers  # (fillers: weight 0, so that every rank joins ZeRO's collectives alike)
     for a, batch in enumerate(runs):
