@@ -439,4 +439,15 @@ CATALOGUE: list[Mutant] = [
       tests=["tests/test_newcomer.py::test_known_third_party_noise_is_filtered_and_nothing_else",
              "tests/training/test_nonfinite.py::test_ray_workers_stop_together_and_the_driver_says_one_line"],
       why="known third-party noise (Ray's controller polling, transformers' FutureWarning) reaches the console"),
+
+    # ------------------------------------------------------------------ training/distributed.py (CI flake, 2026-12-07)
+    M("teardown_keeps_deepspeed_groups", "livr/training/distributed.py", "        ds.destroy_process_group()\n",
+      "        dist.destroy_process_group()\n", tests=["tests/training/test_process_group.py"],
+      why="DeepSpeed keeps its world group: gloo's threads outlive the run and can abort the process at exit"),
+    M("teardown_keeps_env", "livr/training/distributed.py", "        os.environ.pop(_SET_HERE.pop(), None)\n",
+      "        _SET_HERE.pop()\n", tests=["tests/training/test_process_group.py"],
+      why="a second one-process group in the same process reuses the first one's MASTER_PORT"),
+    M("cli_no_teardown", "livr/cli.py", "            sys.modules[\"livr.training.distributed\"].teardown_distributed()\n",
+      "            pass\n", tests=["tests/training/test_process_group.py"],
+      why="`livr train` exits with its process group alive (finalised at interpreter exit)"),
 ]

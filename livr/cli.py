@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("livr: interrupted", file=sys.stderr)
         return 130
+    finally:  # a process group this process made is destroyed before it exits (livr.training.distributed)
+        if "livr.training.distributed" in sys.modules:
+            sys.modules["livr.training.distributed"].teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from livr.model.build import build_model
 from livr.model.device import resolve_device
 from livr.tracking.tracker import Tracker, preflight
 from livr.training.checkpoint import recover_last, save_run_artifacts, seed_rng
+from livr.training.distributed import Context, setup_distributed
 from livr.training.engine import check_zero3_rows, gathered, make_engine, restore_best, zero3_loading
 from livr.training.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.training.faults import injected_failure, injected_nan
@@ -51,50 +52,6 @@ class Stage:
     bottleneck: bool
     steps: int  # optimizer steps in this stage
     attn: str
-
-
-@dataclass
-class Context:
-    rank: int
-    world: int
-    local_rank: int
-
-
-def setup_distributed(cfg: Config) -> Context:
-    """Rank/world from the environment; joins (or reuses) the process group when world > 1, or makes a one-rank
-    group for DeepSpeed in one process (the single-GPU mode: no launcher, no MPI). On CUDA the rank's device is
-    Ray Train's (`ray.train.torch.get_device()`, put in model.device by livr.cluster.ray_train) or cuda:LOCAL_RANK, set as the current device before anything
-    touches the GPU, so object collectives and NCCL never land on another rank's GPU. Every process group gets
-    `distributed.timeout_s`."""
-    from datetime import timedelta
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = cfg.model.device.startswith(("auto", "cuda")) and torch.cuda.is_available()
-    if cuda:
-        if cfg.model.device in ("auto", "cuda"):  # (Ray Train's workers come with their device set: livr.cluster.ray_train)
-            cfg.model.device = f"cuda:{local}"
-        torch.cuda.set_device(torch.device(cfg.model.device))
-    timeout = timedelta(seconds=cfg.distributed.timeout_s)
-    backend = "nccl" if cuda and (cfg.distributed.use_gpu or world == 1) else "gloo"
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    elif world > 1:
-        dist.init_process_group(backend, timeout=timeout)
-    elif cfg.distributed.deepspeed:  # DeepSpeed needs a process group; without one it falls back to MPI discovery
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
-            os.environ.setdefault(key, value)
-        dist.init_process_group(backend, rank=0, world_size=1, timeout=timeout)
-    return Context(rank, world, local)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plan_stages(cfg: Config, steps_per_epoch: int, kernels=None) -> list[Stage]:

@@ -15,6 +15,7 @@ from livr.data.synthetic import generate_task
 from livr.method.groups import ANSWER, IMAGE
 from livr.method.mask import packed_allowed
 from livr.model.flex import packed_block_mask
+from livr.training.distributed import teardown_distributed
 
 
 def _rows():
@@ -110,7 +111,7 @@ def _packed_worker(rank, world, init, overrides, max_tokens, out, engines=("torc
                 loss, grads = _step(cfg, lm, micro, True, rank, world)
             save_file({**grads, "loss": torch.tensor(loss), "packs": torch.tensor(len(micro))}, f"{out}{e}.rank{rank}")
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 @pytest.mark.slow

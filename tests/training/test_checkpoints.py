@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import livr.training.train
 from livr.config import load_config
 from livr.training.checkpoint import CheckpointError, trainable_state, verify_checkpoint
+from livr.training.distributed import teardown_distributed
 from livr.training.train import train_worker
 
 # 16 rows, global batch 4: 4 steps per epoch; Stage 1 = 1.5 epochs (validations at steps 4, 6), Stage 2 = 3 steps
@@ -238,7 +239,7 @@ def _two_rank_worker(rank: int, init: str, jobs: list, out: str) -> None:
             with open(out, "w") as f:
                 json.dump(results, f)
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from livr.config import load_config
+from livr.training.distributed import teardown_distributed
 from livr.training.engine import TorchEngine, load_ds_config, resolve_ds_config
 
 CLIP = 0.5
@@ -61,7 +62,7 @@ def _ds_worker(rank: int, init: str, out: str) -> None:
         with open(out, "w") as f:
             json.dump(result, f)
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def test_deepspeed_engine_clips_to_max_grad_norm(tmp_path):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from livr.config import load_config
 from livr.training.checkpoint import save_best, verify_checkpoint, write_checkpoint
+from livr.training.distributed import teardown_distributed
 from livr.training.nonfinite import NonFiniteError
 from livr.training.train import train_worker
 
@@ -167,7 +168,7 @@ def _rank_worker(rank: int, init: str, out: str) -> None:
         with open(out + f".{rank}.json", "w") as f:
             json.dump(results, f)
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from livr.config import ConfigError, load_config
 from livr.data.prompts import PARSERS, is_correct, parse_answer, predicted
 from livr.data.synthetic import generate_task
 from livr.data.tasks import DataError
+from livr.training.distributed import teardown_distributed
 
 # (output, number of choices, BLINK's prediction, livr lenient): hand-derived from BLINK's analyze_answer
 # (eval/test_benchmark.py): whole output == "A".."E" or "(A)".."(E)" (no strip); else "(X)" must be a whole
@@ -211,7 +212,7 @@ def _dist_worker(rank, world, overrides, answers, tmp, out):
             with open(out, "w") as f:
                 json.dump(res, f)
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 @pytest.mark.slow

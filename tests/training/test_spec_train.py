@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import livr.training.train
 from livr.config import load_config
+from livr.training.distributed import teardown_distributed
 
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -245,7 +246,7 @@ def _grad_worker(rank: int, world: int, init: str, jobs: list[tuple[list[str], s
             grads, loss = _step_grads(overrides, rank, world)
             save_file({**grads, "loss": torch.tensor(loss)}, f"{out}.rank{rank}")
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def _hand_loss(overrides: list[str]) -> float:
