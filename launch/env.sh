@@ -40,7 +40,7 @@ OPS_STAMP="$VENV/.livr-cpu-ops"
 if [ "${DS_ACCELERATOR:-}" = "cpu" ] && [ "$(cat "$OPS_STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[livr] building DeepSpeed's CPU ops into $TORCH_EXTENSIONS_DIR (first time only)"
   start=$SECONDS
-  if "$VENV/bin/python" -c "from livr.training.engine import prebuild_cpu_ops; prebuild_cpu_ops()" >/dev/null 2>&1; then
+  if "$VENV/bin/python" -c "from livr.training.ds_setup import prebuild_cpu_ops; prebuild_cpu_ops()" >/dev/null 2>&1; then
     echo "$WANT" > "$OPS_STAMP"
     echo "[livr] built in $((SECONDS - start)) s"
   else

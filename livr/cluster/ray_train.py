@@ -27,7 +27,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"config: distributed.num_workers={d.num_workers}: Ray Train needs >= 1 worker")
     if d.deepspeed:
         from livr.model.vision_cache import check_zero_stage
-        from livr.training.engine import check_zero3, load_ds_config
+        from livr.training.ds_setup import check_zero3, load_ds_config
 
         ds = load_ds_config(d.deepspeed)  # parses, and the ZeRO stage exists
         check_zero_stage(cfg, ds.get("zero_optimization", {}).get("stage", 0))
@@ -224,7 +224,7 @@ def run_distributed(cfg: Config) -> dict:
     check_config(cfg)
     absolute_paths(cfg)
     if cfg.distributed.deepspeed and not cfg.distributed.use_gpu:
-        from livr.training.engine import prebuild_cpu_comm_op
+        from livr.training.ds_setup import prebuild_cpu_comm_op
 
         prebuild_cpu_comm_op()
     import ray

@@ -178,7 +178,7 @@ def lora_regex(family_regex: str, targets: list[str]) -> str:
 
 def build_model(cfg: Config, adapter_dir: str | None = None, trainable: bool = True, loading=None) -> LivrModel:
     """Backbone + latents + LoRA on `cfg.model.device`; `adapter_dir` reloads a saved run's adapter.
-    `loading` (livr.training.engine.Zero3Loading) builds a ZeRO-3 partitioned backbone."""
+    `loading` (livr.training.ds_setup.Zero3Loading) builds a ZeRO-3 partitioned backbone."""
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_zero_stage(cfg, 3 if loading else 0)

@@ -1,20 +1,18 @@
 """How one micro-batch's loss becomes an optimizer step: plain torch (all-reduce when world > 1) or a
 DeepSpeed ZeRO engine. The training loop (`livr/training/train.py`) is the same for both.
 
-DeepSpeed configs are the HF-style JSONs users know (`deepspeed_configs/zero{2,3}.json`); every `"auto"`
-is resolved from the run config before `deepspeed.initialize` (a raw engine does not resolve them).
+DeepSpeed's config, its ZeRO-3 checks and loading: livr.training.ds_setup.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from livr.config import Config, ConfigError
+from livr.config import Config
 from livr.training.checkpoint import (
     CheckpointError,
     check_batch,
@@ -28,82 +26,8 @@ from livr.training.checkpoint import (
     trainable_state,
     write_checkpoint,
 )
+from livr.training.ds_setup import load_ds_config, offloads_optimizer, resolve_ds_config
 from livr.training.nonfinite import check_step, refuse_nonfinite
-
-
-def load_ds_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config: distributed.deepspeed={path!r}: file not found")
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config: distributed.deepspeed={path!r}: not valid JSON ({e})") from None
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"config: distributed.deepspeed={path!r}: zero_optimization.stage={stage!r} does not exist (0-3)")
-    return ds
-
-
-def resolve_ds_config(ds: dict, cfg: Config, world: int, dtype: torch.dtype) -> dict:
-    """Replace every "auto" with the run's values (micro-batch, accumulation, clipping, precision)."""
-    t = cfg.train
-    values = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
-              "train_batch_size": t.micro_batch_size * t.grad_accum * world, "gradient_clipping": t.max_grad_norm}
-    out = {k: (values.get(k, v) if v == "auto" else v) for k, v in ds.items()}
-    for k, v in values.items():
-        out.setdefault(k, v)
-    for key, want in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if isinstance(out.get(key), dict) and out[key].get("enabled") == "auto":
-            out[key] = {**out[key], "enabled": dtype == want}
-    zero = dict(out.get("zero_optimization", {}))
-    for k, v in list(zero.items()):
-        if v == "auto":
-            zero.pop(k)  # DeepSpeed's own default
-    out["zero_optimization"] = zero
-    out["zero_allow_untested_optimizer"] = True
-    leftover = [k for k, v in out.items() if v == "auto"]
-    if leftover:
-        raise ConfigError(f"config: distributed.deepspeed: cannot resolve \"auto\" for {', '.join(leftover)}")
-    return out
-
-
-ZERO3_CHECKPOINTING_MIN = (0, 19, 3)  # DeepSpeed PR #8148 (transformers #47254): non-reentrant checkpointing
-
-
-def check_zero3(cfg: Config, ds: dict, version: str | None = None) -> None:
-    """One-line ConfigErrors before anything loads: ZeRO-3 with gradient checkpointing on a DeepSpeed older than
-    0.19.3 (its non-reentrant checkpointing breaks partitioned parameters)."""
-    if ds.get("zero_optimization", {}).get("stage") != 3 or not cfg.model.gradient_checkpointing:
-        return
-    if version is None:
-        import deepspeed
-
-        version = deepspeed.__version__
-    have = tuple(int(x) for x in version.split("+")[0].split(".")[:3] if x.isdigit())
-    if have < ZERO3_CHECKPOINTING_MIN:
-        raise ConfigError(f"config: model.gradient_checkpointing=true under ZeRO-3 needs deepspeed >= 0.19.3 (this is "
-                          f"{version}: transformers #47254, DeepSpeed PR #8148); upgrade DeepSpeed or use ZeRO-2")
-
-
-def check_zero3_rows(splits: dict) -> None:
-    """Under ZeRO-3 every rank must run the partitioned vision tower the same number of times: a row without an
-    image would make its rank skip it while the others wait in the gather (a hang). A one-line DataError."""
-    from livr.data.tasks import DataError
-
-    for name, rows in splits.items():
-        i = rows.first_without_image() if hasattr(rows, "first_without_image") else None
-        if i is not None:
-            row = rows[i]
-            raise DataError(f"{name} split: task {row.get('sub_task')} idx={row.get('idx')} has no image; under ZeRO-3 "
-                            "every row needs one (a text-only row stalls the other ranks' vision gather); drop it "
-                            "or use ZeRO-2")
-
-
-def offloads_optimizer(ds: dict) -> bool:
-    """True when the ZeRO config moves the optimizer states to the host (offload_optimizer to cpu or nvme)."""
-    off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return off.get("device", "none") in ("cpu", "nvme")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, ds: dict | None = None) -> torch.optim.Optimizer:
@@ -120,25 +44,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, ds: dict | None = None) 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                                 adamw_mode=True)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
-
-def prebuild_cpu_comm_op() -> None:
-    """DeepSpeed on CPU JIT-compiles its shared-memory comm op at first use (~45 s, then cached in
-    TORCH_EXTENSIONS_DIR). Build it once in the driver, so that workers starting together do not compile it
-    concurrently into the same cache (seen to fail: "Error building extension 'deepspeed_shm_comm'")."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-    ShareMemCommBuilder().load(verbose=False)
-
-
-def prebuild_cpu_ops() -> None:
-    """The CPU machine's JIT-built DeepSpeed ops, built once into TORCH_EXTENSIONS_DIR (launch/env.sh calls this at
-    set-up): the shared-memory comm op, and CPU Adam (~60 s), which an offloaded optimizer runs."""
-    prebuild_cpu_comm_op()
-    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
-
-    CPUAdamBuilder().load(verbose=False)
 
 
 class TorchEngine:
@@ -168,6 +73,9 @@ class TorchEngine:
         if self.world > 1 and not boundary:
             return self.forward_module.no_sync()
         return contextlib.nullcontext()
+
+    def close(self) -> None:  # (plain torch and DDP are collected with the run)
+        pass
 
     def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float, step_loss: torch.Tensor | None = None) -> None:
         """At the boundary, `step_loss` (this rank's share of the step's loss) and the global gradient norm decide,
@@ -240,6 +148,25 @@ class DeepSpeedEngine:
     def sync(self, boundary: bool):
         return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
 
+    def close(self) -> None:
+        """DeepSpeed's `destroy()`, then what ZeRO-3 keeps in module state past it (0.19: the root module at the
+        bottom of `parameter_offload.FWD_MODULE_STACK`, the coordinator in the class-wide lru_cache of its
+        `__params_to_release`), so that the model and its optimizer state can be collected."""
+        model = self.engine.module
+        self.engine.destroy()
+        if self.stage == 3:
+            from deepspeed.runtime.zero import parameter_offload
+            from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
+
+            mine = {id(m) for m in model.modules()}
+            stack = parameter_offload.FWD_MODULE_STACK
+            stack[:] = [m for m in stack if id(m) not in mine]
+            wrapper = getattr(PPC, "_PartitionedParameterCoordinator__params_to_release", None)
+            cells = [c.cell_contents for c in getattr(wrapper, "__closure__", None) or ()]  # (DeepSpeed's nvtx wrapper)
+            for cached in [wrapper, *cells]:
+                if hasattr(cached, "cache_clear"):
+                    cached.cache_clear()
+
     def micro_step(self, loss: torch.Tensor, boundary: bool, lr: float, step_loss: torch.Tensor | None = None) -> None:
         """`loss`: this micro-batch's share of the global-batch loss (see TorchEngine). DeepSpeed averages
         gradients over the data-parallel ranks, so the share is scaled by the world size, not by 1/accumulation.
@@ -298,14 +225,16 @@ class DeepSpeedEngine:
         inner, flats = self._inner()
         if not flats:  # no ZeRO partitions (stage 0, fp32): the client optimizer holds whole tensors
             return TorchEngine.save(self, path, state)
-        self._link_moments()
-        step = inner.state[flats[0]]["step"]
+        stepped = "step" in inner.state.get(flats[0], {})  # no AdamW state before the first applied step
+        if stepped:  # (the same on every rank: ZeRO applies or skips a step on all of them)
+            self._link_moments()
         weights, moments = {}, {}
         for n, p in self._named():
             weights[n] = safe_get_full_fp32_param(p).cpu()
-            for k in ("exp_avg", "exp_avg_sq"):
-                moments[f"{n}.{k}"] = safe_get_full_optimizer_state(p, k).cpu()
-            moments[f"{n}.step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+            if stepped:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    moments[f"{n}.{k}"] = safe_get_full_optimizer_state(p, k).cpu()
+                moments[f"{n}.step"] = torch.as_tensor(inner.state[flats[0]]["step"], dtype=torch.float32).clone()
         refuse_nonfinite({**weights, **moments}, path)  # gathered on every rank: all refuse alike
         rngs = gather_rng(self.world, _device(self.model))
         if self.rank == 0:
@@ -315,8 +244,6 @@ class DeepSpeedEngine:
 
     def load(self, path: str) -> dict:
         """Every rank reads the verified checkpoint and keeps its own partitions of it (re-sharding)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         inner, flats = self._inner()
         if not flats:
             return TorchEngine.load(self, path)
@@ -326,6 +253,8 @@ class DeepSpeedEngine:
             load_trainable_state(self.model, ck["trainable"], path)
         opt = ck["optimizer"]
         named = self._named()
+        if not opt:  # written before the first applied step (e.g. a non-finite first step): AdamW starts fresh
+            return self._loaded(ck, named, moments=False)
         if not named or f"{named[0][0]}.step" not in opt:
             raise CheckpointError(f"checkpoint {path} has no optimizer state for {named[0][0] if named else '?'}")
         step = opt[f"{named[0][0]}.step"]
@@ -334,53 +263,22 @@ class DeepSpeedEngine:
         for flat in flats:  # AdamW's state is created at its first step: create it, then fill it
             inner.state[flat] = {"step": step if isinstance(step, int) else step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
         self._link_moments()
+        return self._loaded(ck, named, moments=True)
+
+    def _loaded(self, ck: dict, named: list, moments: bool) -> dict:
+        """The checkpoint's fp32 weights (and AdamW moments) into this rank's partitions; DeepSpeed's step count
+        and this rank's RNG restored."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
         dev = _device(self.model)
         for n, p in named:
             safe_set_full_fp32_param(p, ck["trainable"][n].to(dev, torch.float32))
-            for k in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, opt[f"{n}.{k}"].to(dev, torch.float32), k)
+            for k in ("exp_avg", "exp_avg_sq") if moments else ():
+                safe_set_full_optimizer_state(p, ck["optimizer"][f"{n}.{k}"].to(dev, torch.float32), k)
         self.engine.global_steps = ck["opt_meta"].get("engine_global_steps", ck["state"]["global_step"])
         self.engine.global_samples = self.engine.global_steps * self.micro * self.accum * self.world
         restore_rng(ck["rng"], self.rank, self.world)
         return ck["state"]
-
-
-class Zero3Loading:
-    """ZeRO-3: the backbone is built straight into partitions (`from_pretrained` under `zero.Init`, through an
-    `HfDeepSpeedConfig` kept alive), so no rank ever holds the whole model. Before PEFT wraps it, zero.Init is
-    switched off (PEFT 0.21's own ZeRO-3 branch for trainable token rows needs CUDA) and the embedding
-    tables are gathered while PEFT copies the latent rows; `deepspeed.initialize` partitions the rest."""
-
-    def __init__(self, ds_config: dict):
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        if dist.is_initialized():  # deepspeed.comm wraps the existing (Ray's) process group
-            deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
-        self._hf = HfDeepSpeedConfig(ds_config)
-
-    def before_peft(self, model):
-        import deepspeed
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        self._hf = None
-        tables = [model.get_input_embeddings(), model.get_output_embeddings()]
-        resized = {id(p) for m in tables if m is not None for p in m.parameters()}  # new tables from the resize
-        self.built_partitioned = all(hasattr(p, "ds_id") for p in model.parameters() if id(p) not in resized)
-        params = list({id(p): p for m in tables if m is not None for p in m.parameters()}.values())
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-
-def zero3_loading(cfg: Config, world: int) -> Zero3Loading | None:
-    if not cfg.distributed.deepspeed:
-        return None
-    from livr.model.device import resolve_device, resolve_dtype
-
-    dtype = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
-    ds = resolve_ds_config(load_ds_config(cfg.distributed.deepspeed), cfg, world, dtype)
-    check_zero3(cfg, ds)
-    return Zero3Loading(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
 
 
 def make_engine(lm, cfg: Config, rank: int, world: int):

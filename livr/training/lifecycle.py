@@ -31,11 +31,12 @@ class RunStopped(KeyboardInterrupt):
 
 
 class Lifecycle:
-    """Holds the run's tracker and the signal received, if any; one per `train_worker` call."""
+    """Holds the run's tracker, its engine and the signal received, if any; one per `train_worker` call."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.tracker = None
+        self.engine = None  # released when the run ends, however it ends (`release`)
         self.rank = 0
         self.started = False  # the run got as far as its training loop (earlier errors are config/data errors)
         self.signum: int | None = None
@@ -52,6 +53,19 @@ class Lifecycle:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+
+    def release(self) -> None:
+        """The signal handlers put back and the engine released: a DeepSpeed engine is not garbage-collected on
+        its own (its gradient hooks close a cycle through autograd's C++ state), so without this the model and
+        its optimizer state outlive the run in this process — on a GPU, under the next run in the same process
+        (an in-process Tune trial on a reused actor, `livr demo`, a notebook)."""
+        self.restore()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as e:  # noqa: BLE001 - in a `finally`: never hides the error that ended the run
+                print(f"livr: warning: releasing the training engine failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     @property
     def installed(self) -> bool:

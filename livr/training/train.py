@@ -34,7 +34,8 @@ from livr.model.device import resolve_device
 from livr.tracking.tracker import Tracker, preflight
 from livr.training.checkpoint import recover_last, save_run_artifacts, seed_rng
 from livr.training.distributed import Context, setup_distributed
-from livr.training.engine import check_zero3_rows, gathered, make_engine, restore_best, zero3_loading
+from livr.training.ds_setup import check_zero3_rows, zero3_loading
+from livr.training.engine import gathered, make_engine, restore_best
 from livr.training.evaluate import eval_loader, eval_metrics, evaluate_rows, hidden_answers, write_eval
 from livr.training.faults import injected_failure, injected_nan
 from livr.training.lifecycle import Lifecycle, RunStopped
@@ -112,7 +113,7 @@ def train_worker(cfg: Config | dict, report: Callable[[dict, str | None], None] 
         life.failed(e)
         raise
     finally:
-        life.restore()
+        life.release()
 
 
 def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dict:
@@ -154,7 +155,7 @@ def _train(cfg: Config, report, resume_from: str | None, life: Lifecycle) -> dic
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     train_rows = splits["train"]  # memory-mapped rows: each rank encodes only its own micro-batches, on demand
     workers = auto_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    engine = make_engine(lm, cfg, ctx.rank, ctx.world)  # AdamW (DeepSpeed's CPU Adam when ZeRO offloads it)
+    engine = life.engine = make_engine(lm, cfg, ctx.rank, ctx.world)  # AdamW (DeepSpeed's CPU Adam when ZeRO offloads it)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world
     steps_per_epoch = max(1, len(train_rows) // global_batch)
     stages = plan_stages(cfg, steps_per_epoch, lm.attention)

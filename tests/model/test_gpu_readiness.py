@@ -211,7 +211,7 @@ def test_zero3_refusals_before_the_model_loads(backbone_cache, data_cache, tmp_p
     from livr.data.loader import Rows
     from livr.data.synthetic import generate_task
     from livr.data.tasks import DataError
-    from livr.training.engine import check_zero3, check_zero3_rows
+    from livr.training.ds_setup import check_zero3, check_zero3_rows
 
     cfg = _tiny(backbone_cache, data_cache, tmp_path, **{"model.gradient_checkpointing": True})
     z3, z2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}

@@ -151,7 +151,7 @@ def test_a_vision_tower_with_dropout_and_zero3_are_refused(backbone_cache, data_
         VisionCache(lm.model, lm.family, lm.dtype, lm.device, 64)
     cfg = load_config(None, tiny_overrides(backbone_cache, data_cache, tmp_path, **{"model.cache_vision": True}))
     with pytest.raises(ConfigError, match="model.cache_vision=true under ZeRO-3"):
-        build_model(cfg, loading=object())  # (what livr.training.engine.zero3_loading returns for a ZeRO-3 config)
+        build_model(cfg, loading=object())  # (what livr.training.ds_setup.zero3_loading returns for a ZeRO-3 config)
 
 
 def _metric(cfg, key):

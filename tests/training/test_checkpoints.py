@@ -247,7 +247,7 @@ def two_ranks(tmp_path_factory, backbone_cache, data_cache):
     """Runs on 2 gloo ranks, uninterrupted and killed + resumed: DDP, ZeRO-2 (with pickles planted in its
     checkpoint), ZeRO-3; and resumes of a one-process checkpoint (global batch 4 = 2 x 2 accumulation) on 2
     ranks with the same global batch (2 x 1 x 2) and with another (2 x 2 x 2)."""
-    from livr.training.engine import prebuild_cpu_comm_op
+    from livr.training.ds_setup import prebuild_cpu_comm_op
 
     tmp = tmp_path_factory.mktemp("two_ranks")
     prebuild_cpu_comm_op()

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from livr.config import load_config
 from livr.training.distributed import teardown_distributed
-from livr.training.engine import TorchEngine, load_ds_config, resolve_ds_config
+from livr.training.ds_setup import load_ds_config, resolve_ds_config
+from livr.training.engine import TorchEngine
 
 CLIP = 0.5
 
@@ -67,7 +68,7 @@ def _ds_worker(rank: int, init: str, out: str) -> None:
 
 def test_deepspeed_engine_clips_to_max_grad_norm(tmp_path):
     """A real ZeRO-2 step (one gloo rank, a spawned process): the update's norm is max_grad_norm."""
-    from livr.training.engine import prebuild_cpu_comm_op
+    from livr.training.ds_setup import prebuild_cpu_comm_op
 
     prebuild_cpu_comm_op()
     out = str(tmp_path / "out.json")

@@ -140,7 +140,8 @@ def _rank_worker(rank: int, init: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
-        from livr.training.engine import DeepSpeedEngine, TorchEngine, load_ds_config, resolve_ds_config
+        from livr.training.ds_setup import load_ds_config, resolve_ds_config
+        from livr.training.engine import DeepSpeedEngine, TorchEngine
 
         cfg = load_config(None, ["train.grad_accum=1", "train.micro_batch_size=2"])
         results = {}
@@ -176,7 +177,7 @@ def test_every_rank_skips_a_step_one_rank_made_nonfinite(tmp_path):
     """DDP and ZeRO-2 on 2 gloo ranks: NaN on rank 1 alone; both ranks skip it, both apply the next step. A loss
     that is inf on rank 1 alone while every gradient is finite: DDP skips on both ranks; ZeRO-2 (whose overflow
     check reads gradients only) applies it, and both ranks know (the loop then stops on both)."""
-    from livr.training.engine import prebuild_cpu_comm_op
+    from livr.training.ds_setup import prebuild_cpu_comm_op
 
     prebuild_cpu_comm_op()
     out = str(tmp_path / "out")

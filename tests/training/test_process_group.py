@@ -14,7 +14,8 @@ SCRIPT = """
 import os, sys, types, torch, torch.distributed as dist
 from livr.config import load_config
 from livr.training.distributed import setup_distributed, teardown_distributed
-from livr.training.engine import DeepSpeedEngine, load_ds_config, resolve_ds_config
+from livr.training.ds_setup import load_ds_config, resolve_ds_config
+from livr.training.engine import DeepSpeedEngine
 import deepspeed.utils.groups as groups
 
 cfg = load_config(None, ["distributed.deepspeed=deepspeed_configs/zero2.json", "train.grad_accum=1",
