@@ -58,7 +58,7 @@ class Lifecycle:
         """The signal handlers put back and the engine released: a DeepSpeed engine is not garbage-collected on
         its own (its gradient hooks close a cycle through autograd's C++ state), so without this the model and
         its optimizer state outlive the run in this process — on a GPU, under the next run in the same process
-        (an in-process Tune trial on a reused actor, `livr demo`, a notebook)."""
+        (`livr demo`, a script or notebook that trains twice)."""
         self.restore()
         engine, self.engine = self.engine, None
         if engine is not None:

@@ -3,7 +3,7 @@
 A DeepSpeed engine is not garbage-collected on its own: its hooks close a cycle through autograd's C++ state, and
 ZeRO-3 keeps the root module in `parameter_offload.FWD_MODULE_STACK` and its parameter coordinator in a class-wide
 lru_cache. Without the release, the model and its optimizer state outlive `train_worker` in the process; on a GPU
-the next run in that process (an in-process Tune trial on a reused actor, the demo, a notebook) starts with the
+the next run in that process (the demo, a script or notebook that trains twice) starts with the
 previous model still in memory. Measured before the fix: the torch engine's model was collected, ZeRO-2's and
 ZeRO-3's were not."""
 import gc
@@ -44,12 +44,12 @@ def _run(backbone_cache, data_cache, tmp_path, monkeypatch, engine: str, **extra
     return built, result
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
-def test_the_model_is_collectable_after_the_run(engine, backbone_cache, data_cache, tmp_path, monkeypatch):
-    built, result = _run(backbone_cache, data_cache, tmp_path, monkeypatch, engine)
+def test_the_model_is_collectable_after_the_run(backbone_cache, data_cache, tmp_path, monkeypatch):
+    """The torch engine (ZeRO-2 and ZeRO-3: the run below, stopped, then resumed to its end)."""
+    built, result = _run(backbone_cache, data_cache, tmp_path, monkeypatch, "torch")
     assert result["global_step"] == 2 and len(built) == 1
     gc.collect()
-    assert built[0]() is None, f"{engine}: the model outlived train_worker"
+    assert built[0]() is None, "torch: the model outlived train_worker"
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
@@ -68,3 +68,5 @@ def test_a_run_stopped_at_its_first_step_releases_its_model_and_resumes(engine, 
     monkeypatch.delenv("LIVR_NAN_AT_STEPS")
     built, final = _run(backbone_cache, data_cache, tmp_path, monkeypatch, engine, **{"train.nonfinite": "stop"})
     assert final["global_step"] == 2 and final["resumed_from"] == [1], final
+    gc.collect()
+    assert built[0]() is None, f"{engine}: the model outlived train_worker"
